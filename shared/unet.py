@@ -1,0 +1,215 @@
+"""The noise-prediction U-Net ε_θ(x_t, t[, y]) (Ho et al. 2020, Appendix B; Nichol & Dhariwal 2021).
+
+Layout, for channel_mult = (1, 2, 2) on 28×28 input (the `mnist` preset):
+
+    input conv 1→64 ─ [ResBlock×2] 28² ─ down ─ [ResBlock×2] 14² ─ down ─ [ResBlock×2 + attn] 7²
+                                                                             │ middle: Res, attn, Res
+    output conv 64→1 ─ [ResBlock×3] 28² ─ up ─ [ResBlock×3] 14² ─ up ─ [ResBlock×3 + attn] 7²
+
+Every down-path activation is concatenated into the matching up-path block (skip connections).
+The time embedding (sinusoid → MLP) plus an optional class embedding conditions each ResBlock by FiLM.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+import kernels
+from shared.nn import Downsample, GroupNormAct, ResBlock, SelfAttention, Upsample, timestep_embedding, zero_module
+
+# Each preset is a complete set of constructor arguments; `from_preset(name, **overrides)` edits one.
+PRESETS: dict[str, dict] = {
+    # For tests: forward and backward of a small batch on a CPU in a few milliseconds.
+    "tiny": dict(in_channels=1, image_size=28, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                 attention_resolutions=(14,), num_heads=1, dropout=0.0, num_classes=0, num_groups=8),
+    # MNIST-family digits: 28 → 14 → 7, attention at 7×7 (L = 49, head dim 64).
+    "mnist": dict(in_channels=1, image_size=28, base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
+                  attention_resolutions=(7,), num_heads=2, dropout=0.1, num_classes=0, num_groups=32),
+    # DDPM's CIFAR-10 model (Ho et al. 2020, App. B): 128 channels, (1, 2, 2, 2), 2 blocks, attention at
+    # 16×16, dropout 0.1. DDPM used one 256-wide head; 4 heads of 64 give the same parameters and fit
+    # the fused attention kernel's head sizes.
+    "cifar10": dict(in_channels=3, image_size=32, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+                    attention_resolutions=(16,), num_heads=4, dropout=0.1, num_classes=0, num_groups=32),
+}
+
+
+class UNet(nn.Module):
+    """ε-prediction U-Net.
+
+    Args:
+        in_channels: image channels C (the output has the same).
+        image_size: H = W of the input; must be divisible by 2^(len(channel_mult) − 1).
+        base_channels: channels of the first level; level i has base_channels · channel_mult[i].
+        channel_mult: per-level width multipliers; one resolution level each.
+        num_res_blocks: ResBlocks per level on the way down (one more on the way up).
+        attention_resolutions: feature-map sizes (in pixels) whose levels get self-attention; the
+            middle block always has it.
+        num_heads: attention heads (each of width channels / num_heads).
+        dropout: dropout probability inside ResBlocks.
+        num_classes: 0 for an unconditional model; else labels 0 … num_classes−1 plus a learned null
+            class (index num_classes) for classifier-free guidance.
+        num_groups: GroupNorm groups; must divide every channel count.
+    """
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, base_channels: int = 64,
+                 channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 2,
+                 attention_resolutions: Sequence[int] = (7,), num_heads: int = 2, dropout: float = 0.1,
+                 num_classes: int = 0, num_groups: int = 32):
+        super().__init__()
+        channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
+        _check_config(in_channels, image_size, base_channels, channel_mult, num_res_blocks, num_heads,
+                      dropout, num_classes, num_groups)
+        self.config = dict(in_channels=in_channels, image_size=image_size, base_channels=base_channels,
+                           channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
+                           attention_resolutions=list(attention_resolutions), num_heads=num_heads,
+                           dropout=dropout, num_classes=num_classes, num_groups=num_groups)
+        self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
+        self.base_channels = base_channels
+        emb_dim = 4 * base_channels  # DDPM's time-embedding width
+
+        self.time_embed = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
+
+        def res(c_in: int, c_out: int) -> ResBlock:
+            return ResBlock(c_in, c_out, emb_dim, num_groups, dropout)
+
+        def attn(c: int) -> SelfAttention:
+            return SelfAttention(c, num_heads, num_groups)
+
+        self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_channels, ch, resolution = [base_channels], base_channels, image_size
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [res(ch, base_channels * mult)]
+                ch = base_channels * mult
+                if resolution in attention_resolutions:
+                    layers.append(attn(ch))
+                self.down.append(nn.ModuleList(layers))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                self.down.append(nn.ModuleList([Downsample(ch)]))
+                skip_channels.append(ch)
+                resolution //= 2
+
+        self.middle = nn.ModuleList([res(ch, ch), attn(ch), res(ch, ch)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for block in range(num_res_blocks + 1):
+                layers = [res(ch + skip_channels.pop(), base_channels * mult)]
+                ch = base_channels * mult
+                if resolution in attention_resolutions:
+                    layers.append(attn(ch))
+                if level != 0 and block == num_res_blocks:
+                    layers.append(Upsample(ch))
+                    resolution *= 2
+                self.up.append(nn.ModuleList(layers))
+
+        self.out_norm = GroupNormAct(num_groups, ch)
+        self.out_conv = zero_module(nn.Conv2d(ch, in_channels, 3, padding=1))
+        self.fused_kernels = False
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "UNet":
+        """Builds a preset ('tiny', 'mnist', 'cifar10'), with any constructor argument overridden."""
+        if name not in PRESETS:
+            from shared.errors import UserError
+            raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        config = dict(PRESETS[name])
+        unknown = set(overrides) - set(config)
+        if unknown:
+            raise TypeError(f"unknown U-Net option(s): {', '.join(sorted(unknown))}")
+        config.update(overrides)
+        return cls(**config)
+
+    @property
+    def null_class(self) -> int:
+        """Label of the learned 'no class' embedding used for classifier-free guidance."""
+        return self.num_classes
+
+    def set_fused_kernels(self, enabled: bool = True) -> "UNet":
+        """Switches every GroupNorm+FiLM+SiLU and attention spot to the fused kernels (or back to eager).
+
+        Raises kernels.FusedKernelsUnavailable, with the reason, when the fused kernels cannot load.
+        """
+        if enabled:
+            kernels.load("group_norm_film_silu")
+            kernels.load("attention")
+        for module in self.modules():
+            if isinstance(module, (GroupNormAct, SelfAttention)):
+                module.fused = bool(enabled)
+        self.fused_kernels = bool(enabled)
+        return self
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [N x C x H x W] noisy images x_t; t: [N] integer timesteps (or one int); y: [N] labels in
+        [0, num_classes] (num_classes = the null class; None means null).  Returns ε̂: [N x C x H x W]."""
+        t, y = self._check_inputs(x, t, y)
+        emb = self.time_embed(timestep_embedding(t, self.base_channels))
+        if self.class_embed is not None:
+            emb = emb + self.class_embed(y)
+
+        h = self.input_conv(x)
+        skips = [h]
+        for layers in self.down:
+            h = _run(layers, h, emb)
+            skips.append(h)
+        h = _run(self.middle, h, emb)
+        for layers in self.up:
+            h = _run(layers, torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out_conv(self.out_norm(h))
+
+    def _check_inputs(self, x, t, y):
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected x of shape N x {self.in_channels} x H x W, got {tuple(x.shape)}")
+        levels = len(self.config["channel_mult"])
+        if x.shape[2] % 2 ** (levels - 1) or x.shape[3] % 2 ** (levels - 1):
+            raise ValueError(f"H and W must be divisible by {2 ** (levels - 1)}, got {tuple(x.shape[2:])}")
+        n = x.shape[0]
+        if isinstance(t, int) or (torch.is_tensor(t) and t.ndim == 0):
+            t = torch.full((n,), int(t), device=x.device, dtype=torch.long)
+        if t.shape != (n,):
+            raise ValueError(f"expected t of shape ({n},), got {tuple(t.shape)}")
+        if self.num_classes == 0:
+            if y is not None:
+                raise ValueError("this model is unconditional (num_classes=0) but labels were given")
+            return t, None
+        if y is None:
+            y = torch.full((n,), self.null_class, device=x.device, dtype=torch.long)
+        if y.shape != (n,):
+            raise ValueError(f"expected labels of shape ({n},), got {tuple(y.shape)}")
+        return t, y
+
+
+def _run(layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    for layer in layers:
+        h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+    return h
+
+
+def _check_config(in_channels, image_size, base_channels, channel_mult, num_res_blocks, num_heads, dropout,
+                  num_classes, num_groups) -> None:
+    for name, value in (("in_channels", in_channels), ("image_size", image_size),
+                        ("base_channels", base_channels), ("num_res_blocks", num_res_blocks),
+                        ("num_heads", num_heads), ("num_groups", num_groups)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not channel_mult or any(not isinstance(m, int) or m < 1 for m in channel_mult):
+        raise ValueError(f"channel_mult must be a non-empty list of integers >= 1, got {channel_mult!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+    if image_size % 2 ** (len(channel_mult) - 1):
+        raise ValueError(f"image_size {image_size} is not divisible by 2^{len(channel_mult) - 1} "
+                         f"(one halving per level after the first)")
+    for mult in channel_mult:
+        if (base_channels * mult) % num_groups:
+            raise ValueError(f"GroupNorm: {base_channels * mult} channels are not divisible into "
+                             f"{num_groups} groups; choose num_groups dividing every level's width")
+        if (base_channels * mult) % num_heads:
+            raise ValueError(f"attention: {base_channels * mult} channels are not divisible into "
+                             f"{num_heads} heads")
