@@ -1,0 +1,74 @@
+"""What the Triton ops share: interpreter detection, entry checks, output allocation, the dot helper.
+
+Triton chooses between compiling for a GPU and interpreting on the CPU when it is first imported
+(TRITON_INTERPRET=1 selects the interpreter), so `INTERPRET` is read once here, from Triton itself.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import FusedKernelsUnavailable
+
+# True when Triton runs kernels in its NumPy interpreter (CPU tensors, no GPU needed).
+INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Tests set this to "1" so every buffer an op allocates starts as NaN: an element a kernel forgets to
+# write then shows up as NaN in the result (or in a gradient) instead of as plausible stale memory.
+POISON_ENV = "KERNELS_POISON_OUTPUTS"
+
+# The Triton ops live in one torch.library namespace.
+OP_NAMESPACE = "ddpm_kernels"
+
+
+def check_device(name: str, *tensors: torch.Tensor) -> None:
+    """Raises FusedKernelsUnavailable (CPU without the interpreter) or ValueError (any other device)."""
+    for t in tensors:
+        if t.device.type == "cuda":
+            continue
+        if t.device.type == "cpu":
+            if INTERPRET:
+                continue
+            raise FusedKernelsUnavailable(
+                f"{name}: got a CPU tensor, but fused kernels need a CUDA GPU, or Triton's CPU "
+                "interpreter selected with TRITON_INTERPRET=1 before Triton is imported")
+        raise ValueError(f"{name}: unsupported device {t.device}; fused kernels run on CUDA "
+                         "(or on the CPU through TRITON_INTERPRET=1)")
+
+
+def check_dtype(name: str, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: unsupported dtype {t.dtype}; supported: float32, float16, bfloat16")
+
+
+def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised buffer a kernel is expected to fill completely (NaN-filled under POISON_ENV)."""
+    if os.environ.get(POISON_ENV) == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def upcast_dots(dtype: torch.dtype) -> bool:
+    """Whether tl.dot operands must be upcast to fp32: the interpreter has no bf16 arithmetic."""
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get true fp32 products (like torch.matmul's default), not TF32's 10-bit mantissa."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def mma(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b with fp32 accumulation. UPCAST feeds fp32 copies (interpreter bf16); else native inputs."""
+    if UPCAST:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=PRECISION)
+    return c
