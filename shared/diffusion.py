@@ -19,3 +19,41 @@ def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: int | torch.Tensor,
         raise ValueError(f"noise shape {tuple(noise.shape)} does not match x0 shape {tuple(x0.shape)}")
     return extract(schedule.sqrt_alphas_cumprod, t, x0) * x0 + \
         extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise.to(x0.dtype)
+
+
+# How many standard errors a sample statistic may stray before we call it a mismatch: 5σ makes a
+# false alarm on truly Gaussian noise about a one-in-a-million event.
+PRIOR_CHECK_SIGMAS = 5.0
+# Critical value of the Kolmogorov-Smirnov statistic at significance 0.001 is 1.95/√n (large n).
+KS_CRITICAL_0P001 = 1.95
+# Φ is Lipschitz with constant φ(0) = 1/√(2π): how far a shift of the values can move the CDF.
+STD_NORMAL_PEAK = 0.3989422804014327
+
+
+def prior_match_statistics(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor) -> dict:
+    """Checks that x_T, the last step of the forward process, is indistinguishable from N(0, I).
+
+    x0: [N x C x H x W] data in [-1, 1]; noise: ε of the same shape.  With t = T−1 (the last index),
+    x_T = √ᾱ_T x0 + √(1−ᾱ_T) ε has E[x_T²] ∈ [1 − ᾱ_T, 1] because |x0| ≤ 1, so over n values:
+      |mean|      ≤ √ᾱ_T + 5/√n                     (data term + 5 standard errors of a N(0,1) mean)
+      |std − 1|   ≤ ᾱ_T + 5/√(2n)                   (variance offset + 5 standard errors of a std)
+      KS distance ≤ φ(0)·√ᾱ_T + ᾱ_T + 1.95/√n        (CDF shift by the data term + KS at p = 0.001)
+    Returns each statistic, its bound, and `passed`.
+    """
+    last = schedule.num_timesteps - 1
+    x_t = q_sample(schedule, x0.double(), last, noise.double()).flatten()
+    n = x_t.numel()
+    alpha_bar = float(schedule.alphas_cumprod[last])
+    mean, std = float(x_t.mean()), float(x_t.std())
+    sorted_vals = x_t.sort().values
+    cdf = 0.5 * (1 + torch.erf(sorted_vals / 2 ** 0.5))
+    ranks = torch.arange(1, n + 1, dtype=torch.float64)
+    ks = float(torch.maximum(ranks / n - cdf, cdf - (ranks - 1) / n).max())
+    bounds = {
+        "mean": alpha_bar ** 0.5 + PRIOR_CHECK_SIGMAS / n ** 0.5,
+        "std": alpha_bar + PRIOR_CHECK_SIGMAS / (2 * n) ** 0.5,
+        "ks": STD_NORMAL_PEAK * alpha_bar ** 0.5 + alpha_bar + KS_CRITICAL_0P001 / n ** 0.5,
+    }
+    stats = {"alpha_bar_T": alpha_bar, "n": n, "mean": mean, "std": std, "ks": ks, "bounds": bounds}
+    stats["passed"] = abs(mean) <= bounds["mean"] and abs(std - 1) <= bounds["std"] and ks <= bounds["ks"]
+    return stats

@@ -1,0 +1,54 @@
+"""Matplotlib figures shared by the stages (headless: the Agg backend, PNG files)."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import torch  # noqa: E402
+
+from shared.images import to_uint8  # noqa: E402
+from shared.schedule import NoiseSchedule  # noqa: E402
+
+
+def plot_schedules(schedules: Sequence[NoiseSchedule], path: str) -> None:
+    """ᾱ_t and log-SNR λ_t = log(ᾱ_t / (1 − ᾱ_t)) against t/T, one line per schedule."""
+    fig, (ax_ab, ax_snr) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for sched in schedules:
+        frac = torch.arange(sched.num_timesteps, dtype=torch.float64) / sched.num_timesteps
+        label = f"{sched.kind} (T={sched.num_timesteps})"
+        ax_ab.plot(frac, sched.alphas_cumprod, label=label)
+        ax_snr.plot(frac, sched.log_snr, label=label)
+    ax_ab.set(xlabel="t / T", ylabel="ᾱ_t", title="signal kept: ᾱ_t")
+    ax_snr.set(xlabel="t / T", ylabel="log SNR", title="log-SNR: log(ᾱ_t / (1 − ᾱ_t))")
+    for ax in (ax_ab, ax_snr):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_noising_grid(images: torch.Tensor, timesteps: Sequence[int], path: str, title: str) -> None:
+    """images: [rows x cols x C x H x W] in [-1, 1], column j noised to timesteps[j]; titled columns."""
+    rows, cols = images.shape[:2]
+    fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.2 * rows + 0.5), squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            img = to_uint8(images[r, c]).permute(1, 2, 0).numpy()
+            ax = axes[r][c]
+            ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"t={timesteps[c]}", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,49 @@
+"""Stage 2: the noise-prediction U-Net ε_θ(x_t, t). Print its blocks, parameters and FLOPs; time it.
+
+    python stage2_unet/unet.py --preset mnist
+"""
+import torch
+
+from shared import UNet
+from shared.cli import int_in, make_parser, pick_device, run_main
+from shared.model_summary import block_table, flops_per_image, time_forward
+from shared.unet import PRESETS
+
+
+def parse_args(argv):
+    parser = make_parser(__doc__)
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="mnist", help="model configuration")
+    parser.add_argument("--batch-size", type=int_in(1, 4096), default=8, help="batch for the forward pass")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    model = UNet.from_preset(args.preset).to(device).eval()
+    c, size = model.in_channels, model.image_size
+    x = torch.randn(args.batch_size, c, size, size, device=device)
+    t = torch.randint(0, 1000, (args.batch_size,), device=device)
+
+    rows = block_table(model, x, t)
+    print(f"U-Net preset {args.preset!r}: input {tuple(x.shape)}")
+    print(f"{'block':<11} {'layers':<40} {'output shape':<20} {'params':>12}")
+    for row in rows:
+        print(f"{row['block']:<11} {row['layers']:<40} {str(row['output_shape']):<20} {row['params']:>12,}")
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(r["params"] for r in rows) == total, "the table must account for every parameter"
+    print(f"{'total':<73} {total:>12,}")
+
+    out = model(x, t)
+    if out.shape != x.shape:
+        raise RuntimeError(f"output shape {tuple(out.shape)} != input shape {tuple(x.shape)}")
+    print(f"output shape = input shape: {tuple(out.shape)}")
+    print(f"forward FLOPs per image: {flops_per_image(model, x, t) / 1e9:.3f} GFLOP")
+    seconds = time_forward(model, x, t)
+    print(f"forward pass, batch {args.batch_size} on {device}: {seconds * 1e3:.1f} ms "
+          f"({args.batch_size / seconds:,.0f} images/s)")
+
+
+if __name__ == "__main__":
+    run_main(main)
