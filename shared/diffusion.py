@@ -30,17 +30,21 @@ KS_CRITICAL_0P001 = 1.95
 STD_NORMAL_PEAK = 0.3989422804014327
 
 
-def prior_match_statistics(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor) -> dict:
+def prior_match_statistics(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor,
+                           t: int | None = None) -> dict:
     """Checks that x_T, the last step of the forward process, is indistinguishable from N(0, I).
 
-    x0: [N x C x H x W] data in [-1, 1]; noise: ε of the same shape.  With t = T−1 (the last index),
+    x0: [N x C x H x W] data in [-1, 1]; noise: ε of the same shape; t: the step to test, by default
+    T−1 (the last index).  With that t,
     x_T = √ᾱ_T x0 + √(1−ᾱ_T) ε has E[x_T²] ∈ [1 − ᾱ_T, 1] because |x0| ≤ 1, so over n values:
       |mean|      ≤ √ᾱ_T + 5/√n                     (data term + 5 standard errors of a N(0,1) mean)
       |std − 1|   ≤ ᾱ_T + 5/√(2n)                   (variance offset + 5 standard errors of a std)
       KS distance ≤ φ(0)·√ᾱ_T + ᾱ_T + 1.95/√n        (CDF shift by the data term + KS at p = 0.001)
+    Those bounds allow for the signal still in x_T, so they only mean "indistinguishable" when that
+    signal is itself below what n samples can resolve: the check also requires √ᾱ_T ≤ 5/√n.
     Returns each statistic, its bound, and `passed`.
     """
-    last = schedule.num_timesteps - 1
+    last = schedule.num_timesteps - 1 if t is None else t
     x_t = q_sample(schedule, x0.double(), last, noise.double()).flatten()
     n = x_t.numel()
     alpha_bar = float(schedule.alphas_cumprod[last])
@@ -55,5 +59,7 @@ def prior_match_statistics(schedule: NoiseSchedule, x0: torch.Tensor, noise: tor
         "ks": STD_NORMAL_PEAK * alpha_bar ** 0.5 + alpha_bar + KS_CRITICAL_0P001 / n ** 0.5,
     }
     stats = {"alpha_bar_T": alpha_bar, "n": n, "mean": mean, "std": std, "ks": ks, "bounds": bounds}
-    stats["passed"] = abs(mean) <= bounds["mean"] and abs(std - 1) <= bounds["std"] and ks <= bounds["ks"]
+    stats["signal"], stats["resolution"] = alpha_bar ** 0.5, PRIOR_CHECK_SIGMAS / n ** 0.5
+    stats["passed"] = (abs(mean) <= bounds["mean"] and abs(std - 1) <= bounds["std"] and ks <= bounds["ks"]
+                       and stats["signal"] <= stats["resolution"])
     return stats

@@ -1,0 +1,121 @@
+"""U-Net shapes, parameter counts, conditioning and configuration errors."""
+import pytest
+import torch
+
+from shared import UNet, UserError
+from shared.nn import GroupNormAct, SelfAttention
+
+# Ho et al. 2020 report 35.7 M parameters for their CIFAR-10 model. Ours is that network with FiLM
+# (scale and shift) instead of an additive time bias, so each of its 22 ResBlocks' embedding
+# projections (512 → C) doubles (512 → 2C): Σ C over the blocks = 4992, adding 4992 · 513 parameters.
+DDPM_CIFAR10_PARAMS = 35_746_307
+FILM_EXTRA_PARAMS = 4992 * 513
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def randomized(model, std=0.05):
+    """The zero-initialised layers (DDPM style) hide every path at init; give all weights noise."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
+
+def test_tiny_forward_backward_shapes_and_grads():
+    model = randomized(UNet.from_preset("tiny"))
+    x = torch.randn(3, 1, 28, 28, requires_grad=True)
+    out = model(x, torch.tensor([0, 500, 999]))
+    assert out.shape == x.shape
+    (out - torch.randn_like(out)).square().mean().backward()
+    assert x.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, f"parameters without gradient: {missing}"
+
+
+def test_output_conv_starts_at_zero():
+    """DDPM's zero-initialised last layer: an untrained model predicts ε̂ = 0 exactly."""
+    model = UNet.from_preset("tiny")
+    assert torch.equal(model(torch.randn(2, 1, 28, 28), 10), torch.zeros(2, 1, 28, 28))
+
+
+@pytest.mark.parametrize("preset, shape, params", [
+    ("mnist", (1, 28, 28), 6_946_881),
+    ("cifar10", (3, 32, 32), DDPM_CIFAR10_PARAMS + FILM_EXTRA_PARAMS),
+])
+def test_large_presets_shape_and_parameter_count(preset, shape, params):
+    model = UNet.from_preset(preset)
+    assert count(model) == params
+    assert (model.in_channels, model.image_size, model.image_size) == shape
+    with torch.no_grad():
+        assert model(torch.randn(1, *shape), 3).shape == (1, *shape)
+
+
+def test_attention_only_at_lowest_resolution():
+    model = UNet.from_preset("mnist")
+    sizes = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: sizes.append(out.shape[-1]))
+             for m in model.modules() if isinstance(m, SelfAttention)]
+    with torch.no_grad():
+        model(torch.randn(1, 1, 28, 28), 0)
+    for h in hooks:
+        h.remove()
+    assert sizes and set(sizes) == {7}
+
+
+def test_class_conditioning_and_null_class():
+    model = randomized(UNet.from_preset("tiny", num_classes=10))
+    assert model.null_class == 10 and model.class_embed.num_embeddings == 11
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([5, 5])
+    with torch.no_grad():
+        a = model(x, t, torch.tensor([3, 3]))
+        b = model(x, t, torch.tensor([4, 4]))
+        null_default = model(x, t)
+        null_explicit = model(x, t, torch.tensor([10, 10]))
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(null_default, null_explicit)
+    with pytest.raises(ValueError, match="unconditional"):
+        UNet.from_preset("tiny")(x, t, torch.tensor([1, 2]))
+
+
+def test_config_round_trip():
+    model = UNet.from_preset("tiny", num_classes=3)
+    clone = UNet(**model.config)
+    assert clone.config == model.config and count(clone) == count(model)
+
+
+def test_groups_not_dividing_channels_is_a_clear_value_error():
+    with pytest.raises(ValueError, match="not divisible into 12 groups"):
+        UNet.from_preset("tiny", num_groups=12)
+    with pytest.raises(ValueError, match="not divisible into 5 groups"):
+        GroupNormAct(5, 16)
+
+
+def test_other_bad_configs_and_inputs():
+    with pytest.raises(UserError, match="unknown preset"):
+        UNet.from_preset("imagenet")
+    with pytest.raises(TypeError, match="unknown U-Net option"):
+        UNet.from_preset("tiny", widht=3)
+    with pytest.raises(ValueError, match="not divisible by 2"):
+        UNet.from_preset("tiny", image_size=27)
+    model = UNet.from_preset("tiny")
+    with pytest.raises(ValueError, match="N x 1 x H x W"):
+        model(torch.randn(2, 3, 28, 28), 0)
+    with pytest.raises(ValueError, match=r"t of shape \(2,\)"):
+        model(torch.randn(2, 1, 28, 28), torch.tensor([1, 2, 3]))
+
+
+def test_fused_switch_reaches_every_fusable_spot():
+    kernels = pytest.importorskip("kernels")
+    model = UNet.from_preset("tiny")
+    try:
+        model.set_fused_kernels(True)
+    except kernels.FusedKernelsUnavailable as err:
+        pytest.skip(f"fused kernels not loadable here: {err}")
+    spots = [m for m in model.modules() if isinstance(m, (GroupNormAct, SelfAttention))]
+    assert spots and all(m.fused for m in spots) and model.fused_kernels
+    model.set_fused_kernels(False)
+    assert not any(m.fused for m in spots)
