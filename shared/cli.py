@@ -21,8 +21,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows defaults in --help and keeps the description's line breaks."""
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints the whole usage before an error; a bad flag should cost the user one line."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def make_parser(description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    return OneLineErrorParser(description=description, formatter_class=HelpFormatter)
 
 
 def _number(kind: type, lo: float | None, hi: float | None, what: str) -> Callable[[str], int | float]:
