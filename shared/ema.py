@@ -53,4 +53,5 @@ def make_ema(model: torch.nn.Module, decay: float = DEFAULT_EMA_DECAY,
     """
     ema = AveragedModel(model, multi_avg_fn=warmup_ema_multi_avg_fn(decay, warmup), use_buffers=True)
     ema.requires_grad_(False)
+    ema.eval()  # evaluation and sampling use it: dropout off
     return ema

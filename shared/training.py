@@ -429,11 +429,6 @@ def _train(cfg: TrainConfig, dataset, ctx, device) -> TrainResult:
                 window["loss"] += loss_value
                 window["grad_norm"] += grad_norm
                 window["n"] += 1
-            if progress.consecutive_skips >= cfg.max_consecutive_skips:
-                bar.close()
-                raise UserError(f"stopping: {progress.consecutive_skips} consecutive steps had a non-finite "
-                                f"loss or gradient (step {progress.step}); the last good checkpoint is kept"
-                                + (f" in {run_dir}" if run_dir else ""))
             final = progress.step >= total_steps
             heldout_value, improved = None, False
             if progress.step % cfg.eval_every == 0 or final:
@@ -454,6 +449,11 @@ def _train(cfg: TrainConfig, dataset, ctx, device) -> TrainResult:
             if ctx.is_main:
                 bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images_per_s:.0f}", refresh=False)
                 bar.update(1)
+            if progress.consecutive_skips >= cfg.max_consecutive_skips:
+                bar.close()
+                raise UserError(f"stopping: {progress.consecutive_skips} consecutive steps had a non-finite "
+                                f"loss or gradient (step {progress.step}); the last good checkpoint is kept"
+                                + (f" in {run_dir}" if run_dir else ""))
             if improved:
                 save_checkpoint(BEST_NAME)
             if progress.step % cfg.ckpt_every == 0 or final or stop:
