@@ -1,0 +1,235 @@
+"""How the fused sampling-step extension is built: one place for sources, flags and CUDA arches.
+
+Used by setup.py (ahead of time), by kernels/sampling_step.py (just in time, when the compiled module
+is absent) and by kernels/check_cuda_build.py (the CI proof that the CUDA source compiles and links).
+It imports no torch at module level, so setup.py can read it where torch is not importable.
+
+The CUDA toolkit: torch.utils.cpp_extension guesses CUDA_HOME from `nvcc` on PATH as `dirname(nvcc)/..`.
+Where nvcc is a launcher script outside the toolkit (e.g. /usr/local/bin/nvcc), that guess has no
+lib64/libcudart.so and the link fails with "cannot find -lcudart". `find_cuda_home` looks for the
+folder that really holds the runtime library, and `use_cuda_home` hands it to cpp_extension.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+#: The extension's import name; setup.py builds it into the kernels package.
+EXTENSION_NAME = "kernels._sampling_step_C"
+#: Name of the JIT-built module (torch.utils.cpp_extension.load wants a bare identifier).
+JIT_NAME = "_sampling_step_C"
+
+KERNELS_DIR = Path(__file__).resolve().parent
+CPU_SOURCES = ("csrc/sampling_step.cpp",)
+CUDA_SOURCES = ("csrc/cuda/sampling_step.cu",)
+HEADERS = ("csrc/sampling_step.h",)
+
+#: GPU generations built by default when no GPU is present to ask: A100 (8.0), RTX 30xx/A10 (8.6),
+#: RTX 40xx/L4 (8.9), H100/H200 (9.0); PTX of the last one lets newer GPUs JIT-compile it.
+DEFAULT_CUDA_ARCHS = ("8.0", "8.6", "8.9", "9.0")
+
+#: setup.py reads this: "auto" (CUDA when a toolkit is found, else CPU), "cpu", "cuda" or "off".
+BUILD_MODE_ENV = "KERNELS_EXT"
+BUILD_MODES = ("auto", "cpu", "cuda", "off")
+
+CXX_FLAGS = [
+    "-O3",
+    # at::parallel_for is header-inline over OpenMP: without -fopenmp it silently runs one thread.
+    "-fopenmp",
+]
+# Linked by soname libgomp.so.1: torch ships and loads its own copy first, so one OpenMP runtime runs.
+LINK_FLAGS = ["-fopenmp"]
+NVCC_FLAGS = [
+    "-O3",
+    # IEEE division and no a*b+c contraction into FMA: each eager op rounds separately, and the op
+    # matches it to the last bit that way (the spec asks for 1e-6 in fp32). Free: the op is
+    # memory-bound.
+    "--prec-div=true",
+    "--fmad=false",
+    "-lineinfo",
+]
+
+
+def sources(with_cuda: bool, absolute: bool = True) -> list[str]:
+    """Source files of the extension, absolute or relative to the repository root (for setup.py)."""
+    names = list(CPU_SOURCES) + (list(CUDA_SOURCES) if with_cuda else [])
+    if absolute:
+        return [str(KERNELS_DIR / name) for name in names]
+    return [f"kernels/{name}" for name in names]
+
+
+def _has_cudart(folder: Path) -> bool:
+    return any((folder / lib / "libcudart.so").exists() for lib in ("lib64", "lib"))
+
+
+def prebuilt_is_stale() -> bool:
+    """True when setup.py's in-place module exists but a source or header changed after it was built
+    (an edit without a rebuild); the JIT path then builds from the current sources instead."""
+    built = sorted(KERNELS_DIR.glob("_sampling_step_C*.so"))
+    if not built:
+        return False
+    newest_source = max((KERNELS_DIR / name).stat().st_mtime
+                        for name in CPU_SOURCES + CUDA_SOURCES + HEADERS)
+    return min(path.stat().st_mtime for path in built) < newest_source
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit folder holding lib64/libcudart.so (or lib/), or None when there is none.
+
+    Tries CUDA_HOME / CUDA_PATH, then the folders beside nvcc on PATH (`<bin>/../cuda`, the layout of
+    a launcher next to the toolkit, and `<bin>/..`, the usual one), then /usr/local/cuda.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        bin_dir = Path(nvcc).parent
+        candidates += [str(bin_dir.parent / "cuda"), str(bin_dir.parent)]
+    candidates.append("/usr/local/cuda")
+    for candidate in candidates:
+        if candidate and _has_cudart(Path(candidate)) and (Path(candidate) / "bin" / "nvcc").exists():
+            return str(Path(candidate).resolve())
+    return None
+
+
+def use_cuda_home(cuda_home: str) -> None:
+    """Makes torch.utils.cpp_extension use `cuda_home`, whether or not it was imported already."""
+    os.environ["CUDA_HOME"] = cuda_home
+    module = sys.modules.get("torch.utils.cpp_extension")
+    if module is not None:
+        # cpp_extension reads CUDA_HOME once, at import; its builders read this module attribute.
+        module.CUDA_HOME = cuda_home
+
+
+def parse_arch_list(text: str) -> list[str]:
+    """'8.0;8.6 9.0+PTX' -> ['8.0', '8.6', '9.0'] (the PTX choice is ours: see cuda_arch_flags)."""
+    archs = []
+    for item in text.replace(",", ";").replace(" ", ";").split(";"):
+        item = item.strip().removesuffix("+PTX")
+        if item:
+            if not item.replace(".", "", 1).isdigit():
+                raise ValueError(f"bad CUDA arch {item!r} in {text!r}; expected e.g. '8.0;8.6;9.0'")
+            archs.append(item)
+    return archs
+
+
+def cuda_archs(device_capabilities: list[tuple[int, int]] | None = None) -> list[str]:
+    """TORCH_CUDA_ARCH_LIST when set, else the GPUs present, else DEFAULT_CUDA_ARCHS."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return parse_arch_list(env)
+    if device_capabilities:
+        return sorted({f"{major}.{minor}" for major, minor in device_capabilities})
+    return list(DEFAULT_CUDA_ARCHS)
+
+
+def cuda_arch_flags(archs: list[str]) -> list[str]:
+    """-gencode flags: a cubin per arch and PTX for the newest. Giving them explicitly also stops
+    cpp_extension from adding its own arch list."""
+    numbers = [arch.replace(".", "") for arch in archs]
+    flags = [f"-gencode=arch=compute_{n},code=sm_{n}" for n in numbers]
+    newest = max(numbers, key=int)
+    flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
+    return flags
+
+
+def compile_args(with_cuda: bool, archs: list[str] | None = None) -> dict[str, list[str]]:
+    """extra_compile_args for a CppExtension/CUDAExtension."""
+    cxx = list(CXX_FLAGS) + (["-DSAMPLING_STEP_WITH_CUDA"] if with_cuda else [])
+    args = {"cxx": cxx}
+    if with_cuda:
+        args["nvcc"] = list(NVCC_FLAGS) + cuda_arch_flags(archs or cuda_archs())
+    return args
+
+
+def build_mode() -> str:
+    mode = os.environ.get(BUILD_MODE_ENV, "auto").strip().lower()
+    if mode not in BUILD_MODES:
+        raise ValueError(f"{BUILD_MODE_ENV}={mode!r}; expected one of {', '.join(BUILD_MODES)}")
+    return mode
+
+
+def missing_tools(with_cuda: bool) -> list[str]:
+    """What a build needs and this machine lacks, each as a short phrase for an error message."""
+    missing = []
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        missing.append(f"a C++ compiler ({compiler!r} not on PATH; install g++ or set CXX)")
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # noqa: F401  (the pip package puts the binary beside python)
+        except ImportError:
+            missing.append("ninja (pip install ninja)")
+    if with_cuda and find_cuda_home() is None:
+        missing.append("the CUDA toolkit (nvcc and lib64/libcudart.so; set CUDA_HOME to its folder)")
+    return missing
+
+
+def setup_extensions() -> list:
+    """ext_modules for setup.py: [] when torch is not importable at build time (pip's build
+    isolation) or KERNELS_EXT=off; the JIT path in kernels/sampling_step.py then builds on first use.
+    `pip install --no-build-isolation -e .` builds it ahead of time."""
+    mode = build_mode()
+    if mode == "off":
+        return []
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("kernels: torch is not importable at build time; the sampling-step extension will be "
+              "built on first use (or install with --no-build-isolation to build it now)", file=sys.stderr)
+        return []
+    cuda_home = find_cuda_home() if mode in ("auto", "cuda") else None
+    if mode == "cuda" and cuda_home is None:
+        raise RuntimeError(f"{BUILD_MODE_ENV}=cuda but no CUDA toolkit with lib64/libcudart.so was "
+                           "found; set CUDA_HOME")
+    if cuda_home is not None:
+        use_cuda_home(cuda_home)
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    with_cuda = cuda_home is not None
+    factory = CUDAExtension if with_cuda else CppExtension
+    return [factory(
+        name=EXTENSION_NAME,
+        sources=sources(with_cuda, absolute=False),
+        extra_compile_args=compile_args(with_cuda),
+        extra_link_args=list(LINK_FLAGS),
+        depends=[f"kernels/{h}" for h in HEADERS],
+    )]
+
+
+class BuildFailed(RuntimeError):
+    """The JIT build could not run or did not succeed; the message says what is missing."""
+
+
+def jit_load(verbose: bool = False):
+    """Builds (once; torch caches it under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)
+    and imports the extension. CUDA sources join when a GPU and a toolkit are present; without the
+    toolkit the module is CPU-only and CUDA inputs get a clear error from the wrapper."""
+    import torch
+    from torch.utils import cpp_extension
+
+    cuda_home = find_cuda_home() if torch.cuda.is_available() and torch.version.cuda else None
+    with_cuda = cuda_home is not None
+    missing = missing_tools(with_cuda=False)
+    if missing:
+        raise BuildFailed("cannot build the sampling-step extension: missing " + "; ".join(missing))
+    archs = None
+    if with_cuda:
+        use_cuda_home(cuda_home)
+        archs = cuda_archs([torch.cuda.get_device_capability(i)
+                            for i in range(torch.cuda.device_count())])
+    args = compile_args(with_cuda, archs)
+    try:
+        return cpp_extension.load(
+            name=JIT_NAME,
+            sources=sources(with_cuda),
+            extra_cflags=args["cxx"],
+            extra_cuda_cflags=args.get("nvcc"),
+            extra_ldflags=list(LINK_FLAGS),
+            extra_include_paths=[str(KERNELS_DIR / "csrc")],
+            with_cuda=with_cuda,
+            verbose=verbose,
+        )
+    except (RuntimeError, OSError, ImportError) as err:
+        raise BuildFailed(f"building the sampling-step extension failed: {err}") from err

@@ -1,0 +1,165 @@
+"""Proves that the CUDA source of the sampling-step extension compiles and links, without a GPU.
+
+    python kernels/check_cuda_build.py                      # sm_80, sm_86, sm_89, sm_90 (+ PTX 9.0)
+    python kernels/check_cuda_build.py --archs 8.0,9.0 --build-dir /tmp/x
+
+It builds the full extension (C++ and CUDA sources, the same flags as setup.py and the JIT path, from
+kernels/build.py) into --build-dir with nvcc, links it against the toolkit's libcudart, imports it,
+and then checks three things: the module says CUDA was compiled in, the dispatcher holds a CUDA
+kernel for both ops, and the library embeds one cubin per asked arch plus PTX for the newest (read
+from the fat-binary headers, and cross-checked with cuobjdump --list-elf where it exists).
+Exit status 0 when all hold; otherwise one `error: ...` line and exit 2.
+
+CUDA_HOME: if unset, the toolkit folder holding lib64/libcudart.so is found beside nvcc (see
+kernels/build.py); the nvcc on PATH may be a launcher outside the toolkit.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script from a plain checkout
+    sys.path.insert(0, str(REPO))
+
+from kernels import build  # noqa: E402  (after the path fix above)
+
+OPS = ("sampling_step::ddpm_step", "sampling_step::ddim_step")
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--archs", default=",".join(build.DEFAULT_CUDA_ARCHS),
+                        help="comma-separated compute capabilities to build cubins for")
+    parser.add_argument("--build-dir", default=str(REPO / "build" / "cuda_check"),
+                        help="where the objects and the library go (reused: ninja rebuilds only "
+                             "what changed)")
+    parser.add_argument("--verbose", action="store_true", help="show the compiler command lines")
+    return parser.parse_args(argv)
+
+
+FATBIN_MAGIC = 0xBA55ED50  # start of each fat binary nvcc embeds in the .nv_fatbin section
+FATBIN_KIND_PTX, FATBIN_KIND_CUBIN = 1, 2
+
+
+def fatbin_entries(library: Path) -> set[str]:
+    """The code embedded in `library`, as {'sm_80', …} for cubins and {'compute_90', …} for PTX.
+
+    Reads the fat-binary headers directly (header: u32 magic, u16 version, u16 header size, u64 size;
+    entry: u16 kind, u16, u32 header size, u64 payload size, …, u32 arch at byte 28), so no cuobjdump
+    is needed; `cuobjdump_cubins` cross-checks it where that tool exists.
+    """
+    data = library.read_bytes()
+    magic = struct.pack("<I", FATBIN_MAGIC)
+    found, pos = set(), 0
+    while (start := data.find(magic, pos)) >= 0:
+        _, _, header_size, fat_size = struct.unpack_from("<IHHQ", data, start)
+        entry, end = start + header_size, start + header_size + fat_size
+        while entry < end:
+            kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, entry)
+            (arch,) = struct.unpack_from("<I", data, entry + 28)
+            if kind == FATBIN_KIND_CUBIN:
+                found.add(f"sm_{arch}")
+            elif kind == FATBIN_KIND_PTX:
+                found.add(f"compute_{arch}")
+            entry += entry_header + payload
+        pos = max(end, start + len(magic))
+    return found
+
+
+def find_cuobjdump(cuda_home: str) -> str | None:
+    """cuobjdump from the toolkit, PATH, or Triton's bundled copy (minimal toolkits lack it)."""
+    candidates = [Path(cuda_home) / "bin" / "cuobjdump", shutil.which("cuobjdump")]
+    try:
+        import triton
+        candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    except ImportError:
+        pass
+    return next((str(c) for c in candidates if c and Path(c).exists()), None)
+
+
+def cuobjdump_cubins(library: Path, cuobjdump: str) -> set[str]:
+    """The sm_XX of every cubin cuobjdump lists in `library`."""
+    listing = subprocess.run([cuobjdump, "--list-elf", str(library)], capture_output=True, text=True,
+                             check=False)
+    if listing.returncode != 0:
+        raise CheckFailed(f"cuobjdump failed on {library}: {listing.stderr.strip()}")
+    return set(re.findall(r"\.(sm_\d+)\.cubin", listing.stdout))
+
+
+def check(args: argparse.Namespace) -> str:
+    try:
+        archs = build.parse_arch_list(args.archs)
+    except ValueError as err:
+        raise CheckFailed(str(err)) from None
+    cuda_home = build.find_cuda_home()
+    if cuda_home is None:
+        raise CheckFailed("no CUDA toolkit found (nvcc and lib64/libcudart.so); set CUDA_HOME")
+    missing = build.missing_tools(with_cuda=True)
+    if missing:
+        raise CheckFailed("missing " + "; ".join(missing))
+    build.use_cuda_home(cuda_home)
+    import torch
+    from torch.utils import cpp_extension
+
+    build_dir = Path(args.build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    flags = build.compile_args(with_cuda=True, archs=archs)
+    start = time.perf_counter()
+    try:
+        module = cpp_extension.load(
+            name=build.JIT_NAME, sources=build.sources(with_cuda=True),
+            extra_cflags=flags["cxx"], extra_cuda_cflags=flags["nvcc"],
+            extra_ldflags=list(build.LINK_FLAGS), extra_include_paths=[str(build.KERNELS_DIR / "csrc")],
+            build_directory=str(build_dir), with_cuda=True, verbose=args.verbose)
+    except (RuntimeError, OSError, ImportError) as err:
+        raise CheckFailed(f"the CUDA build failed: {err}") from err
+    seconds = time.perf_counter() - start
+
+    if not module.with_cuda:
+        raise CheckFailed("the module was built without SAMPLING_STEP_WITH_CUDA")
+    for op in OPS:
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"):
+            raise CheckFailed(f"{op} has no CUDA kernel registered")
+    library = Path(module.__file__)
+    found = fatbin_entries(library)
+    numbers = [arch.replace(".", "") for arch in archs]
+    wanted = {f"sm_{n}" for n in numbers} | {f"compute_{max(numbers, key=int)}"}
+    if not wanted <= found:
+        raise CheckFailed(f"{sorted(wanted - found)} missing from {library} (found {sorted(found)})")
+    cuobjdump = find_cuobjdump(cuda_home)
+    cross_check = "no cuobjdump to cross-check"
+    if cuobjdump is not None:
+        listed = cuobjdump_cubins(library, cuobjdump)
+        if listed != {entry for entry in found if entry.startswith("sm_")}:
+            raise CheckFailed(f"cuobjdump lists cubins {sorted(listed)}, the fatbin headers {sorted(found)}")
+        cross_check = f"cuobjdump agrees ({cuobjdump})"
+    return (f"ok: {library} built and linked in {seconds:.0f} s with CUDA_HOME={cuda_home}; "
+            f"embedded {sorted(found)}; {cross_check}; CUDA kernels registered for {', '.join(OPS)}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+    try:
+        print(check(args))
+    except CheckFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

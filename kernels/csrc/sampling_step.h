@@ -1,0 +1,104 @@
+// The fused sampler update: the per-element math shared by the CPU and the CUDA implementations.
+//
+// One pass reads x_t, ε_c (and ε_u, z when given) and writes x_prev (and x̂0 when asked), with fp32
+// arithmetic whatever the storage dtype. The scalar coefficients arrive already gathered from the
+// float64 schedule on the host (kernels/sampling_step.py) and rounded to fp32 once.
+//
+// Notation (paper symbol → StepCoefs field), t the current step, s the next one (t−1 or t_prev):
+//
+//   w                       guidance_scale       ε̃ = ε_u + w·(ε_c − ε_u)   (Ho & Salimans 2022, Eq. 6)
+//   √(1/ᾱ_t)                x0_coef_xt           x̂0 = √(1/ᾱ_t)·x_t − √(1/ᾱ_t − 1)·ε̃
+//   √(1/ᾱ_t − 1)            x0_coef_eps              (DDPM Eq. 15, solved for x0)
+//   DDPM: posterior_mean_coef1   out_coef_x0     μ̃ = coef1·x̂0 + coef2·x_t           (DDPM Eq. 7)
+//   DDPM: posterior_mean_coef2   out_coef_rest   x_{t−1} = μ̃ + σ_t·z                (DDPM Alg. 2)
+//   DDIM: √ᾱ_s                   out_coef_x0     x_s = √ᾱ_s·x̂0 + √(1−ᾱ_s−σ²)·ε̃ + σ·z (DDIM Eq. 12)
+//   DDIM: √(1 − ᾱ_s − σ²)        out_coef_rest
+//   σ                       sigma                0 at DDPM t = 0; DDIM Eq. 16 times η
+//
+// With clipping, x̂0 is clamped to [−1, 1]; DDIM then recomputes ε̃ from the clipped x̂0 so that the
+// direction term points at the image actually predicted: ε̃ = (√(1/ᾱ_t)·x_t − x̂0) / √(1/ᾱ_t − 1).
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <type_traits>
+
+namespace sampling_step {
+
+enum class Mode { kDDPM, kDDIM };
+
+// Per-step scalars, one set for the whole batch (the samplers use a single t per step).
+struct StepCoefs {
+  float guidance_scale;
+  float x0_coef_xt;
+  float x0_coef_eps;
+  float out_coef_x0;
+  float out_coef_rest;
+  float sigma;
+};
+
+// The op's float64 scalars (the schema's `float`), rounded to fp32 once for the kernels.
+inline StepCoefs make_coefs(double guidance_scale, double x0_coef_xt, double x0_coef_eps,
+                            double out_coef_x0, double out_coef_rest, double sigma) {
+  return StepCoefs{static_cast<float>(guidance_scale), static_cast<float>(x0_coef_xt),
+                   static_cast<float>(x0_coef_eps),    static_cast<float>(out_coef_x0),
+                   static_cast<float>(out_coef_rest),  static_cast<float>(sigma)};
+}
+
+// One element of the update. Every flag is a template parameter so that the inner loops carry no
+// per-element branch on the mode, and absent inputs (ε_u, z) are never read.
+template <Mode MODE, bool GUIDED, bool CLIP, bool NOISE>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void step_element(float x_t, float eps_cond, float eps_uncond,
+                                                    float noise, const StepCoefs& c, float& x_prev,
+                                                    float& x0_pred) {
+  float eps = eps_cond;
+  if constexpr (GUIDED) {
+    eps = eps_uncond + c.guidance_scale * (eps_cond - eps_uncond);
+  }
+  float x0 = c.x0_coef_xt * x_t - c.x0_coef_eps * eps;
+  if constexpr (CLIP) {
+    // Written as two compares so both the host compiler and nvcc emit plain min/max instructions.
+    x0 = x0 < -1.0f ? -1.0f : x0;
+    x0 = x0 > 1.0f ? 1.0f : x0;
+  }
+  float out;
+  if constexpr (MODE == Mode::kDDPM) {
+    out = c.out_coef_x0 * x0 + c.out_coef_rest * x_t;
+  } else {
+    if constexpr (CLIP) {
+      eps = (c.x0_coef_xt * x_t - x0) / c.x0_coef_eps;
+    }
+    out = c.out_coef_x0 * x0 + c.out_coef_rest * eps;
+  }
+  if constexpr (NOISE) {
+    out += c.sigma * noise;
+  }
+  x_prev = out;
+  x0_pred = x0;
+}
+
+// Turns a run-time bool into a compile-time one: f(std::true_type{}) or f(std::false_type{}).
+template <typename F>
+inline void dispatch_bool(bool value, F&& f) {
+  if (value) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+}  // namespace sampling_step
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace sampling_step {
+
+// Validates the op's inputs (shapes, dtypes, devices, contiguity, coefficients) with TORCH_CHECK, so
+// a bad call becomes one clear Python RuntimeError. Shared by both backends; defined in the .cpp.
+void check_inputs(const char* op, const at::Tensor& x_t, const at::Tensor& eps,
+                  const std::optional<at::Tensor>& eps_uncond, const std::optional<at::Tensor>& noise,
+                  const StepCoefs& coefs);
+
+}  // namespace sampling_step
