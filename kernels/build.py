@@ -156,11 +156,8 @@ def missing_tools(with_cuda: bool) -> list[str]:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         missing.append(f"a C++ compiler ({compiler!r} not on PATH; install g++ or set CXX)")
-    if shutil.which("ninja") is None:
-        try:
-            import ninja  # noqa: F401  (the pip package puts the binary beside python)
-        except ImportError:
-            missing.append("ninja (pip install ninja)")
+    if shutil.which("ninja") is None:  # cpp_extension runs `ninja` from PATH
+        missing.append("ninja on PATH (pip install ninja into the active environment)")
     if with_cuda and find_cuda_home() is None:
         missing.append("the CUDA toolkit (nvcc and lib64/libcudart.so; set CUDA_HOME to its folder)")
     return missing

@@ -15,7 +15,7 @@ import torch
 
 import kernels
 from kernels import sampling_step
-from shared import NoiseSchedule
+from shared import NoiseSchedule, UserError
 from shared.sampling import ddim_step as eager_ddim_step
 from shared.sampling import ddpm_step as eager_ddpm_step
 
@@ -295,3 +295,17 @@ def test_torch_compile_fullgraph(schedule, device):
     torch._dynamo.reset()
     compiled = torch.compile(two_steps, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(*args), two_steps(*args), atol=0, rtol=0)
+
+
+def test_failed_build_names_what_is_missing(monkeypatch, tmp_path):
+    """Without a usable prebuilt module and without a compiler, loading raises FusedKernelsUnavailable
+    (a UserError) naming the compiler, instead of falling back to the eager step."""
+    from kernels import build
+
+    monkeypatch.setattr(build, "EXTENSION_NAME", "kernels._no_such_prebuilt_module")
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ninja either
+    assert any("C++ compiler" in item for item in build.missing_tools(with_cuda=False))
+    with pytest.raises(kernels.FusedKernelsUnavailable, match=r"C\+\+ compiler.*ninja on PATH"):
+        sampling_step.load_extension.__wrapped__()
+    assert issubclass(kernels.FusedKernelsUnavailable, UserError)
