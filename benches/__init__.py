@@ -1,0 +1,1 @@
+"""Benchmarks (`pytest benches`) and the report that turns their JSON into tables: see benches/README.md."""

@@ -1,0 +1,166 @@
+"""Fused Triton kernels (issue 5) against eager PyTorch, torch.compile of the eager expression and,
+for attention, F.scaled_dot_product_attention. CUDA only: Triton's CPU interpreter checks correctness,
+its speed means nothing.
+
+Sizes come from the presets at the seeds' batch of 128 (mnist: 28² × 64 ch, 7² × 128 ch with attention
+at L = 49; cifar10: 16² × 256 ch with attention at L = 256) plus a large GroupNorm (256×128×32×32) and
+attention at L = 64, 196 and 1024. Every input is random (never zeros). bf16 unless a case says fp32.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benches.measure import budget_skip_reason, module_missing, record, record_bandwidth, record_flops, time_call
+from kernels import reference
+
+CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(),
+                               reason="Triton kernels are timed on CUDA only (the CPU interpreter is a "
+                                      "correctness tool; its speed means nothing)")
+pytestmark = CUDA_ONLY
+
+# Seconds a torch.compile of one small expression takes on a cold cache (inductor, 16 cores), so that
+# compile variants skip instead of overrunning the GPU script's 10 minutes.
+COMPILE_ESTIMATE_S = 25
+GN_GROUPS = 32
+GN_EPS = 1e-5
+
+# (label, N, C, H, W): the U-Net's GroupNorm+FiLM+SiLU inputs at batch 128, and one large size.
+GN_SHAPES = [
+    ("mnist 28²", 128, 64, 28, 28),
+    ("mnist 7²", 128, 128, 7, 7),
+    ("cifar10 16²", 128, 256, 16, 16),
+    ("large", 256, 128, 32, 32),
+]
+# (label, N, heads, L, d): spatial self-attention as the U-Net calls it.
+ATTN_SHAPES = [
+    ("mnist 7² L=49", 128, 2, 49, 64),
+    ("8² L=64", 128, 4, 64, 64),
+    ("tiny 14² L=196", 128, 2, 196, 64),
+    ("cifar10 16² L=256", 128, 4, 256, 64),
+    ("32² L=1024", 32, 4, 1024, 64),
+]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+IMPLS = ["eager", "fused", "compile"]
+
+
+def _gn_impl(impl: str):
+    if impl == "eager":
+        return reference.group_norm_film_silu
+    if impl == "compile":
+        return torch.compile(reference.group_norm_film_silu, dynamic=False)
+    reason = module_missing("kernels/triton_group_norm.py")
+    if reason:
+        pytest.skip(reason)
+    import kernels
+    return kernels.group_norm_film_silu
+
+
+def _attn_impl(impl: str):
+    if impl == "eager":
+        return reference.attention
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention
+    if impl == "compile":
+        return torch.compile(reference.attention, dynamic=False)
+    reason = module_missing("kernels/triton_attention.py")
+    if reason:
+        pytest.skip(reason)
+    import kernels
+    return kernels.attention
+
+
+def _maybe_skip_compile(impl: str) -> None:
+    if "compile" in impl:
+        reason = budget_skip_reason(COMPILE_ESTIMATE_S)
+        if reason:
+            pytest.skip(reason)
+
+
+def _gn_params(shape, dtype, device, gen):
+    _, n, c, h, w = shape
+    x = torch.randn(n, c, h, w, device=device, dtype=dtype, generator=gen)
+    weight = 1 + 0.1 * torch.randn(c, device=device, dtype=dtype, generator=gen)
+    bias = 0.1 * torch.randn(c, device=device, dtype=dtype, generator=gen)
+    scale = 0.1 * torch.randn(n, c, device=device, dtype=dtype, generator=gen)
+    shift = 0.1 * torch.randn(n, c, device=device, dtype=dtype, generator=gen)
+    return x, weight, bias, scale, shift
+
+
+def _gn_cases():
+    for shape in GN_SHAPES:
+        for impl in IMPLS:
+            marks = [pytest.mark.priority(60 if impl == "compile" else 10)]
+            yield pytest.param(shape, "bf16", impl, marks=marks, id=f"{shape[0]}-bf16-{impl}")
+    large = GN_SHAPES[-1]
+    for impl in IMPLS:
+        yield pytest.param(large, "fp32", impl, marks=[pytest.mark.priority(70)], id=f"large-fp32-{impl}")
+
+
+@pytest.mark.parametrize("shape,dtype_name,impl", list(_gn_cases()))
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+def test_group_norm_film_silu(benchmark, device, ceilings, shape, dtype_name, impl, pass_):
+    _maybe_skip_compile(impl)
+    fn = _gn_impl(impl)
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator(device=device).manual_seed(0)
+    x, weight, bias, scale, shift = _gn_params(shape, dtype, device, gen)
+    label, n, c, h, w = shape
+    numel, elem = x.numel(), x.element_size()
+    if pass_ == "fwd":
+        def call():
+            return fn(x, GN_GROUPS, weight, bias, scale, shift, GN_EPS, True)
+        # Fewest bytes: read x once, write y once (γ, β, scale, shift are N·C or C values: negligible).
+        bytes_per_call, formula = 2 * numel * elem, "2 · N·C·H·W · bytes/elem (read x, write y)"
+    else:
+        inputs = [t.requires_grad_() for t in (x, weight, bias, scale, shift)]
+        dy = torch.randn_like(x)
+
+        def call():
+            y = fn(x, GN_GROUPS, weight, bias, scale, shift, GN_EPS, True)
+            return torch.autograd.grad(y, inputs, dy)
+        # Fewest bytes: forward reads x and writes y; backward reads x and dy and writes dx.
+        bytes_per_call, formula = 5 * numel * elem, "5 · N·C·H·W · bytes/elem (fwd: x, y; bwd: x, dy, dx)"
+    seconds = time_call(benchmark, call, device, rounds=5, kernel=True)
+    record(benchmark, family="kernel", case=f"GN+FiLM+SiLU {pass_} {dtype_name} {label} ({n}×{c}×{h}×{w})",
+           impl=impl, op=f"gn_{pass_}", dtype=dtype_name, size=label, shape=[n, c, h, w])
+    record_bandwidth(benchmark, seconds, bytes_per_call, formula, ceilings)
+
+
+def _attn_cases():
+    for shape in ATTN_SHAPES:
+        for impl in IMPLS + ["sdpa"]:
+            marks = [pytest.mark.priority(65 if impl == "compile" else 15)]
+            yield pytest.param(shape, impl, marks=marks, id=f"L{shape[3]}-{impl}")
+
+
+@pytest.mark.parametrize("shape,impl", list(_attn_cases()))
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+def test_attention(benchmark, device, ceilings, shape, impl, pass_):
+    _maybe_skip_compile(impl)
+    fn = _attn_impl(impl)
+    label, n, heads, length, d = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(n, heads, length, d, device=device, dtype=torch.bfloat16, generator=gen)
+               for _ in range(3))
+    # Forward: S = q kᵀ and O = P v, each 2·L²·d multiply-adds-as-two per head.
+    fwd_flops = 4 * n * heads * length ** 2 * d
+    if pass_ == "fwd":
+        def call():
+            return fn(q, k, v)
+        flops, formula = fwd_flops, "4 · N·heads·L²·d (q kᵀ and P v)"
+    else:
+        for t in (q, k, v):
+            t.requires_grad_()
+        do = torch.randn_like(q)
+
+        def call():
+            return torch.autograd.grad(fn(q, k, v), (q, k, v), do)
+        # Backward: dV = Pᵀ dO, dP = dO Vᵀ, dQ = dS K, dK = dSᵀ Q: four more products, 2.5× the forward's
+        # FLOP count as FlashAttention counts it (recomputing S in backward is not counted).
+        flops, formula = 14 * n * heads * length ** 2 * d, "14 · N·heads·L²·d (fwd 4 + bwd 10)"
+    seconds = time_call(benchmark, call, device, rounds=5, kernel=True)
+    record(benchmark, family="kernel", case=f"attention {pass_} bf16 {label} ({n}×{heads}×{length}×{d})",
+           impl=impl, op=f"attn_{pass_}", dtype="bf16", size=label, L=length, shape=[n, heads, length, d])
+    record_flops(benchmark, seconds, flops, formula, ceilings)

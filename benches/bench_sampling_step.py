@@ -1,0 +1,94 @@
+"""The fused sampler update (issue 6, kernels.ddpm_step / ddim_step, C++ on CPU, CUDA on GPU) against
+the eager step of shared.sampling and torch.compile of that eager step.
+
+Runs on CPU (the C++ op on 2 cores: issue 6 wants ≥ 2× eager at 256×1×28×28 and larger) and on CUDA
+(≥ 85 % of the copy bandwidth at the large size, ≥ 4× eager at MNIST batches). fp32 storage, as the
+samplers run by default; inputs are random.
+
+Modes (bytes per call are the fewest a single pass can move; s = bytes per element):
+    ddim      η = 0, no noise, no guidance       read x_t, ε; write x_prev            3 · numel · s
+    ddpm      fixed_small variance with noise z  read x_t, ε, z; write x_prev         4 · numel · s
+    ddim+cfg  η = 0, guidance w = 3              read x_t, ε_c, ε_u; write x_prev     4 · numel · s
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import kernels
+from benches.measure import budget_skip_reason, module_missing, on_cuda, record, record_bandwidth, time_call
+from shared import NoiseSchedule
+from shared import sampling as eager_sampling
+
+NUM_TIMESTEPS = 1000
+T_STEP, T_PREV = 500, 480          # a mid-trajectory DDIM-50 step (any t costs the same)
+GUIDANCE_SCALE = 3.0
+COMPILE_ESTIMATE_S = 20
+#: Compiling for CPU takes minutes on a shared 2-core machine; opt in with this variable.
+CPU_COMPILE_ENV = "BENCH_CPU_COMPILE"
+
+# (label, shape) per device; "MNIST" sizes are the sampler's batch × 1×28×28.
+CPU_SIZES = [("MNIST b256", (256, 1, 28, 28)), ("CIFAR b1024", (1024, 3, 32, 32))]
+GPU_SIZES = [("MNIST b64", (64, 1, 28, 28)), ("MNIST b256", (256, 1, 28, 28)),
+             ("CIFAR b1024", (1024, 3, 32, 32)), ("large", (4096, 3, 64, 64))]
+SIZES = GPU_SIZES if on_cuda() else CPU_SIZES
+MODES = {"ddim": 3, "ddpm": 4, "ddim+cfg": 4}  # mode -> tensors read or written per element
+
+
+def _fused_step(mode: str):
+    reason = module_missing("kernels/sampling_step.py")
+    if reason:
+        pytest.skip(reason)
+    try:
+        return kernels.load("ddpm_step" if mode == "ddpm" else "ddim_step")
+    except kernels.FusedKernelsUnavailable as err:
+        pytest.skip(f"fused sampling step unavailable: {err}")
+
+
+def _eager_call(mode, schedule, x, eps, eps_u, noise):
+    if mode == "ddpm":
+        return eager_sampling.ddpm_step(schedule, x, eps, T_STEP, noise=noise)
+    if mode == "ddim+cfg":
+        eps = eps_u + GUIDANCE_SCALE * (eps - eps_u)  # classifier-free guidance, unfused
+    return eager_sampling.ddim_step(schedule, x, eps, T_STEP, T_PREV)
+
+
+def _step_fn(impl: str, mode: str, schedule, x, eps, eps_u, noise):
+    if impl == "eager":
+        return lambda: _eager_call(mode, schedule, x, eps, eps_u, noise)
+    if impl == "compile":
+        if not on_cuda() and not os.environ.get(CPU_COMPILE_ENV):
+            pytest.skip(f"torch.compile on CPU takes minutes on 2 shared cores; set {CPU_COMPILE_ENV}=1 to run")
+        reason = budget_skip_reason(COMPILE_ESTIMATE_S)
+        if reason:
+            pytest.skip(reason)
+        compiled = torch.compile(_eager_call, dynamic=False)
+        return lambda: compiled(mode, schedule, x, eps, eps_u, noise)
+    step = _fused_step(mode)
+    if mode == "ddpm":
+        return lambda: step(schedule, x, eps, T_STEP, noise=noise)
+    if mode == "ddim+cfg":
+        return lambda: step(schedule, x, eps, T_STEP, T_PREV, eps_uncond=eps_u, guidance_scale=GUIDANCE_SCALE)
+    return lambda: step(schedule, x, eps, T_STEP, T_PREV)
+
+
+@pytest.mark.priority(5)
+@pytest.mark.parametrize("impl", ["eager", "fused", "compile"])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("size", SIZES, ids=[label for label, _ in SIZES])
+def test_sampling_step(benchmark, device, ceilings, size, mode, impl):
+    label, shape = size
+    schedule = NoiseSchedule("linear", NUM_TIMESTEPS)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x, eps, eps_u, noise = (torch.randn(shape, device=device, generator=gen) for _ in range(4))
+    fn = _step_fn(impl, mode, schedule, x, eps, eps_u, noise)
+    numel = x.numel()
+    # Small CPU calls take ~1 ms: more rounds make the median steady; large ones take tens of ms.
+    rounds = 30 if numel < 1_000_000 else 10
+    seconds = time_call(benchmark, fn, device, rounds=rounds, warmup_rounds=3, kernel=True)
+    record(benchmark, family="step", case=f"{mode} step fp32 {label} ({'×'.join(map(str, shape))})",
+           impl=impl, op=f"step_{mode}", dtype="fp32", size=label, numel=numel)
+    record_bandwidth(benchmark, seconds, MODES[mode] * numel * x.element_size(),
+                     f"{MODES[mode]} · numel · 4 (see module docstring)", ceilings)

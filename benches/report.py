@@ -1,0 +1,378 @@
+"""Turns pytest-benchmark JSON from `pytest benches --benchmark-json=...` into a markdown report and a chart.
+
+    python benches/report.py RUN.json [MORE.json ...] --out benches/results/cpu-2core.md \
+        [--json-out benches/results/cpu-2core.json] [--png benches/results/cpu-2core.png] [--note TEXT]
+
+Per table row (one `case`), the median time of each implementation, then ratios measured in the same run:
+    speed-up fused vs X = time(X) / time(fused) = throughput(fused) / throughput(X)   (> 1: fused faster)
+and the fused version's GB/s or TFLOP/s as a % of the ceiling measured in the same run (copy bandwidth,
+bf16 matmul). The bars of issues 5, 6 and 7 are checked where they apply: MET or MISSED next to the
+figure, and again in a summary; a bar with no figure reads NOT MEASURED. Thresholds are fixed here;
+nothing about a measurement is adjusted to meet them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+if __package__ in (None, ""):  # run as a script: make `shared` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from shared.cli import run_main  # noqa: E402
+from shared.errors import UserError  # noqa: E402
+
+KERNEL_IMPLS = ["eager", "compile", "sdpa", "fused"]
+TRAIN_IMPLS = ["eager", "fused", "compile", "fused+compile"]
+SAMPLING_IMPLS = ["eager", "fused step", "fused", "fused+graphs"]
+FAMILY_TITLES = {"kernel": "Kernels (Triton, issue 5)", "step": "Fused sampling step (C++/CUDA, issue 6)",
+                 "train": "Training step (images/s, peak VRAM)", "sampling": "Sampling (images/s)"}
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+@dataclass
+class Row:
+    """One case: its shared labels and, per implementation, its figures (extra_info plus time_ms)."""
+    family: str
+    case: str
+    info: dict
+    impls: dict[str, dict]
+
+    def time(self, impl: str) -> float | None:
+        return self.impls.get(impl, {}).get("time_ms")
+
+    def get(self, impl: str, key: str) -> float | None:
+        return self.impls.get(impl, {}).get(key)
+
+
+def load_runs(paths: list[Path]) -> dict:
+    """Merges pytest-benchmark JSON files: benchmarks concatenated, machine info of the first."""
+    merged = {"benchmarks": [], "machine_info": None, "datetime": None, "ddpm_bench_skipped": []}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise UserError(f"benchmark JSON {str(path)!r} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{str(path)!r} is not pytest-benchmark JSON ({err})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+            raise UserError(f"{str(path)!r} is not pytest-benchmark JSON (no 'benchmarks' list)")
+        merged["benchmarks"] += data["benchmarks"]
+        merged["machine_info"] = merged["machine_info"] or data.get("machine_info")
+        merged["datetime"] = merged["datetime"] or data.get("datetime")
+        merged["ddpm_bench_skipped"] += data.get("ddpm_bench_skipped", [])
+        merged.setdefault("commit_info", data.get("commit_info"))
+    return merged
+
+
+def rows_by_family(run: dict) -> dict[str, list[Row]]:
+    rows: dict[tuple[str, str], Row] = {}
+    for bench in run["benchmarks"]:
+        info = dict(bench.get("extra_info") or {})
+        if "family" not in info or "case" not in info or "impl" not in info:
+            continue
+        if "time_ms" not in info and bench.get("stats"):
+            info["time_ms"] = bench["stats"]["median"] * 1e3
+        key = (info["family"], info["case"])
+        row = rows.setdefault(key, Row(info["family"], info["case"], info, {}))
+        row.impls[info["impl"]] = info
+    out: dict[str, list[Row]] = {}
+    for (family, _), row in rows.items():
+        out.setdefault(family, []).append(row)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# ratios and bars
+
+
+def speedup(row: Row, fast: str, base: str) -> float | None:
+    """time(base) / time(fast): how many times faster `fast` ran than `base` in this run."""
+    t_fast, t_base = row.time(fast), row.time(base)
+    return t_base / t_fast if t_fast and t_base else None
+
+
+def throughput_ratio(row: Row, a: str, b: str, key: str = "images_per_s") -> float | None:
+    va, vb = row.get(a, key), row.get(b, key)
+    return va / vb if va and vb else None
+
+
+@dataclass(frozen=True)
+class Bar:
+    """A fixed target: `value(row)` compared with `threshold` on the rows `applies` selects."""
+    issue: int
+    text: str
+    device: str                       # "cuda" or "cpu": where the bar is stated
+    family: str
+    applies: Callable[[dict], bool]   # on the row's shared labels
+    value: Callable[[Row], float | None]
+    threshold: float
+    at_most: bool = False             # True: value ≤ threshold meets it
+    unit: str = "×"
+
+    def check(self, row: Row) -> tuple[float | None, bool | None]:
+        v = self.value(row)
+        if v is None:
+            return None, None
+        return v, (v <= self.threshold if self.at_most else v >= self.threshold)
+
+    def short(self) -> str:
+        return f"{'≤' if self.at_most else '≥'} {self.threshold:g}{self.unit}"
+
+
+def _is(**want) -> Callable[[dict], bool]:
+    def match(info: dict) -> bool:
+        return all(info.get(k) in v if isinstance(v, (list, tuple, set)) else info.get(k) == v
+                   for k, v in want.items())
+    return match
+
+
+def _pct(row: Row) -> float | None:
+    return row.get("fused", "pct_of_ceiling")
+
+
+BARS = [
+    Bar(7, "mnist training, fused kernels + bf16 vs eager bf16 (images/s)", "cuda", "train",
+        _is(preset="mnist", dtype="bf16"), lambda r: throughput_ratio(r, "fused", "eager"), 1.3),
+    Bar(7, "mnist training, peak VRAM fused bf16 / eager bf16", "cuda", "train",
+        _is(preset="mnist", dtype="bf16"), lambda r: throughput_ratio(r, "fused", "eager", "peak_vram_mib"),
+        0.8, at_most=True),
+    Bar(7, "DDIM-50 at batch 64, fused (kernels + step) vs eager (images/s)", "cuda", "sampling",
+        _is(sampler="DDIM-50", batch=64), lambda r: throughput_ratio(r, "fused", "eager"), 2.0),
+    Bar(5, "GN+FiLM+SiLU forward 256×128×32×32 bf16, fused vs eager", "cuda", "kernel",
+        _is(op="gn_fwd", dtype="bf16", size="large"), lambda r: speedup(r, "fused", "eager"), 3.0),
+    Bar(5, "GN+FiLM+SiLU forward 256×128×32×32 bf16, fused vs torch.compile", "cuda", "kernel",
+        _is(op="gn_fwd", dtype="bf16", size="large"), lambda r: speedup(r, "fused", "compile"), 1.2),
+    Bar(5, "GN+FiLM+SiLU forward 256×128×32×32 bf16, % of copy bandwidth", "cuda", "kernel",
+        _is(op="gn_fwd", dtype="bf16", size="large"), _pct, 75.0, unit=" %"),
+    Bar(5, "GN+FiLM+SiLU forward+backward 256×128×32×32 bf16, fused vs eager", "cuda", "kernel",
+        _is(op="gn_fwd+bwd", dtype="bf16", size="large"), lambda r: speedup(r, "fused", "eager"), 2.0),
+    Bar(5, "attention forward+backward, fused vs eager", "cuda", "kernel",
+        _is(op="attn_fwd+bwd"), lambda r: speedup(r, "fused", "eager"), 3.0),
+    Bar(5, "attention forward+backward at L = 64–256, fused vs scaled_dot_product_attention", "cuda", "kernel",
+        _is(op="attn_fwd+bwd", L=[64, 196, 256]), lambda r: speedup(r, "fused", "sdpa"), 1.0),
+    Bar(6, "sampling step on CPU (2 cores), 256×1×28×28 and larger, fused vs eager", "cpu", "step",
+        lambda info: True, lambda r: speedup(r, "fused", "eager"), 2.0),
+    Bar(6, "sampling step at MNIST batches, fused vs eager", "cuda", "step",
+        _is(size=["MNIST b64", "MNIST b256"]), lambda r: speedup(r, "fused", "eager"), 4.0),
+    Bar(6, "sampling step at the large size, % of copy bandwidth", "cuda", "step",
+        _is(size="large"), _pct, 85.0, unit=" %"),
+]
+
+
+def bars_for(row: Row) -> list[Bar]:
+    device = str(row.info.get("device", ""))
+    return [b for b in BARS if b.family == row.family and device.startswith(b.device) and b.applies(row.info)]
+
+
+def verdict(bar: Bar, row: Row) -> str:
+    value, met = bar.check(row)
+    if met is None:
+        return f"{bar.short()}: NOT MEASURED"
+    return f"{bar.short()}: {value:.2f}{bar.unit} {'MET' if met else 'MISSED'}"
+
+
+# --------------------------------------------------------------------------------------------------
+# markdown
+
+
+def _f(value: float | None, fmt: str = "{:.3g}") -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value * 1e3:.1f} µs" if value < 1 else f"{value:.3g} ms"
+
+
+def _x(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def _table(header: list[str], lines: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(cells) + " |" for cells in lines]
+
+
+def kernel_table(rows: list[Row]) -> list[str]:
+    impls = [i for i in KERNEL_IMPLS if any(i in r.impls for r in rows)]
+    header = ["case"] + [f"{i} (median)" for i in impls] + [
+        "fused vs eager", "fused vs compile", "fused vs sdpa", "fused achieved", "% of ceiling", "bars"]
+    lines = []
+    for r in rows:
+        fused = r.impls.get("fused", {})
+        achieved = (f"{fused['gbps']:.0f} GB/s" if "gbps" in fused else
+                    f"{fused['tflops']:.1f} TFLOP/s" if "tflops" in fused else "—")
+        pct = fused.get("pct_of_ceiling")
+        lines.append([r.case] + [_ms(r.time(i)) for i in impls] + [
+            _x(speedup(r, "fused", "eager")), _x(speedup(r, "fused", "compile")),
+            _x(speedup(r, "fused", "sdpa")) if "sdpa" in r.impls else "—", achieved,
+            _f(pct, "{:.0f} % of " + fused.get("ceiling", "")) if pct is not None else "—",
+            "<br>".join(verdict(b, r) for b in bars_for(r)) or ""])
+    return _table(header, lines)
+
+
+def train_table(rows: list[Row]) -> list[str]:
+    impls = [i for i in TRAIN_IMPLS if any(i in r.impls for r in rows)]
+    header = (["case"] + [f"{i} img/s" for i in impls] + [f"{i} peak MiB" for i in impls]
+              + ["fused vs eager", "fused vs compile", "VRAM fused / eager", "bars"])
+    lines = []
+    for r in rows:
+        lines.append([r.case] + [_f(r.get(i, "images_per_s"), "{:.0f}") for i in impls]
+                     + [_f(r.get(i, "peak_vram_mib"), "{:.0f}") for i in impls]
+                     + [_x(throughput_ratio(r, "fused", "eager")), _x(throughput_ratio(r, "fused", "compile")),
+                        _x(throughput_ratio(r, "fused", "eager", "peak_vram_mib")),
+                        "<br>".join(verdict(b, r) for b in bars_for(r))])
+    return _table(header, lines)
+
+
+def sampling_table(rows: list[Row]) -> list[str]:
+    impls = [i for i in SAMPLING_IMPLS if any(i in r.impls for r in rows)]
+    header = (["case", "steps timed / total"] + [f"{i} img/s" for i in impls]
+              + [f"{i} vs eager" for i in impls if i != "eager"] + ["bars"])
+    lines = []
+    for r in rows:
+        lines.append([r.case, f"{r.info.get('steps_timed', '?')} / {r.info.get('steps_total', '?')}"]
+                     + [_f(r.get(i, "images_per_s")) for i in impls]
+                     + [_x(throughput_ratio(r, i, "eager")) for i in impls if i != "eager"]
+                     + ["<br>".join(verdict(b, r) for b in bars_for(r))])
+    return _table(header, lines)
+
+
+def bar_summary(families: dict[str, list[Row]], device: str) -> list[str]:
+    lines = []
+    for bar in BARS:
+        if not device.startswith(bar.device):
+            continue
+        rows = [r for r in families.get(bar.family, []) if bar in bars_for(r)]
+        results = [(r, *bar.check(r)) for r in rows]
+        measured = [(r, v, met) for r, v, met in results if met is not None]
+        if not measured:
+            lines.append(f"- NOT MEASURED: issue {bar.issue}: {bar.text} {bar.short()} (no figure in this run; "
+                         f"see the skipped benchmarks below)")
+            continue
+        for r, v, met in measured:
+            lines.append(f"- {'MET' if met else 'MISSED'}: issue {bar.issue}: {bar.text} {bar.short()}: "
+                         f"**{v:.2f}{bar.unit}** ({r.case})")
+    return lines
+
+
+def render(run: dict, note: str | None = None) -> str:
+    info = (run.get("machine_info") or {}).get("ddpm_bench", {})
+    families = rows_by_family(run)
+    device = "cuda" if info.get("gpu") else "cpu"
+    title = info.get("gpu") or f"CPU, {info.get('cpu_threads', '?')} threads"
+    out = [f"# Benchmarks: {title}", "",
+           f"Date {info.get('date', run.get('datetime', '?'))}; torch {info.get('torch', '?')}, "
+           f"triton {info.get('triton', '?')}, CUDA {info.get('cuda', '?')}, Python {info.get('python', '?')}.",
+           ""]
+    if note:
+        out += [note, ""]
+    out += ["Speed-ups are time(other) / time(fused) measured in the same run (> 1: fused is faster). "
+            "Medians after warm-up; the timer of each figure is in the JSON (`extra_info.timer`). "
+            "Bars come from issues 5, 6 and 7 and are checked as stated, never adjusted.", ""]
+    if any((f.get("pct_of_ceiling") or 0) > 100 for rows in families.values() for r in rows for f in r.impls.values()):
+        out += ["A % of ceiling above 100 means the inputs fit in a cache: the copy ceiling is measured on "
+                "a buffer several times the last-level cache.", ""]
+    for name, c in (info.get("ceilings") or {}).items():
+        out += [f"Ceilings measured in this run on {c['device']}: copy {c['copy_gbps']:.1f} GB/s "
+                f"(bytes read + written), {c['matmul_dtype']} matmul {c['matmul_tflops']:.3g} TFLOP/s "
+                f"({c['matmul_size']}³).", ""]
+    out += ["## Bars", ""] + (bar_summary(families, device) or ["- none apply on this device"]) + [""]
+    for family, table in (("kernel", kernel_table), ("step", kernel_table), ("train", train_table),
+                          ("sampling", sampling_table)):
+        if families.get(family):
+            out += [f"## {FAMILY_TITLES[family]}", ""] + table(families[family]) + [""]
+    formulas = sorted({(r.info.get("op", r.case.split()[0]), r.info.get("bytes_formula") or r.info.get("flops_formula"))
+                       for rows in families.values() for r in rows
+                       if r.info.get("bytes_formula") or r.info.get("flops_formula")})
+    if formulas:
+        out += ["Bytes or FLOPs per call (the fewest a fused pass moves or computes):", ""]
+        out += [f"- {op}: {formula}" for op, formula in formulas] + [""]
+    skipped = run.get("ddpm_bench_skipped") or []
+    if skipped:
+        reasons: dict[str, int] = {}
+        for s in skipped:
+            reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+        out += ["## Skipped", ""] + [f"- {n} × {reason}" for reason, n in sorted(reasons.items())] + [""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# chart
+
+
+def render_png(run: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = rows_by_family(run)
+    panels = []
+    kern = families.get("kernel", []) + families.get("step", [])
+    if kern:
+        panels.append(("kernels and sampling step: speed-up of fused", kern,
+                       [("vs eager", lambda r: speedup(r, "fused", "eager")),
+                        ("vs torch.compile", lambda r: speedup(r, "fused", "compile"))]))
+    loops = families.get("train", []) + families.get("sampling", [])
+    if loops:
+        panels.append(("training and sampling: images/s vs eager", loops,
+                       [(f"{i} vs eager", (lambda i: lambda r: throughput_ratio(r, i, "eager"))(i))
+                        for i in ["fused", "fused step", "fused+graphs", "compile", "fused+compile"]]))
+    if not panels:
+        panels.append(("no comparable figures in this run", [], []))
+    heights = [max(2.0, 0.32 * max(len(p[1]), 1) + 1.2) for p in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (title, rows, series) in zip(axes[:, 0], panels):
+        series = [(label, fn) for label, fn in series if any(fn(r) for r in rows)]
+        width = 0.8 / max(len(series), 1)
+        for k, (label, fn) in enumerate(series):
+            ys = [i + k * width for i in range(len(rows))]
+            ax.barh(ys, [fn(r) or 0 for r in rows], height=width, label=label)
+        ax.set_yticks([i + 0.4 - width / 2 for i in range(len(rows))], [r.case for r in rows], fontsize=7)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("× (same run; 1 = parity)")
+        if series:
+            ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("json", nargs="+", type=Path, help="pytest-benchmark JSON file(s), merged in order")
+    parser.add_argument("--out", type=Path, required=True, help="markdown report to write")
+    parser.add_argument("--json-out", type=Path, default=None, help="also write the merged JSON here")
+    parser.add_argument("--png", type=Path, default=None, help="also draw the speed-up chart here")
+    parser.add_argument("--note", default=None, help="a line placed under the header (e.g. machine load)")
+    args = parser.parse_args(argv)
+    run = load_runs(args.json)
+    if not run["benchmarks"]:
+        raise UserError("the benchmark JSON holds no benchmarks")
+    text = render(run, args.note)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(run, indent=1) + "\n")
+    if args.png:
+        render_png(run, args.png)
+    print(f"wrote {args.out}" + (f", {args.png}" if args.png else ""))
+
+
+if __name__ == "__main__":
+    run_main(main)
