@@ -15,9 +15,12 @@ import platform
 import pytest
 import torch
 
-from benches.measure import Ceilings, bench_device, measure_ceilings
+from benches.measure import Ceilings, bench_device, budget_skip_reason, measure_ceilings
 
 DEFAULT_PRIORITY = 50
+# Every benchmark needs at least this many seconds before $BENCH_DEADLINE (warm-up, Triton autotuning);
+# the expensive ones ask for more themselves.
+MIN_BENCH_S = 8
 
 _SKIPPED: list[dict] = []
 _CEILINGS: dict[str, Ceilings] = {}
@@ -46,6 +49,13 @@ def pytest_runtest_logreport(report):
     if report.skipped and report.when in ("setup", "call"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         _SKIPPED.append({"test": report.nodeid, "reason": reason.removeprefix("Skipped: ")})
+
+
+@pytest.fixture(autouse=True)
+def _time_budget():
+    reason = budget_skip_reason(MIN_BENCH_S)
+    if reason:
+        pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
