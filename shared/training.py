@@ -33,8 +33,7 @@ from shared.checkpoint import (BEST_NAME, EMA_NAME, LAST_NAME, TRAIN_FORMAT, ato
 from shared.diffusion import q_sample
 from shared.ema import DEFAULT_EMA_DECAY, DEFAULT_EMA_WARMUP, make_ema
 from shared.errors import UserError
-from shared.images import save_grid
-from shared.runs import CsvLog, make_run_dir, plot_loss, read_log, write_options
+from shared.runs import CsvLog, check_writable_dir, make_run_dir, plot_loss, read_log, write_options
 from shared.schedule import NoiseSchedule
 from shared.seeding import seed_everything
 from shared.train_state import Progress, ResumableSampler, capture_rng, restore_rng
@@ -46,6 +45,7 @@ DEFAULT_MAX_STEPS = 6000        # with batch 128: ~1.1 epochs of 60k MNIST, reco
 SAMPLE_GRID_ROWS = 8            # sample grids are 8×8
 HELDOUT_NOISE_SEED_OFFSET = 1_000_003   # held-out t and ε come from their own stream, never the training one
 SAMPLE_SEED_OFFSET = 2_000_003          # grid image i uses seed + offset + i, the same at every grid
+PLOT_INTERVAL_S = 30.0          # loss.png is redrawn at most this often (matplotlib is slow) and at the end
 RANK_SEED_STRIDE = 7_919                # per-rank seeds: seed + rank·stride (a prime, so ranks never collide)
 
 
@@ -120,14 +120,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def merge_resume_options(cfg: TrainConfig, saved: dict, path: str) -> TrainConfig:
-    """Options for a resumed run: those left at their default come from the checkpoint; one given on
-    the command line must agree with it if it is in FIXED_ON_RESUME (the error names the mismatch)."""
+def merge_resume_options(cfg: TrainConfig, saved: dict, path: str,
+                         given: set[str] | None = None) -> TrainConfig:
+    """Options for a resumed run: those not given come from the checkpoint; one given on the command
+    line must agree with it if it is in FIXED_ON_RESUME (the error names the mismatch).
+
+    given: the option names the user set explicitly; None treats every non-default value as given.
+    """
     defaults, merged = asdict(TrainConfig()), asdict(cfg)
     for key, saved_value in saved.items():
         if key not in merged or key in NOT_INHERITED:
             continue
-        if merged[key] == defaults[key]:
+        is_given = key in given if given is not None else merged[key] != defaults[key]
+        if not is_given:
             merged[key] = saved_value
         elif key in FIXED_ON_RESUME and merged[key] != saved_value:
             raise UserError(f"--{key.replace('_', '-')} {merged[key]} does not match the checkpoint "
@@ -224,21 +229,22 @@ def build_model(cfg: TrainConfig, image_shape: tuple, num_classes: int) -> UNet:
 # --------------------------------------------------------------------------------------------------
 # The job
 
-def train(cfg: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
+def train(cfg: TrainConfig, dataset: Dataset | None = None, given: set[str] | None = None) -> TrainResult:
     """Runs (or resumes) one training job; returns counters, throughput and the trained networks.
 
     dataset: an in-memory dataset yielding (image [C x H x W] in [-1, 1], label) with an `.info`
     (shared.data.DatasetInfo); None loads cfg.dataset from cfg.data_dir.
+    given: with cfg.resume, the options set explicitly (see merge_resume_options).
     """
     check_config(cfg)
     ctx, device = distributed.setup(cfg.device)
     try:
-        return _train(cfg, dataset, ctx, device)
+        return _train(cfg, dataset, given, ctx, device)
     finally:
         distributed.cleanup(ctx)
 
 
-def _train(cfg: TrainConfig, dataset, ctx, device) -> TrainResult:
+def _train(cfg: TrainConfig, dataset, given, ctx, device) -> TrainResult:
     # ---- resume: the checkpoint's options fill in what the command line left at default
     ckpt, ckpt_path = None, None
     if cfg.resume is not None:
@@ -247,8 +253,10 @@ def _train(cfg: TrainConfig, dataset, ctx, device) -> TrainResult:
         if ckpt["format"] != TRAIN_FORMAT:
             raise UserError(f"{str(ckpt_path)!r} holds EMA weights only and cannot resume training; "
                             f"use the run's {LAST_NAME} or {BEST_NAME}")
-        cfg = merge_resume_options(cfg, ckpt.get("options", {}), str(ckpt_path))
+        cfg = merge_resume_options(cfg, ckpt.get("options", {}), str(ckpt_path), given)
     precision = resolve_precision(cfg.precision, device)
+    if ctx.is_main:
+        check_writable_dir(cfg.out)  # fail before any slow work
 
     # ---- data
     if dataset is None:
@@ -344,6 +352,7 @@ def _train(cfg: TrainConfig, dataset, ctx, device) -> TrainResult:
                         run_dir / EMA_NAME)
 
     def write_samples() -> None:
+        from shared.images import save_grid  # imports torchvision (seconds): only when a grid is due
         from shared.samplers import sample  # issue 4's sampler: deterministic DDIM, per-sample seeds
         n = SAMPLE_GRID_ROWS ** 2
         labels = (torch.arange(n) % raw_model.num_classes) if raw_model.num_classes else None
@@ -369,6 +378,7 @@ def _train(cfg: TrainConfig, dataset, ctx, device) -> TrainResult:
                dynamic_ncols=True, desc="train")
     window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "n_norm": 0, "time": 0.0, "images": 0}
     train_time, train_images, last_loss, stop, stopped_early = 0.0, 0, float("nan"), False, False
+    last_plot = time.monotonic()
     images_per_step = cfg.batch_size * ctx.world_size
     while progress.step < total_steps and not stop:
         sampler.set_epoch(progress.epoch)
@@ -460,8 +470,9 @@ def _train(cfg: TrainConfig, dataset, ctx, device) -> TrainResult:
                 save_checkpoint(LAST_NAME)
             if ctx.is_main and (progress.step % cfg.sample_every == 0 or final or stop):
                 write_samples()
-            if ctx.is_main and (progress.step % cfg.ckpt_every == 0 or heldout_value is not None or final or stop):
+            if ctx.is_main and (final or stop or time.monotonic() - last_plot > PLOT_INTERVAL_S):
                 plot_loss(run_dir / "log.csv", run_dir / "loss.png")
+                last_plot = time.monotonic()
             if final or stop:
                 break
         else:  # the epoch ran out: the next one starts from its first batch

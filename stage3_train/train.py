@@ -19,22 +19,16 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
 
 from shared import cli  # noqa: E402
-from shared.training import DEFAULT_MAX_STEPS, PRECISIONS, TrainConfig, resolve_precision, train  # noqa: E402
+from shared.checkpoint import LAST_NAME, load_checkpoint, resolve_checkpoint  # noqa: E402
+from shared.training import (DEFAULT_MAX_STEPS, PRECISIONS, TrainConfig, merge_resume_options,  # noqa: E402
+                             resolve_precision, train)
 from shared.unet import PRESETS  # noqa: E402
 
 D = TrainConfig()  # the defaults live in one place; --help shows them
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse prints the whole usage before an error; bad input should give one line (see --help)."""
-
-    def error(self, message: str):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p = cli.make_parser(__doc__)
     g = p.add_argument_group("data and model")
     cli.add_dataset_args(g, default=D.dataset)
     g.add_argument("--preset", choices=tuple(PRESETS), default=D.preset, help="U-Net size (tiny for tests and CPUs)")
@@ -90,18 +84,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def given_options(argv: Sequence[str] | None) -> set[str]:
+    """Names of the options set on the command line (a resumed run takes the others from its checkpoint)."""
+    unset = object()
+    probe = build_parser()
+    probe.set_defaults(**{action.dest: unset for action in probe._actions if action.dest != "help"})
+    return {name for name, value in vars(probe.parse_args(argv)).items() if value is not unset}
+
+
 def main(argv: Sequence[str] | None = None):
     args = vars(build_parser().parse_args(argv))
     dry_run = args.pop("dry_run")
     cfg = TrainConfig(**args)
     if dry_run:
+        if cfg.resume is not None:  # show what the resumed run would use
+            path = resolve_checkpoint(cfg.resume, prefer=(LAST_NAME,))
+            cfg = merge_resume_options(cfg, load_checkpoint(path).get("options", {}), str(path),
+                                       given_options(argv))
         resolved = asdict(cfg)
         resolved["precision"] = resolve_precision(cfg.precision, cli.pick_device(cfg.device))
         if cfg.epochs is None and cfg.max_steps is None:
             resolved["max_steps"] = DEFAULT_MAX_STEPS
         print(json.dumps(resolved, indent=2))
         return None
-    result = train(cfg)
+    result = train(cfg, given=given_options(argv))
     if result.run_dir is not None:  # rank 0: the one summary line block on stdout
         p = result.progress
         best = f"{p.best_heldout:.5f}" if p.best_heldout != float("inf") else "n/a"

@@ -1,0 +1,126 @@
+"""stage3_train/train.py: every bad input gives one `error:` line on stderr and a non-zero exit, and leaves
+an existing run directory exactly as it was; --dry-run prints the resolved options and writes nothing."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from shared import cli
+from shared.training import DEFAULT_MAX_STEPS, TrainConfig, train
+from tests.stage3_helpers import TRAIN_SCRIPT, edge_bar_dataset, run_train, write_edge_bar_idx
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("stage3_train_script", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+script = _load_script()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Generated IDX data, and an output folder that already holds a finished 2-step run."""
+    root = tmp_path_factory.mktemp("cli")
+    data = write_edge_bar_idx(root / "data", n=64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train(TrainConfig(preset="tiny", timesteps=50, batch_size=8, heldout_size=8, max_steps=2, sample_steps=2,
+                      device="cpu", out=str(root / "runs")), edge_bar_dataset(64))
+    torch.set_num_threads(before)
+    (root / "empty").mkdir()
+    (root / "a_file").write_text("not a directory")
+    run = next((root / "runs").iterdir())
+    good = (run / "last.pt").read_bytes()
+    (root / "truncated.pt").write_bytes(good[: len(good) // 3])
+    (root / "corrupt.pt").write_bytes(b"\x00garbage" * 100)
+    return root, data, run
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _run_in_process(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_main(script.main, argv)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+BAD_INPUTS = {
+    "unknown dataset": (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    "unknown preset": (["--preset", "huge"], "invalid choice: 'huge'"),
+    "unknown precision": (["--precision", "fp8"], "invalid choice: 'fp8'"),
+    "zero batch size": (["--batch-size", "0"], "--batch-size: expected an integer >= 1"),
+    "negative max steps": (["--max-steps", "-3"], "--max-steps: expected an integer >= 1"),
+    "zero timesteps": (["--timesteps", "0"], "--timesteps: expected an integer in"),
+    "negative heldout": (["--heldout-size", "-1"], "--heldout-size: expected an integer >= 0"),
+    "epochs and steps": (["--epochs", "1", "--max-steps", "5"], "not allowed with argument"),
+    "missing data dir": (["--data-dir", "{root}/nowhere"], "does not exist"),
+    "data dir without images": (["--data-dir", "{root}/empty"], "mnist not found"),
+    "unwritable out": (["--data-dir", "{data}", "--out", "{root}/a_file/runs"], "is not a directory"),
+    "corrupt checkpoint": (["--resume", "{root}/corrupt.pt"], "corrupt"),
+    "truncated checkpoint": (["--resume", "{root}/truncated.pt"], "corrupt or truncated"),
+    "fp16 on cpu": (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
+    "other preset on resume": (["--resume", "{run}", "--preset", "mnist"], "--preset mnist does not match"),
+    "batch larger than data": (["--data-dir", "{data}", "--heldout-size", "8", "--batch-size", "4096"],
+                               "exceeds the"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_touches_nothing(case, workspace, capsys):
+    root, data, run = workspace
+    args, expected = BAD_INPUTS[case]
+    argv = [a.format(root=root, data=data, run=run) for a in args]
+    if "--out" not in argv:
+        argv += ["--out", str(root / "runs")]
+    before = _snapshot(root / "runs")
+    code, out, err = _run_in_process(argv + ["--device", "cpu"] if "--device" not in argv else argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert expected in lines[0], lines[0]
+    assert out == ""
+    assert _snapshot(root / "runs") == before  # nothing new, nothing changed
+
+
+def test_real_process_exit_codes(workspace):
+    """The same through a real process: exit status 2 and one stderr line (argparse and UserError paths)."""
+    root, data, _ = workspace
+    for args, expected in ((["--batch-size", "0"], "--batch-size"),
+                           (["--precision", "fp16", "--device", "cpu", "--data-dir", str(data)], "fp16")):
+        proc = run_train(args + ["--out", str(root / "runs")], cwd=root)
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], proc.stderr
+
+
+def test_dry_run_prints_resolved_options_and_writes_nothing(workspace, capsys, tmp_path):
+    out = tmp_path / "never_created"
+    result = script.main(["--dataset", "mnist", "--device", "cpu", "--out", str(out), "--dry-run"])
+    assert result is None
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["precision"] == "fp32"  # auto → fp32 on a CPU
+    assert printed["max_steps"] == DEFAULT_MAX_STEPS and printed["preset"] == "mnist"
+    assert printed["batch_size"] == TrainConfig().batch_size
+    assert not out.exists()
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--early-stop-patience", "--sample-every", "--ckpt-every", "--fused-kernels", "--compile",
+                 "--channels-last", "--p-uncond", "--dry-run"):
+        assert flag in text, flag
+    assert "(default: 128)" in text and "(default: 0.0002)" in text
