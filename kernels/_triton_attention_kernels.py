@@ -20,7 +20,7 @@ import triton.language as tl
 
 from kernels._triton_common import mma
 
-LOG2E: tl.constexpr = 1.4426950408889634  # log2(e): exp(s) = exp2(s·log2 e)
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(s) = exp2(s·log2 e)
 
 
 @triton.jit

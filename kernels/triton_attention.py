@@ -20,7 +20,8 @@ from kernels._triton_common import (INTERPRET, OP_NAMESPACE, check_device, check
 from kernels.reference import check_attention_args
 
 __all__ = ["attention", "SUPPORTED_HEAD_DIMS", "ATTN_FWD_GPU_CONFIGS", "ATTN_DKDV_GPU_CONFIGS",
-           "ATTN_DQ_GPU_CONFIGS", "ATTN_INTERPRET_CONFIG", "PREPROCESS_BLOCK_M"]
+           "ATTN_DQ_GPU_CONFIGS", "ATTN_FWD_FP32_CONFIGS", "ATTN_DKDV_FP32_CONFIGS", "ATTN_DQ_FP32_CONFIGS",
+           "ATTN_INTERPRET_CONFIG", "PREPROCESS_BLOCK_M"]
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
@@ -30,11 +31,16 @@ def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Confi
 
 
 # Autotuned on a GPU (query block, key block, warps, pipeline stages); every block is ≥ 16 because
-# tl.dot needs each dimension ≥ 16 on tensor cores, and a power of two.
+# tl.dot needs each dimension ≥ 16 on tensor cores, and a power of two. Half-precision inputs use
+# tensor-core tiles; fp32 inputs get true fp32 products ("ieee", no TF32), which run on FMA units and
+# need small tiles to stay in registers (kernels/README.md has the compiled figures).
 ATTN_FWD_GPU_CONFIGS = [_config(64, 64, 4, 2), _config(64, 32, 4, 3), _config(128, 64, 8, 2),
                         _config(128, 32, 4, 3)]
 ATTN_DKDV_GPU_CONFIGS = [_config(32, 64, 4, 2), _config(64, 64, 4, 2), _config(32, 128, 8, 2)]
 ATTN_DQ_GPU_CONFIGS = [_config(64, 32, 4, 2), _config(64, 64, 4, 2), _config(128, 32, 8, 2)]
+ATTN_FWD_FP32_CONFIGS = [_config(32, 32, 4, 1), _config(64, 32, 4, 1)]
+ATTN_DKDV_FP32_CONFIGS = [_config(32, 32, 4, 1)]
+ATTN_DQ_FP32_CONFIGS = [_config(32, 32, 4, 1)]
 # The interpreter cannot time configs. 32 x 32 blocks make even L = 49 span two blocks, so the tests
 # exercise the online-softmax rescaling and the masking of a partial block.
 ATTN_INTERPRET_CONFIG = _config(32, 32, 4, 1)
@@ -44,13 +50,22 @@ PREPROCESS_BLOCK_M = 64
 _KEY = ["L", "HEAD_DIM", "UPCAST", "PRECISION"]
 
 
-def _tuned(kernel, gpu_configs):
-    return triton.autotune(configs=[ATTN_INTERPRET_CONFIG] if INTERPRET else gpu_configs, key=_KEY)(kernel)
+def _tuned(kernel, half_configs, fp32_configs):
+    if INTERPRET:
+        return triton.autotune(configs=[ATTN_INTERPRET_CONFIG], key=_KEY)(kernel)
+
+    def by_precision(configs, named_args, **meta):
+        """fp32 ("ieee") launches try only the fp32 list, half-precision launches only theirs."""
+        wanted = fp32_configs if meta["PRECISION"] == "ieee" else half_configs
+        return [c for c in configs if any(c is w for w in wanted)]
+
+    return triton.autotune(configs=half_configs + fp32_configs, key=_KEY,
+                           prune_configs_by={"early_config_prune": by_precision})(kernel)
 
 
-_attn_fwd = _tuned(attn_forward_kernel, ATTN_FWD_GPU_CONFIGS)
-_attn_dkdv = _tuned(attn_backward_dkdv_kernel, ATTN_DKDV_GPU_CONFIGS)
-_attn_dq = _tuned(attn_backward_dq_kernel, ATTN_DQ_GPU_CONFIGS)
+_attn_fwd = _tuned(attn_forward_kernel, ATTN_FWD_GPU_CONFIGS, ATTN_FWD_FP32_CONFIGS)
+_attn_dkdv = _tuned(attn_backward_dkdv_kernel, ATTN_DKDV_GPU_CONFIGS, ATTN_DKDV_FP32_CONFIGS)
+_attn_dq = _tuned(attn_backward_dq_kernel, ATTN_DQ_GPU_CONFIGS, ATTN_DQ_FP32_CONFIGS)
 
 
 def _device_guard(t: torch.Tensor):

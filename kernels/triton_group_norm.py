@@ -31,8 +31,8 @@ GN_GPU_CONFIGS = [
     triton.Config({"TILE": 4096}, num_warps=8),
     triton.Config({"TILE": 8192}, num_warps=8),
 ]
-# The interpreter cannot time configs; one fixed, modest tile keeps it quick.
-GN_INTERPRET_CONFIG = triton.Config({"TILE": 1024}, num_warps=4)
+# The interpreter cannot time configs; one fixed tile, large so that few loop steps run in NumPy.
+GN_INTERPRET_CONFIG = triton.Config({"TILE": 4096}, num_warps=4)
 _CONFIGS = [GN_INTERPRET_CONFIG] if INTERPRET else GN_GPU_CONFIGS
 
 # One tile holds a whole group's channels (BLOCK_C = next_pow2(C/G) ≤ the smallest TILE).
@@ -81,7 +81,7 @@ def _gn_fwd_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
 @_gn_fwd_op.register_fake
 def _(x, num_groups, weight, bias, scale, shift, eps, silu):
     n = x.shape[0]
-    return (x.new_empty(x.shape, memory_format=torch.contiguous_format),
+    return (x.new_empty(x.shape),
             x.new_empty((n, num_groups), dtype=torch.float32),
             x.new_empty((n, num_groups), dtype=torch.float32))
 
@@ -125,7 +125,7 @@ def _gn_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: to
 def _(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, silu):
     n, c = x.shape[:2]
     film_shape = (n, c) if scale is not None else (0,)
-    return (x.new_empty(x.shape, memory_format=torch.contiguous_format),
+    return (x.new_empty(x.shape),
             weight.new_empty((c,)), bias.new_empty((c,)),
             (scale if scale is not None else x).new_empty(film_shape),
             (shift if shift is not None else x).new_empty(film_shape))
