@@ -18,10 +18,13 @@ Layers and their errors:
   when σ > 0 with TORCH_CHECK (a RuntimeError);
 - these wrappers check t, t_prev, η, variance and missing noise first (ValueError), and pass every
   tensor through `.contiguous()`, so non-contiguous inputs work here at the cost of a copy;
-- loading: the module built by setup.py (kernels._sampling_step_C) is imported; if absent (or older
-  than its sources, after an edit without a rebuild) it is built
-  once with torch.utils.cpp_extension.load and cached; if that fails, `FusedKernelsUnavailable`
-  names what is missing. There is no silent fallback to the eager step.
+- loading: the module built by setup.py (kernels._sampling_step_C) is imported; if it is absent, or
+  older than its sources (an edit without a rebuild), it is built once with
+  torch.utils.cpp_extension.load and cached (TORCH_EXTENSIONS_DIR); if that fails,
+  `FusedKernelsUnavailable` names what is missing. There is no silent fallback to the eager step.
+
+Unlike the eager steps, which drop the σ·z term when noise is None, a missing noise where σ > 0 is an
+error here (the issue's contract): the fused samplers always pass it.
 """
 from __future__ import annotations
 
@@ -30,7 +33,6 @@ import importlib
 import math
 
 import torch
-
 
 from kernels import FusedKernelsUnavailable
 
