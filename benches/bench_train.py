@@ -7,13 +7,15 @@ the trainer's --precision bf16 does. The zero-initialised layers get small rando
 network computes on real numbers (a fresh U-Net outputs exactly 0).
 
 Peak VRAM: torch.cuda.max_memory_allocated over one step after warm-up (optimizer state exists),
-measured after torch.cuda.reset_peak_memory_stats().
+measured after torch.cuda.reset_peak_memory_stats(), less what was allocated before this benchmark built
+its model (memory other benchmarks of the session still hold is not this step's).
 
 CUDA: the mnist and cifar10 presets × {eager, fused, compile, fused+compile} × {fp32, bf16} × {128 (the
 seeds' batch), a throughput batch}. CPU: the tiny preset, eager fp32 (fused kernels need a GPU there).
 """
 from __future__ import annotations
 
+import gc
 from contextlib import nullcontext
 
 import pytest
@@ -91,6 +93,11 @@ def test_train_step(benchmark, device, preset, variant, precision, batch):
         reason = budget_skip_reason(COMPILE_ESTIMATE_S[preset])
         if reason:
             pytest.skip(reason)
+    baseline = 0
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        baseline = torch.cuda.memory_allocated()
     step = _make_step(preset, variant, precision, batch, device)
     warmup = 3 if "compile" in variant else 2  # compile happens in the first call, outside the timing
     for _ in range(warmup):
@@ -101,7 +108,7 @@ def test_train_step(benchmark, device, preset, variant, precision, batch):
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-        peak_mib = torch.cuda.max_memory_allocated() / 2 ** 20
+        peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2 ** 20
     rounds = 10 if device.type == "cuda" else 3
     seconds = time_call(benchmark, step, device, rounds=rounds, warmup_rounds=1)
     record(benchmark, family="train", case=f"train step {preset} {precision} batch {batch}", impl=variant,
@@ -109,7 +116,7 @@ def test_train_step(benchmark, device, preset, variant, precision, batch):
     if seconds:
         benchmark.extra_info["images_per_s"] = batch / seconds
     if peak_mib is not None:
-        benchmark.extra_info["peak_vram_mib"] = peak_mib
+        benchmark.extra_info.update(peak_vram_mib=peak_mib, vram_baseline_mib=baseline / 2 ** 20)
     if device.type == "cuda":
         del step
         torch.cuda.empty_cache()

@@ -88,7 +88,7 @@ run_phase build-extension 180 "$PY" -c "import kernels; kernels.load('ddim_step'
 # --- CUDA kernel tests ----------------------------------------------------------------------------
 TEST_ARGS=(-q -p no:cacheprovider -rfEs)
 if "$PY" -c "import xdist" 2>/dev/null; then TEST_ARGS+=(-n 4); fi
-tests_limit=$(($(left) < 180 ? $(left) : 180))
+tests_limit=$(($(left) < 150 ? $(left) : 150))
 run_phase kernel-tests "$tests_limit" "$PY" -m pytest "${TEST_ARGS[@]}" tests/kernels tests/test_sampling_step_ext.py
 
 # --- benchmarks: three runs, each with its share of the time left -------------------------------
