@@ -1,0 +1,93 @@
+"""Generated data with known classes and a tiny class-conditional model trained on it, for the sampling,
+guidance, evaluation, server and script tests (no MNIST needed).
+
+The data: 10 classes of 16×16 bars — classes 0-4 a horizontal bar on rows 2, 5, 8, 11, 14 (two
+pixels wide, the last one clipped to the border), classes 5-9 a vertical bar on the same columns; the
+bar's length, offset and brightness vary per image. A classifier tells them apart perfectly, so the
+evaluator's answers are known.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from shared.checkpoint import EMA_NAME, atomic_save, ema_file
+from shared.schedule import NoiseSchedule
+from shared.unet import UNet
+from tests.idx_files import write_idx
+
+SIZE = 16
+NUM_CLASSES = 10
+BAR_POSITIONS = (2, 5, 8, 11, 14)
+TRAIN_STEPS = 300
+TRAIN_BATCH = 32
+TIMESTEPS = 100
+LABEL_DROP = 0.15  # fraction of training labels replaced by the null class (for guidance)
+
+
+def bar_patterns(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images [n x 1 x 16 x 16] in [-1, 1] and their labels [n] (round-robin over the 10 classes)."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % NUM_CLASSES
+    images = torch.full((n, 1, SIZE, SIZE), -1.0)
+    for i, label in enumerate(labels.tolist()):
+        pos = BAR_POSITIONS[label % 5]
+        start = int(torch.randint(0, 4, (1,), generator=gen))
+        stop = SIZE - int(torch.randint(0, 4, (1,), generator=gen))
+        value = 0.4 + 0.6 * float(torch.rand(1, generator=gen))
+        if label < 5:
+            images[i, 0, pos:pos + 2, start:stop] = value
+        else:
+            images[i, 0, start:stop, pos:pos + 2] = value
+    return images, labels
+
+
+def write_bar_idx(folder: Path, images: torch.Tensor, labels: torch.Tensor, split: str = "train") -> Path:
+    """Writes images [N x 1 x H x W] in [-1, 1] and labels as MNIST-format gzipped IDX files (what
+    shared.data reads with --data-dir)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).squeeze(1).numpy()
+    write_idx(folder / f"{split}-images-idx3-ubyte", pixels, gz=True)
+    write_idx(folder / f"{split}-labels-idx1-ubyte", labels.to(torch.uint8).numpy(), gz=True)
+    return folder
+
+
+def tiny_config() -> dict:
+    return UNet.from_preset("tiny", image_size=SIZE, attention_resolutions=(8,), num_classes=NUM_CLASSES).config
+
+
+@functools.lru_cache(maxsize=1)
+def trained_tiny_model() -> tuple[UNet, NoiseSchedule]:
+    """The `tiny` U-Net (16×16, 10 classes) after TRAIN_STEPS of L_simple on bar_patterns, in eval mode."""
+    torch.manual_seed(0)
+    schedule = NoiseSchedule("linear", TIMESTEPS)
+    model = UNet(**tiny_config())
+    images, labels = bar_patterns(640, seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(2)
+    abar = schedule.alphas_cumprod.float()
+    for _ in range(TRAIN_STEPS):
+        idx = torch.randint(0, images.shape[0], (TRAIN_BATCH,), generator=gen)
+        x0, y = images[idx], labels[idx].clone()
+        y[torch.rand(TRAIN_BATCH, generator=gen) < LABEL_DROP] = model.null_class
+        t = torch.randint(0, TIMESTEPS, (TRAIN_BATCH,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = abar[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = (model(x_t, t, y) - noise).pow(2).mean()  # L_simple, DDPM Eq. 14
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval().requires_grad_(False)
+    return model, schedule
+
+
+def save_tiny_checkpoint(folder: Path) -> Path:
+    """Writes the trained tiny model as an EMA-only checkpoint (the format load_for_sampling reads)."""
+    model, schedule = trained_tiny_model()
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"dataset": "mnist", "num_classes": NUM_CLASSES, "image_shape": [1, SIZE, SIZE],
+            "schedule": schedule.to_dict(), "options": {"note": "tests/tiny_trained.py bar patterns"}}
+    return atomic_save(ema_file(model.config, model.state_dict(), schedule.to_dict(), meta), folder / EMA_NAME)
