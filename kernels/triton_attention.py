@@ -38,9 +38,9 @@ ATTN_FWD_GPU_CONFIGS = [_config(64, 64, 4, 2), _config(64, 32, 4, 3), _config(12
                         _config(128, 32, 4, 3)]
 ATTN_DKDV_GPU_CONFIGS = [_config(32, 64, 4, 2), _config(64, 64, 4, 2), _config(32, 128, 8, 2)]
 ATTN_DQ_GPU_CONFIGS = [_config(64, 32, 4, 2), _config(64, 64, 4, 2), _config(128, 32, 8, 2)]
-ATTN_FWD_FP32_CONFIGS = [_config(32, 32, 4, 1), _config(64, 32, 4, 1)]
-ATTN_DKDV_FP32_CONFIGS = [_config(32, 32, 4, 1)]
-ATTN_DQ_FP32_CONFIGS = [_config(32, 32, 4, 1)]
+ATTN_FWD_FP32_CONFIGS = [_config(32, 32, 8, 1)]
+ATTN_DKDV_FP32_CONFIGS = [_config(32, 32, 8, 1)]
+ATTN_DQ_FP32_CONFIGS = [_config(32, 32, 8, 1)]
 # The interpreter cannot time configs. 32 x 32 blocks make even L = 49 span two blocks, so the tests
 # exercise the online-softmax rescaling and the masking of a partial block.
 ATTN_INTERPRET_CONFIG = _config(32, 32, 4, 1)
