@@ -1,0 +1,111 @@
+"""Stage 4: draw samples from a trained checkpoint with DDPM, DDIM or DPM-Solver++(2M).
+
+    python stage4_sampling/sample.py --checkpoint runs/00000-mnist-mnist-bf16 --sampler ddim --steps 50
+    python stage4_sampling/sample.py --checkpoint C --sampler ddpm --trajectory        # x_t / x̂0 strip + GIF
+    python stage4_sampling/sample.py --checkpoint C --compare-steps 10,20,50,100,1000  # same seeds, side by side
+    python stage4_sampling/sample.py --checkpoint C --compare-steps 10,50,200 --classifier runs/classifier.pt \\
+        --data-dir ../shared/data/mnist                                                 # + quality vs steps
+
+Each run writes runs/samples/NNNNN-<sampler>-<steps>/ with samples.png, results.json (options,
+images/s) and the pictures asked for. The math lives in shared.sampling / shared.samplers.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a plain script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from shared import cli  # noqa: E402
+from shared.errors import UserError  # noqa: E402
+from shared.images import save_grid  # noqa: E402
+from shared.runs import make_run_dir, write_options  # noqa: E402
+from shared.sampling_tools import (PICTURE_SCALE, TrajectoryRecorder, add_sampler_args, default_labels,  # noqa: E402
+                                   load_model, plot_quality_vs_steps, sampler_kwargs, timed_sample)
+
+COMPARE_COLUMNS = 10  # images per row of compare.png
+
+
+def build_parser():
+    parser = cli.make_parser(__doc__)
+    add_sampler_args(parser)
+    g = parser.add_argument_group("what to draw")
+    g.add_argument("--n", type=cli.int_in(1, 100_000), default=64, help="number of samples")
+    g.add_argument("--label", type=cli.nonneg_int, default=None,
+                   help="class of every sample (class-conditional models; default: round-robin over classes)")
+    g.add_argument("--trajectory", action="store_true", help="also write trajectory.png and trajectory.gif")
+    g.add_argument("--compare-steps", type=cli.int_list, default=None,
+                   help="comma-separated step counts: the same seeds at each, one row per count")
+    g.add_argument("--out", default="runs/samples", help="parent of the auto-numbered output directory")
+    e = parser.add_argument_group("quality against step count (with --compare-steps)")
+    e.add_argument("--classifier", default=None,
+                   help="a classifier file of stage5_guidance/evaluate.py; trained there if missing")
+    cli.add_dataset_args(e)
+    e.add_argument("--heldout", type=cli.positive_int, default=2000, help="real images held out for the FD")
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    model, schedule, meta, device = load_model(args)
+    if args.compare_steps and max(args.compare_steps) > schedule.num_timesteps:
+        raise UserError(f"--compare-steps {max(args.compare_steps)} exceeds the model's T = {schedule.num_timesteps}")
+    steps_name = args.steps or (schedule.num_timesteps if args.sampler == "ddpm" else 50)
+    run_dir = make_run_dir(args.out, f"{args.sampler}-{steps_name}")
+    seeds = [args.seed + i for i in range(args.n)]
+    labels = default_labels(model, args.n, args.label)
+    results: dict = {"checkpoint": meta.get("checkpoint"), "seeds": [seeds[0], seeds[-1]], "runs": []}
+
+    recorder = TrajectoryRecorder() if args.trajectory else None
+    images, rate = timed_sample(model, schedule, seeds, device, labels=labels,
+                                **sampler_kwargs(args, callback=recorder))
+    save_grid(images.clamp(-1, 1), run_dir / "samples.png", nrow=min(args.n, COMPARE_COLUMNS), scale=PICTURE_SCALE)
+    results["runs"].append({"sampler": args.sampler, "steps": steps_name, "images_per_s": rate})
+    print(f"{args.sampler}-{steps_name}: {args.n} images at {rate:.2f} images/s on {device}")
+    if recorder is not None:
+        recorder.save(images, run_dir)
+
+    if args.compare_steps:
+        rows, quality = [], []
+        judge = None
+        if args.classifier:
+            from shared.evaluation import frechet_distance, per_class_accuracy, prepare_judge
+
+            judge = prepare_judge(args.dataset, args.data_dir, args.classifier, args.heldout,
+                                  meta.get("image_shape", images.shape[1:]), model.num_classes, device,
+                                  progress=not args.no_progress)
+            floor = judge.floor(args.n)
+        for steps in args.compare_steps:
+            out, rate = timed_sample(model, schedule, seeds, device, labels=labels,
+                                     **sampler_kwargs(args, num_steps=steps))
+            rows.append(out[:COMPARE_COLUMNS])
+            entry = {"sampler": args.sampler, "steps": steps, "images_per_s": rate}
+            if judge is not None:
+                entry.update(frechet_distance=frechet_distance(judge.feature, judge.heldout_images, out),
+                             real_floor=floor, mean_class_accuracy=None)
+                if labels is not None:
+                    per = per_class_accuracy(judge.classifier, out, labels, model.num_classes)
+                    entry["mean_class_accuracy"] = sum(per.values()) / len(per)
+            quality.append(entry)
+            results["runs"].append(entry)
+            print(f"  {steps:>5} steps: {rate:.2f} images/s" +
+                  (f", FD {entry['frechet_distance']:.3f} (floor {floor:.3f})" if judge else ""))
+        save_grid(torch.cat(rows).clamp(-1, 1), run_dir / "compare.png", nrow=min(args.n, COMPARE_COLUMNS),
+                  scale=PICTURE_SCALE)
+        if judge is not None:
+            results["classifier_accuracy"] = judge.accuracy
+            plot_quality_vs_steps(quality, run_dir / "quality.png")
+
+    write_options(run_dir, vars(args), device)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {run_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
