@@ -6,6 +6,10 @@ The loop is the samplers' update (shared/samplers.py) with the noise drawn on th
     fused step    eager U-Net, fused step (kernels.ddpm_step / ddim_step)
     fused         fused U-Net kernels + fused step: what `sample.py --fused-kernels` runs
     fused+graphs  `fused`, the timed steps captured once in one CUDA graph and replayed
+    sample() ...  shared.samplers.sample itself, as stage 4 calls it (DDIM only), eager or fused
+                  (CUDA: fused kernels + fused step; CPU: fused step). It also draws each sample's
+                  noise on the CPU from its own generator every step (per-sample seeds), which the
+                  loop above does not; compare it with `sample() eager`, not with `eager`.
 The zero-initialised layers get small random weights (a fresh U-Net outputs exactly 0).
 
 Every step of a sampler costs the same (same shapes), so a run is timed over its first `steps_timed`
@@ -27,7 +31,8 @@ NUM_TIMESTEPS = 1000
 SAMPLERS = {"DDPM-1000": NUM_TIMESTEPS, "DDIM-50": 50}
 PRESET = "mnist" if on_cuda() else "tiny"
 BATCHES = (1, 64, 1024) if on_cuda() else (1, 16)
-VARIANTS = ["eager", "fused step", "fused", "fused+graphs"] if on_cuda() else ["eager", "fused step"]
+VARIANTS = (["eager", "fused step", "fused", "fused+graphs", "sample() eager", "sample() fused"] if on_cuda()
+            else ["eager", "fused step", "sample() eager", "sample() fused step"])
 # Steps timed per run: the whole DDIM-50 where it is cheap; 20 steps of DDPM-1000 (scaled ×50).
 # CPU (tiny preset, batches 1 and 16): 5 steps of each, so `pytest benches` stays quick on 2 cores.
 STEPS_TIMED = {("DDIM-50", 1): 50 if on_cuda() else 5, ("DDIM-50", 64): 50, ("DDIM-50", 1024): 10,
@@ -47,8 +52,11 @@ def _timesteps(sampler: str, steps_timed: int) -> list[tuple[int, int]]:
 def _build(variant: str, sampler: str, batch: int, steps_timed: int, device: torch.device):
     torch.manual_seed(0)
     model = randomise_zero_init(UNet.from_preset(PRESET)).to(device).eval()
-    fused_step = variant != "eager"
-    if variant in ("fused", "fused+graphs"):
+    if variant.startswith("sample()") and sampler != "DDIM-50":
+        pytest.skip("shared.samplers.sample is timed for DDIM only: its DDPM-1000 chain cannot be "
+                    "shortened to a few timed steps without switching to the respaced update")
+    fused_step = "fused" in variant
+    if variant in ("fused", "fused+graphs", "sample() fused"):
         try:
             model.set_fused_kernels(True)
         except kernels.FusedKernelsUnavailable as err:
@@ -66,6 +74,13 @@ def _build(variant: str, sampler: str, batch: int, steps_timed: int, device: tor
     pairs = _timesteps(sampler, steps_timed)
     gen = torch.Generator(device=device).manual_seed(0)
     x_T = torch.randn(batch, model.in_channels, model.image_size, model.image_size, device=device, generator=gen)
+
+    if variant.startswith("sample()"):
+        from shared.samplers import sample
+        seeds = list(range(batch))
+        # num_steps = steps_timed: the same per-step work as DDIM-50, on fewer (respaced) timesteps.
+        return lambda: sample(model, schedule, seeds, sampler="ddim", num_steps=steps_timed, batch_size=batch,
+                              device=device, precision="fp32", fused_step=fused_step, progress=False)
 
     @torch.no_grad()
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -98,6 +113,8 @@ def _cases():
     for sampler in SAMPLERS:
         for batch in BATCHES:
             for variant in VARIANTS:
+                if variant.startswith("sample()") and sampler != "DDIM-50":
+                    continue  # see _build: the shipped sampler is timed for DDIM only
                 # The bar (DDIM-50, batch 64, fused vs eager) first.
                 prio = 25 if (sampler, batch) == ("DDIM-50", 64) else 40
                 yield pytest.param(sampler, batch, variant, marks=[pytest.mark.priority(prio)],

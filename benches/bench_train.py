@@ -63,7 +63,7 @@ def _make_step(preset: str, variant: str, precision: str, batch: int, device: to
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return loss
+        return loss.detach()
 
     return step
 

@@ -27,7 +27,8 @@ from shared.errors import UserError  # noqa: E402
 
 KERNEL_IMPLS = ["eager", "compile", "sdpa", "fused"]
 TRAIN_IMPLS = ["eager", "fused", "compile", "fused+compile"]
-SAMPLING_IMPLS = ["eager", "fused step", "fused", "fused+graphs"]
+SAMPLING_IMPLS = ["eager", "fused step", "fused", "fused+graphs", "sample() eager", "sample() fused step",
+                  "sample() fused"]
 FAMILY_TITLES = {"kernel": "Kernels (Triton, issue 5)", "step": "Fused sampling step (C++/CUDA, issue 6)",
                  "train": "Training step (images/s, peak VRAM)", "sampling": "Sampling (images/s)"}
 
@@ -233,15 +234,21 @@ def train_table(rows: list[Row]) -> list[str]:
     return _table(header, lines)
 
 
+def _sampling_base(impl: str) -> str:
+    """What a sampling variant is compared with: the shipped sampler with its own eager run."""
+    return "sample() eager" if impl.startswith("sample()") else "eager"
+
+
 def sampling_table(rows: list[Row]) -> list[str]:
     impls = [i for i in SAMPLING_IMPLS if any(i in r.impls for r in rows)]
+    ratios = [(i, _sampling_base(i)) for i in impls if i != _sampling_base(i)]
     header = (["case", "steps timed / total"] + [f"{i} img/s" for i in impls]
-              + [f"{i} vs eager" for i in impls if i != "eager"] + ["bars"])
+              + [f"{i} vs {base}" for i, base in ratios] + ["bars"])
     lines = []
     for r in rows:
         lines.append([r.case, f"{r.info.get('steps_timed', '?')} / {r.info.get('steps_total', '?')}"]
                      + [_f(r.get(i, "images_per_s")) for i in impls]
-                     + [_x(throughput_ratio(r, i, "eager")) for i in impls if i != "eager"]
+                     + [_x(throughput_ratio(r, i, base)) for i, base in ratios]
                      + ["<br>".join(verdict(b, r) for b in bars_for(r))])
     return _table(header, lines)
 
@@ -324,8 +331,10 @@ def render_png(run: dict, path: Path) -> None:
     loops = families.get("train", []) + families.get("sampling", [])
     if loops:
         panels.append(("training and sampling: images/s vs eager", loops,
-                       [(f"{i} vs eager", (lambda i: lambda r: throughput_ratio(r, i, "eager"))(i))
-                        for i in ["fused", "fused step", "fused+graphs", "compile", "fused+compile"]]))
+                       [(f"{i} vs {_sampling_base(i)}",
+                         (lambda i: lambda r: throughput_ratio(r, i, _sampling_base(i)))(i))
+                        for i in ["fused", "fused step", "fused+graphs", "compile", "fused+compile",
+                                  "sample() fused", "sample() fused step"]]))
     if not panels:
         panels.append(("no comparable figures in this run", [], []))
     heights = [max(2.0, 0.32 * max(len(p[1]), 1) + 1.2) for p in panels]
@@ -336,9 +345,11 @@ def render_png(run: dict, path: Path) -> None:
         width = 0.8 / max(len(series), 1)
         for k, (label, fn) in enumerate(series):
             ys = [i + k * width for i in range(len(rows))]
-            ax.barh(ys, [fn(r) or 0 for r in rows], height=width, label=label)
+            ax.barh(ys, [fn(r) or float("nan") for r in rows], height=width, label=label)
         ax.set_yticks([i + 0.4 - width / 2 for i in range(len(rows))], [r.case for r in rows], fontsize=7)
         ax.axvline(1.0, color="black", linewidth=0.8)
+        if series:
+            ax.set_xscale("log")  # speed-ups span from below 1 to orders of magnitude
         ax.invert_yaxis()
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("× (same run; 1 = parity)")

@@ -32,6 +32,13 @@ def _run() -> dict:
         # is not in the summary of a CUDA report.
         _bench("st-eager", "step", "ddim b256", "eager", 2.0, device="cpu", size="MNIST b256"),
         _bench("st-fused", "step", "ddim b256", "fused", 0.5, device="cpu", size="MNIST b256"),
+        # Sampling, DDIM-50 batch 64: 2.5× (MET ≥ 2); the shipped sampler is compared with its own eager run.
+        _bench("sa-eager", "sampling", "DDIM-50 b64", "eager", 100.0, sampler="DDIM-50", batch=64, images_per_s=100.0),
+        _bench("sa-fused", "sampling", "DDIM-50 b64", "fused", 40.0, sampler="DDIM-50", batch=64, images_per_s=250.0),
+        _bench("sa-s-eager", "sampling", "DDIM-50 b64", "sample() eager", 200.0, sampler="DDIM-50", batch=64,
+               images_per_s=50.0),
+        _bench("sa-s-fused", "sampling", "DDIM-50 b64", "sample() fused", 100.0, sampler="DDIM-50", batch=64,
+               images_per_s=75.0),
         # Not labelled for the report (e.g. an older benchmark): ignored.
         {"name": "unlabelled", "extra_info": {}, "stats": {"median": 0.1}},
     ]
@@ -69,8 +76,13 @@ def test_bars_show_met_and_missed_next_to_figures():
     assert "≤ 0.8×: 0.50× MET" in train_line
     summary = text.split("## Bars")[1].split("##")[0]
     assert "MISSED: issue 7: mnist training, fused kernels + bf16 vs eager bf16 (images/s) ≥ 1.3×: **1.20×**" in summary
+    assert "MET: issue 7: DDIM-50 at batch 64, fused (kernels + step) vs eager (images/s) ≥ 2×: **2.50×**" in summary
+    sampling_lines = text.split("## Sampling")[1].splitlines()
+    header = sampling_lines[2]
+    assert "sample() fused vs sample() eager" in header and "sample() eager vs" not in header
+    row = next(line for line in sampling_lines if line.startswith("| DDIM-50 b64"))
+    assert "| 2.50× |" in row and "| 1.50× |" in row  # fused vs eager; sample() fused vs sample() eager
     # Bars of this device with no figure in the run are listed, never silently dropped.
-    assert "NOT MEASURED: issue 7: DDIM-50 at batch 64" in summary
     assert "NOT MEASURED: issue 5: attention forward+backward, fused vs eager" in summary
     # The CPU bar of issue 6 is not a bar of this (CUDA) report.
     assert "on CPU (2 cores)" not in summary
