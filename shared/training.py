@@ -89,8 +89,9 @@ class TrainConfig:
 
 
 # Options a resumed run must share with its checkpoint (they define the model, the data or its order).
+# (precision may change: a run started on one machine can continue on another.)
 FIXED_ON_RESUME = ("dataset", "preset", "schedule", "timesteps", "seed", "batch_size", "class_cond",
-                   "heldout_size", "precision")
+                   "heldout_size")
 # Options never taken from a checkpoint.
 NOT_INHERITED = ("resume", "device")
 

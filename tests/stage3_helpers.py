@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from shared.data import DatasetInfo, TensorImageDataset
-from tests.tiny_trained import write_idx
+from tests.idx_files import write_idx
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO / "stage3_train" / "train.py"
@@ -47,7 +47,11 @@ def edge_bar_dataset(n: int = 256, seed: int = 0) -> TensorImageDataset:
 def write_edge_bar_idx(folder: Path, n: int = 256, seed: int = 0) -> Path:
     """MNIST-format gzipped IDX files of edge_bars in `folder` (what --data-dir reads)."""
     images, labels = edge_bars(n, seed)
-    return write_idx(folder, images, labels)
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = ((images + 1) * 127.5).round().to(torch.uint8).squeeze(1).numpy()  # (n, 8, 8)
+    write_idx(folder / "train-images-idx3-ubyte", pixels, gz=True)
+    write_idx(folder / "train-labels-idx1-ubyte", labels.to(torch.uint8).numpy(), gz=True)
+    return folder
 
 
 # Small, fast settings for a CLI run on generated data (8×8 images, few DDIM steps for the grids).
