@@ -69,12 +69,14 @@ def _check_images(images: torch.Tensor, model: SmallCNN, what: str) -> None:
                         f"{tuple(images.shape)}")
 
 
-def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random translation by up to ±SHIFT_PIXELS (pad with the background −1, random crop), per image."""
+def _shift(x: torch.Tensor, gen: torch.Generator, pixels: int) -> torch.Tensor:
+    """Random translation by up to ±pixels (pad with the background −1, random crop), per image."""
+    if pixels == 0:
+        return x
     n, _, h, w = x.shape
-    padded = F.pad(x, [SHIFT_PIXELS] * 4, value=-1.0)
-    dy = torch.randint(0, 2 * SHIFT_PIXELS + 1, (n,), generator=gen)
-    dx = torch.randint(0, 2 * SHIFT_PIXELS + 1, (n,), generator=gen)
+    padded = F.pad(x, [pixels] * 4, value=-1.0)
+    dy = torch.randint(0, 2 * pixels + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pixels + 1, (n,), generator=gen)
     rows = (dy[:, None] + torch.arange(h)[None]).to(x.device)  # (N, H)
     cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)  # (N, W)
     idx = torch.arange(n, device=x.device)[:, None, None]
@@ -83,10 +85,12 @@ def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
                      epochs: int = DEFAULT_EPOCHS, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-                     device: torch.device | str = "cpu", progress: bool = True) -> SmallCNN:
+                     shift_pixels: int = SHIFT_PIXELS, device: torch.device | str = "cpu",
+                     progress: bool = True) -> SmallCNN:
     """Trains SmallCNN with Adam (one-cycle cosine LR) and shift augmentation; returns it in eval mode.
 
-    images: [N x C x H x W] in [−1, 1]; labels: [N] in [0, num_classes).
+    images: [N x C x H x W] in [−1, 1]; labels: [N] in [0, num_classes).  shift_pixels: the random
+    translation of the augmentation (0 when position is what defines the class).
     """
     if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
         raise UserError(f"need matching, non-empty images and labels, got {images.shape[0]} and {labels.shape[0]}")
@@ -102,7 +106,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
             order = torch.randperm(images.shape[0], generator=gen)
             for start in range(0, images.shape[0], batch_size):
                 idx = order[start:start + batch_size]
-                x = _shift(images[idx].to(device), gen)
+                x = _shift(images[idx].to(device), gen, shift_pixels)
                 loss = F.cross_entropy(model(x), labels[idx].to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -245,8 +249,9 @@ def format_table(report: dict) -> str:
              f"({report['heldout_images']} images)", head, "-" * len(head)]
     for run in report["runs"]:
         per = run["per_class_accuracy"]
-        cells = " ".join(f"{100 * per.get(str(k), per.get(k, float('nan'))):5.1f}" for k in classes)
-        lines.append(f"{run['name']:<16}{run['num_samples']:>6}{run['guidance_scale']:>6g}"
+        cells = " ".join(f"{100 * per.get(str(k), float('nan')):5.1f}" for k in classes)
+        w = "-" if run.get("guidance_scale") is None else f"{run['guidance_scale']:g}"
+        lines.append(f"{run['name']:<16}{run['num_samples']:>6}{w:>6}"
                      f"{100 * run['mean_class_accuracy']:>9.1f}%{run['frechet_distance']:>9.3f}"
                      f"{run['real_floor']:>8.3f}  {cells}")
     if report.get("inception_fid_note"):
@@ -336,7 +341,7 @@ class Judge:
 
 def prepare_judge(dataset: str, data_dir: str | None, classifier_path: str | None, heldout: int,
                   image_shape: Sequence[int], num_classes: int, device: torch.device,
-                  epochs: int = DEFAULT_EPOCHS, progress: bool = True) -> Judge:
+                  epochs: int = DEFAULT_EPOCHS, shift_pixels: int = SHIFT_PIXELS, progress: bool = True) -> Judge:
     """Loads the real data, splits off the held-out images, and loads the classifier from
     `classifier_path` or trains one on the rest (saving it there when a path is given)."""
     from shared.data import load_dataset
@@ -353,9 +358,11 @@ def prepare_judge(dataset: str, data_dir: str | None, classifier_path: str | Non
         source = f"{classifier_path} (loaded)"
     else:
         classes = max(num_classes, int(labels.max()) + 1)
-        classifier = train_classifier(train_x, train_y, classes, epochs=epochs, device=device, progress=progress)
+        classifier = train_classifier(train_x, train_y, classes, epochs=epochs, shift_pixels=shift_pixels,
+                                      device=device, progress=progress)
         source = "trained now"
         if classifier_path is not None:
-            save_classifier(classifier, classifier_path, {"dataset": dataset, "heldout": heldout, "epochs": epochs})
+            save_classifier(classifier, classifier_path, {"dataset": dataset, "heldout": heldout, "epochs": epochs,
+                                                                 "shift_pixels": shift_pixels})
             source = f"{classifier_path} (trained now)"
     return Judge(classifier, train_x, held_x, held_y, source)

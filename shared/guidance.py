@@ -110,3 +110,34 @@ def model_eps(model: torch.nn.Module, x_t: torch.Tensor, t: int, labels: torch.T
         both = model(torch.cat([x_t, x_t]), torch.cat([t_batch, t_batch]), torch.cat([labels, null]))
         eps_cond, eps_uncond = both.to(x_t.dtype).chunk(2)
         return eps_cond, eps_uncond
+
+
+QUIT_WORDS = ("quit", "exit", "q")
+
+
+def prompt_loop(read_line, on_class, on_grid, write, num_classes: int = 10, dataset: str | None = None) -> int:
+    """The interactive prompt: each line is a class (digit or word), 'grid', or 'quit'.
+
+    read_line() returns the next line or raises EOFError; on_class(k) / on_grid() draw and return a
+    message; write(text) shows text. Bad entries print the accepted forms and the loop goes on; end of
+    input or 'quit' ends it. Returns the number of pictures drawn.
+    """
+    drawn = 0
+    write(f"type a class (0-{num_classes - 1} or a number word), 'grid', or 'quit'")
+    while True:
+        try:
+            line = read_line()
+        except (EOFError, KeyboardInterrupt):
+            write("bye")
+            return drawn
+        key = _normalise(line)
+        if not key:
+            continue
+        if key in QUIT_WORDS:
+            write("bye")
+            return drawn
+        try:
+            write(on_grid() if key == "grid" else on_class(parse_prompt(line, num_classes, dataset)))
+            drawn += 1
+        except UserError as err:
+            write(f"error: {err}")

@@ -21,18 +21,9 @@ from shared.samplers import sample
 from shared.schedule import NoiseSchedule
 from shared.seeding import per_sample_noise
 from shared.unet import UNet
-from tests.tiny_trained import bar_patterns, trained_tiny_model
+from tests.tiny_trained import bar_patterns, one_thread, trained_tiny_model  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CI box is shared: one intra-op thread is ~10× faster than two under contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class GaussianOracle(torch.nn.Module):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import pytest
 import torch
 
 from shared.checkpoint import EMA_NAME, atomic_save, ema_file
@@ -91,3 +92,13 @@ def save_tiny_checkpoint(folder: Path) -> Path:
     meta = {"dataset": "mnist", "num_classes": NUM_CLASSES, "image_shape": [1, SIZE, SIZE],
             "schedule": schedule.to_dict(), "options": {"note": "tests/tiny_trained.py bar patterns"}}
     return atomic_save(ema_file(model.config, model.state_dict(), schedule.to_dict(), meta), folder / EMA_NAME)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The test machine is shared: one intra-op thread is ~10× faster than two under contention.
+    Import this fixture into a test module to apply it there."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

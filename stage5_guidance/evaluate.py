@@ -1,0 +1,108 @@
+"""Stage 5: judge generated samples with a small CNN classifier trained on the real data.
+
+    python stage5_guidance/evaluate.py --checkpoint C --data-dir ../shared/data/mnist \\
+        --classifier runs/classifier.pt --runs ddpm:1000,ddim:50 --per-class 20 --guidance-scale 1
+
+Reports, as a printed table and as JSON (results.json in runs/evaluate/NNNNN-…/):
+  * the classifier's accuracy on the real held-out images (the last --heldout of the dataset);
+  * per class, the fraction of samples asked for that class that the classifier assigns to it;
+  * the Fréchet distance between generated and held-out images on the classifier's penultimate
+    features (torchmetrics), beside the real-vs-real floor (as many classifier-train images);
+  * for CIFAR-10, Inception FID if torchvision's Inception-v3 weights load, else a note saying why.
+The JSON records the number of samples, sampler, steps, w and seeds of every run.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a plain script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from shared import cli  # noqa: E402
+from shared.errors import UserError  # noqa: E402
+from shared.evaluation import (DEFAULT_EPOCHS, SHIFT_PIXELS, balanced_labels, format_table, frechet_distance, load_inception,  # noqa: E402
+                               parse_runs, prepare_judge, seeds_for, summarise_run)
+from shared.runs import make_run_dir, write_options  # noqa: E402
+from shared.samplers import SAMPLERS  # noqa: E402
+from shared.sampling_tools import add_sampler_args, load_model, sampler_kwargs, timed_sample  # noqa: E402
+
+
+def build_parser():
+    parser = cli.make_parser(__doc__)
+    add_sampler_args(parser)
+    cli.add_dataset_args(parser)
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--classifier", default="runs/classifier.pt",
+                   help="classifier file: loaded if it exists, else trained on the non-held-out images and saved")
+    g.add_argument("--classifier-epochs", type=cli.positive_int, default=DEFAULT_EPOCHS,
+                   help="epochs when the classifier is trained")
+    g.add_argument("--classifier-shift", type=cli.int_in(0, 4), default=SHIFT_PIXELS,
+                   help="± pixels of random translation when the classifier is trained")
+    g.add_argument("--heldout", type=cli.positive_int, default=2000,
+                   help="the last N real images: classifier accuracy and FD reference (never trained on)")
+    g.add_argument("--per-class", type=cli.int_in(1, 10_000), default=20,
+                   help="samples per class (or samples / 10 for an unconditional model)")
+    g.add_argument("--runs", default=None,
+                   help="several sampler:steps runs, e.g. ddpm:1000,ddim:50 (default: --sampler/--steps)")
+    g.add_argument("--out", default="runs/evaluate", help="parent of the auto-numbered output directory")
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    runs = parse_runs(args.runs, args.sampler, args.steps)
+    for name, steps in runs:
+        if name not in SAMPLERS:
+            raise UserError(f"--runs: unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    model, schedule, meta, device = load_model(args)
+    image_shape = tuple(meta.get("image_shape") or (model.in_channels, model.image_size, model.image_size))
+    judge = prepare_judge(args.dataset, args.data_dir, args.classifier, args.heldout, image_shape,
+                          model.num_classes, device, args.classifier_epochs, args.classifier_shift,
+                          progress=not args.no_progress)
+    num_classes = judge.classifier.config["num_classes"] if model.num_classes == 0 else model.num_classes
+    asked = balanced_labels(num_classes, args.per_class)
+    seeds = seeds_for(args.seed, asked.numel())
+    floor = judge.floor(asked.numel(), seed=args.seed)
+    run_dir = make_run_dir(args.out, "-".join(f"{n}{s or ''}" for n, s in runs))
+
+    report = {"checkpoint": meta.get("checkpoint"), "dataset": args.dataset, "classifier": judge.source,
+              "classifier_accuracy": judge.accuracy, "heldout_images": int(judge.heldout_images.shape[0]),
+              "runs": []}
+    inception, samples_by_run = None, {}
+    for name, steps in runs:
+        kw = sampler_kwargs(args, sampler=name, num_steps=steps)
+        labels = asked if model.num_classes else None
+        images, rate = timed_sample(model, schedule, seeds, device, labels=labels, **kw)
+        steps_used = steps or (schedule.num_timesteps if name == "ddpm" else min(50, schedule.num_timesteps))
+        settings = {"sampler": name, "steps": steps_used, "eta": args.eta, "spacing": args.spacing,
+                    "clip_x0": args.clip_x0, "guidance_scale": args.guidance_scale if model.num_classes else None,
+                    "seeds": seeds, "images_per_s": rate}
+        # An unconditional model was asked for no class: score the classes the judge sees instead.
+        run = summarise_run(f"{name}-{steps_used}", judge.classifier, judge.feature, images,
+                            asked if model.num_classes else judge.classifier(images.clamp(-1, 1).to(device)).argmax(1).cpu(),
+                            judge.heldout_images, floor, settings)
+        if not model.num_classes:
+            run["per_class_accuracy"], run["mean_class_accuracy"] = {}, float("nan")
+        report["runs"].append(run)
+        samples_by_run[run["name"]] = images
+
+    if args.dataset == "cifar10":
+        try:
+            inception = load_inception().to(device)
+            for run in report["runs"]:
+                run["inception_fid"] = frechet_distance(inception, judge.heldout_images, samples_by_run[run["name"]])
+        except UserError as err:
+            report["inception_fid_note"] = str(err)
+    write_options(run_dir, vars(args), device)
+    (run_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(format_table(report))
+    print("images/s: " + ", ".join(f"{r['name']} {r['images_per_s']:.2f}" for r in report["runs"]))
+    print(f"wrote {run_dir / 'results.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
