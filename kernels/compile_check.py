@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import itertools
 import multiprocessing
@@ -63,6 +64,14 @@ def _kernel_fns():
         "attn_backward_dkdv_kernel": attn.attn_backward_dkdv_kernel,
         "attn_backward_dq_kernel": attn.attn_backward_dq_kernel,
     }
+
+
+def _resolve(kernel: str):
+    """A kernel of this package by name, or any @triton.jit function as "module:name"."""
+    if ":" in kernel:
+        module, name = kernel.split(":")
+        return getattr(importlib.import_module(module), name)
+    return _kernel_fns()[kernel]
 
 
 def _signature(fn, pointer_types: dict, floats: tuple, constexprs: dict) -> dict:
@@ -196,7 +205,7 @@ def compile_one(args: tuple) -> dict:
     from triton.compiler.compiler import make_backend
 
     v = variants[index]
-    fn = _kernel_fns()[v.kernel]
+    fn = _resolve(v.kernel)
     target = GPUTarget("cuda", arch, WARP_SIZE)
     backend = make_backend(target)
     attrs = {(fn.arg_names.index(n),): backend.parse_attr("D") for n in v.aligned if n in fn.arg_names}
@@ -236,6 +245,39 @@ def _format(r: dict) -> str:
     return line + (f": {r['error']}" if "error" in r else "")
 
 
+def run(jobs: list, processes: int, echo: bool = False) -> list[dict]:
+    """Compiles (index, arch, variants) jobs in `processes` forked workers; returns their results."""
+    results = []
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        for r in pool.imap(compile_one, jobs):
+            results.append(r)
+            if echo:
+                print(_format(r), flush=True)
+    return results
+
+
+def summary_table(results: list[dict]) -> str:
+    """A markdown table per (kernel, target): ranges over the compiled variants (for kernels/README.md)."""
+    rows = ["| kernel | target | variants | registers | spill bytes (max) | shared memory, B | "
+            "ld.global.v4 / v2 | st.global.v4 / v2 | MMA |", "|---|---|---|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for r in results:
+        if "registers" in r:
+            groups.setdefault((r["kernel"], r["arch"]), []).append(r)
+
+    def span(values):
+        lo, hi = min(values), max(values)
+        return f"{lo}" if lo == hi else f"{lo}–{hi}"
+
+    for (kernel, arch), rs in sorted(groups.items()):
+        vec = lambda k: span([r["vector"][k] for r in rs])  # noqa: E731
+        rows.append(f"| {kernel} | sm_{arch} | {len(rs)} | {span([r['registers'] for r in rs])} | "
+                    f"{max(r['spill_bytes'] for r in rs)} | {span([r['shared'] for r in rs])} | "
+                    f"{vec('ld.v4')} / {vec('ld.v2')} | {vec('st.v4')} / {vec('st.v2')} | "
+                    f"{'/'.join(sorted({r['mma'] for r in rs}))} |")
+    return "\n".join(rows)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -245,6 +287,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                         help="parallel compiler processes")
     parser.add_argument("--kernels", nargs="+", default=None, help="only these kernel names")
+    parser.add_argument("--markdown", action="store_true", help="end with a per-kernel summary table")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be ≥ 1, got {args.jobs}")
@@ -271,12 +314,10 @@ def main(argv=None) -> int:
     start = time.time()
     print(f"compiling {len(jobs)} kernel variants for sm_{', sm_'.join(map(str, args.targets))} "
           f"({'quick' if args.quick else 'full'} set, {args.jobs} processes)", flush=True)
-    failures = 0
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(args.jobs) as pool:
-        for r in pool.imap(compile_one, jobs):
-            failures += "error" in r
-            print(_format(r), flush=True)
+    results = run(jobs, args.jobs, echo=True)
+    failures = sum("error" in r for r in results)
+    if args.markdown:
+        print(summary_table(results))
     print(f"{len(jobs) - failures}/{len(jobs)} compiled in {time.time() - start:.0f} s; "
           f"{failures} failed", flush=True)
     return 1 if failures else 0
