@@ -103,6 +103,7 @@ class TrainResult:
     images_per_s: float
     final_loss: float
     stopped_early: bool
+    epochs_done: float              # epochs trained, counting a part-finished one as a fraction
     model: torch.nn.Module          # the plain (unwrapped) trained network
     ema: torch.nn.Module            # the EMA network
 
@@ -318,6 +319,11 @@ def _train(cfg: TrainConfig, dataset, given, ctx, device) -> TrainResult:
     autocast = (torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]) if precision in AUTOCAST_DTYPES
                 else nullcontext())
     heldout = fixed_heldout_batch(heldout_set, cfg.timesteps, cfg.seed, device) if heldout_set else None
+    if cfg.fused_kernels:  # a kernel that cannot run here fails now, before any record is written
+        raw_model.eval()  # (eval: no dropout, so the probe draws nothing from the RNG)
+        with torch.no_grad(), autocast:
+            raw_model(torch.zeros(1, *info.image_shape, device=device), torch.zeros(1, dtype=torch.long, device=device))
+        raw_model.train()
 
     # ---- run records (rank 0 only)
     options = {**asdict(cfg), "precision": precision, "resolved_max_steps": total_steps,
@@ -484,4 +490,4 @@ def _train(cfg: TrainConfig, dataset, given, ctx, device) -> TrainResult:
         log.close()
     distributed.barrier(ctx)
     return TrainResult(run_dir, progress, train_images / max(train_time, 1e-9), last_loss, stopped_early,
-                       raw_model, ema.module)
+                       progress.epoch + progress.batch_in_epoch / steps_per_epoch, raw_model, ema.module)

@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None):
     if result.run_dir is not None:  # rank 0: the one summary line block on stdout
         p = result.progress
         best = f"{p.best_heldout:.5f}" if p.best_heldout != float("inf") else "n/a"
-        print(f"done: {p.step} steps ({p.epoch} full epochs, {p.images_seen:,} images) in {result.run_dir}\n"
+        print(f"done: {p.step} steps ({result.epochs_done:.2f} epochs, {p.images_seen:,} images) in {result.run_dir}\n"
               f"  final loss {result.final_loss:.5f}, best held-out loss (EMA) {best}, "
               f"skipped steps {p.skipped_total}{', stopped early' if result.stopped_early else ''}\n"
               f"  throughput {result.images_per_s:.1f} images/s (training steps only)")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from shared import cli
 from shared.training import DEFAULT_MAX_STEPS, TrainConfig, train
-from tests.stage3_helpers import TRAIN_SCRIPT, edge_bar_dataset, run_train, write_edge_bar_idx
+from tests.stage3_helpers import TRAIN_SCRIPT, edge_bar_dataset, run_train, single_thread_env, write_edge_bar_idx
 
 
 def _load_script():
@@ -96,12 +98,30 @@ def test_bad_input_is_one_line_and_touches_nothing(case, workspace, capsys):
 def test_real_process_exit_codes(workspace):
     """The same through a real process: exit status 2 and one stderr line (argparse and UserError paths)."""
     root, data, _ = workspace
+    before = _snapshot(root / "runs")
     for args, expected in ((["--batch-size", "0"], "--batch-size"),
                            (["--precision", "fp16", "--device", "cpu", "--data-dir", str(data)], "fp16")):
         proc = run_train(args + ["--out", str(root / "runs")], cwd=root)
         assert proc.returncode == 2
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert _snapshot(root / "runs") == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the fused kernels may well run")
+def test_fused_kernels_never_fall_back_silently(workspace):
+    """On a CPU (no Triton interpreter) --fused-kernels is an error, raised before any record is written."""
+    root, data, _ = workspace
+    before = _snapshot(root / "runs")
+    env = {k: v for k, v in single_thread_env().items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--data-dir", str(data), "--heldout-size", "8",
+                           "--batch-size", "8", "--preset", "tiny", "--max-steps", "2", "--fused-kernels", "--device", "cpu",
+                           "--out", str(root / "runs")], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and ("fused" in errors[0] or "Triton" in errors[0]), proc.stderr
+    assert _snapshot(root / "runs") == before
 
 
 def test_dry_run_prints_resolved_options_and_writes_nothing(workspace, capsys, tmp_path):

@@ -228,3 +228,22 @@ def test_resume_options_come_from_the_checkpoint_and_must_agree():
     assert extended.max_steps == 500  # the length may change
     with pytest.raises(UserError, match="--preset cifar10 does not match .* trained with tiny"):
         merge_resume_options(TrainConfig(preset="cifar10"), saved, "ck.pt")
+
+
+def test_early_stopping_on_a_flat_heldout_loss(tmp_path):
+    """With an LR too small to move any float32 weight, the EMA never changes, so the held-out loss never
+    improves after the first evaluation: patience 2 with an evaluation every 2 steps stops at step 6."""
+    result = train(tiny_cfg(tmp_path, lr=1e-30, eval_every=2, early_stop_patience=2, max_steps=50),
+                   edge_bar_dataset(64))
+    assert result.stopped_early and result.progress.step == 6
+    assert load_checkpoint(result.run_dir / "last.pt")["progress"]["step"] == 6
+    held = [r["heldout_loss"] for r in read_log(result.run_dir / "log.csv") if r["heldout_loss"]]
+    assert len(held) == 3 and len(set(held)) == 1
+
+
+def test_epochs_and_channels_last(tmp_path):
+    """--epochs counts whole passes (64 − 16 held out = 48 images = 3 batches of 16 per epoch)."""
+    result = train(tiny_cfg(tmp_path, max_steps=None, epochs=2, heldout_size=16, channels_last=True),
+                   edge_bar_dataset(64))
+    assert result.progress.step == 6 and result.epochs_done == 2.0
+    assert [int(r["epoch"]) for r in read_log(result.run_dir / "log.csv")] == [0, 0, 0, 1, 1, 1]
