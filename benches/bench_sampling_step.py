@@ -74,8 +74,12 @@ def _step_fn(impl: str, mode: str, schedule, x, eps, eps_u, noise):
     return lambda: step(schedule, x, eps, T_STEP, T_PREV)
 
 
-@pytest.mark.priority(5)
-@pytest.mark.parametrize("impl", ["eager", "fused", "compile"])
+# Eager and fused first; compile variants after every other kernel figure (they cost a compile each).
+IMPLS = [pytest.param("eager", marks=pytest.mark.priority(5)), pytest.param("fused", marks=pytest.mark.priority(5)),
+         pytest.param("compile", marks=pytest.mark.priority(62))]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("size", SIZES, ids=[label for label, _ in SIZES])
 def test_sampling_step(benchmark, device, ceilings, size, mode, impl):

@@ -26,8 +26,8 @@ WORK=$(mktemp -d)           # intermediate benchmark JSON, merged into <dev>.jso
 : >"$LOG"
 : >"$PHASES"
 START=$(date +%s)
-TOTAL_S=${GPU_BENCH_TOTAL_S:-600}       # the whole script, hard
-REPORT_RESERVE_S=40                     # kept back for the report and the chart
+TOTAL_S=${GPU_BENCH_TOTAL_S:-570}       # the whole script (the device run's limit is 600 s)
+REPORT_RESERVE_S=30                     # kept back for the last report and the chart
 
 elapsed() { echo $(($(date +%s) - START)); }
 left() { echo $((TOTAL_S - REPORT_RESERVE_S - $(elapsed))); }
@@ -95,32 +95,42 @@ run_phase kernel-tests "$tests_limit" "$PY" -m pytest "${TEST_ARGS[@]}" tests/ke
 BENCH_ARGS=(-q -p no:cacheprovider -rs)
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then BENCH_ARGS+=(--timeout=150); fi
 
-# run_bench NAME SHARE_PERCENT FILES...: soft deadline for the benchmarks = start + share of the time
-# left, minus a margin for the benchmark running when it passes; the hard limit is the share itself.
+DEV=$("$PY" -c "import re, torch; n = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'; print(re.sub(r'[^a-z0-9]+', '-', n.lower().replace('nvidia', '')).strip('-') or 'gpu')" 2>/dev/null || echo gpu)
+
+# make_report: the report from every benchmark JSON written so far. Run after each benchmark phase, so
+# that a run cut short from outside still leaves the latest report under $OUT.
+make_report() {
+    local present=() j
+    for j in "$WORK"/kernels.json "$WORK"/train.json "$WORK"/sampling.json; do
+        if [[ -s "$j" ]]; then present+=("$j"); fi
+    done
+    if ((${#present[@]} == 0)); then
+        echo "report: SKIPPED (no benchmark JSON yet)" | tee -a "$PHASES"
+        return 0
+    fi
+    local note
+    note="Recorded by scripts/gpu_bench.sh, $(elapsed) s into the run; phases: $(tr '\n' ';' <"$PHASES")"
+    run_phase report 60 "$PY" benches/report.py "${present[@]}" --out "$OUT/$DEV.md" --json-out "$OUT/$DEV.json" \
+        --png "$OUT/$DEV.png" --note "$note"
+}
+
+# run_bench NAME SHARE_PERCENT FILES...: the phase may use SHARE_PERCENT of the time left (its hard
+# limit); benchmarks stop starting at a soft deadline a margin earlier, so that the one running then
+# ends, and pytest writes its JSON, before the hard limit.
 run_bench() {
     local name=$1 share=$2
     shift 2
     local budget=$(($(left) * share / 100))
-    export BENCH_DEADLINE=$(($(date +%s) + budget - 30))
+    local margin=$((budget / 5 > 30 ? budget / 5 : 30))
+    export BENCH_DEADLINE=$(($(date +%s) + budget - margin))
     run_phase "bench-$name" "$budget" "$PY" -m pytest "${BENCH_ARGS[@]}" --benchmark-json="$WORK/$name.json" "$@"
+    unset BENCH_DEADLINE
+    make_report
 }
-run_bench kernels 35 benches/bench_ceilings.py benches/bench_kernels.py benches/bench_sampling_step.py
+run_bench kernels 30 benches/bench_ceilings.py benches/bench_kernels.py benches/bench_sampling_step.py
 run_bench train 55 benches/bench_train.py
 run_bench sampling 100 benches/bench_sampling.py
-unset BENCH_DEADLINE
 
-# --- report ----------------------------------------------------------------------------------------
-DEV=$("$PY" -c "import re, torch; n = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'; print(re.sub(r'[^a-z0-9]+', '-', n.lower().replace('nvidia', '')).strip('-') or 'gpu')" 2>/dev/null || echo gpu)
-jsons=("$WORK"/kernels.json "$WORK"/train.json "$WORK"/sampling.json)
-present=()
-for j in "${jsons[@]}"; do [[ -s "$j" ]] && present+=("$j"); done
-if ((${#present[@]})); then
-    NOTE="Recorded by scripts/gpu_bench.sh in one run of $(elapsed) s so far; phase statuses: $(tr '\n' ';' <"$PHASES")"
-    run_phase report 60 "$PY" benches/report.py "${present[@]}" --out "$OUT/$DEV.md" --json-out "$OUT/$DEV.json" \
-        --png "$OUT/$DEV.png" --note "$NOTE"
-else
-    echo "report: SKIPPED (no benchmark JSON was written)" | tee -a "$PHASES"
-fi
 rm -rf "$WORK"
 echo "total: $(elapsed) s" | tee -a "$PHASES"
 cat "$PHASES"
