@@ -42,7 +42,8 @@ from shared.unet import UNet
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MAX_STEPS = 6000        # with batch 128: ~1.1 epochs of 60k MNIST, recognisable digits with EMA
-SAMPLE_GRID_ROWS = 8            # sample grids are 8×8
+SAMPLE_GRID_ROWS = 8            # sample grids have 8 rows (and 8 columns, or one per class)
+MAX_GRID_CLASSES = 16
 HELDOUT_NOISE_SEED_OFFSET = 1_000_003   # held-out t and ε come from their own stream, never the training one
 SAMPLE_SEED_OFFSET = 2_000_003          # grid image i uses seed + offset + i, the same at every grid
 PLOT_INTERVAL_S = 30.0          # loss.png is redrawn at most this often (matplotlib is slow) and at the end
@@ -361,12 +362,14 @@ def _train(cfg: TrainConfig, dataset, given, ctx, device) -> TrainResult:
     def write_samples() -> None:
         from shared.images import save_grid  # imports torchvision (seconds): only when a grid is due
         from shared.samplers import sample  # issue 4's sampler: deterministic DDIM, per-sample seeds
-        n = SAMPLE_GRID_ROWS ** 2
-        labels = (torch.arange(n) % raw_model.num_classes) if raw_model.num_classes else None
+        # Class-conditional grids give each class a column (up to MAX_GRID_CLASSES); else 8×8.
+        columns = min(raw_model.num_classes, MAX_GRID_CLASSES) if raw_model.num_classes else SAMPLE_GRID_ROWS
+        n = SAMPLE_GRID_ROWS * columns
+        labels = (torch.arange(n) % columns) if raw_model.num_classes else None
         images = sample(ema.module, schedule, [cfg.seed + SAMPLE_SEED_OFFSET + i for i in range(n)],
                         labels=labels, sampler="ddim", num_steps=cfg.sample_steps, clip_x0=True,
                         device=device, precision=precision, progress=False)
-        save_grid(images.clamp(-1, 1), run_dir / f"samples-{progress.step:07d}.png", nrow=SAMPLE_GRID_ROWS)
+        save_grid(images.clamp(-1, 1), run_dir / f"samples-{progress.step:07d}.png", nrow=columns)
 
     def evaluate() -> tuple[float | None, bool]:
         """Held-out loss of the EMA weights on rank 0; (loss, improved)."""
@@ -380,10 +383,49 @@ def _train(cfg: TrainConfig, dataset, given, ctx, device) -> TrainResult:
             progress.evals_since_best += 1
         return value, improved
 
+    def training_step(x0: torch.Tensor, y: torch.Tensor) -> tuple[float, float | None]:
+        """One step of Algorithm 1 on a batch x0 [N x C x H x W], labels y [N].
+
+        Returns (loss averaged over ranks, gradient norm before clipping); the norm is None when the
+        step was skipped because the loss or the gradient was not finite.
+        """
+        n = x0.shape[0]
+        t = torch.randint(0, schedule.num_timesteps, (n,), device=device, generator=train_noise)
+        noise = torch.randn(x0.shape, device=device, generator=train_noise)
+        if raw_model.num_classes:  # label dropout → the null class teaches ε_θ(x_t, t, ∅)
+            y = y.to(device)
+            drop = torch.rand(n, device=device, generator=train_noise) < cfg.p_uncond
+            y = torch.where(drop, torch.full_like(y, raw_model.null_class), y)
+        else:
+            y = None
+        x_t = q_sample(schedule, x0, t, noise)
+        with autocast:
+            eps_pred = model(x_t, t, y)
+        loss = F.mse_loss(eps_pred.float(), noise)  # L_simple, in fp32 whatever the autocast dtype
+
+        # -- skip non-finite steps; all ranks decide on the same (averaged) loss
+        loss_value = distributed.mean_across_ranks(loss.detach(), ctx).item()
+        grad_norm = None
+        if math.isfinite(loss_value):
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip the true gradient, not the loss-scaled one
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).item()
+            if math.isfinite(grad_norm):
+                scaler.step(optimizer)
+                scaler.update()
+                ema.update_parameters(raw_model)
+            else:  # fp16: an overflow at this loss scale; update() halves the scale for the next step
+                if scaler.is_enabled():
+                    scaler.update()
+                grad_norm = None
+        optimizer.zero_grad(set_to_none=True)
+        return loss_value, grad_norm
+
     # ---- the loop
     bar = tqdm(total=total_steps, initial=progress.step, disable=not ctx.is_main, unit="step",
                dynamic_ncols=True, desc="train")
-    window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "n_norm": 0, "time": 0.0, "images": 0}
+    window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "time": 0.0, "images": 0}
     train_time, train_images, last_loss, stop, stopped_early = 0.0, 0, float("nan"), False, False
     last_plot = time.monotonic()
     images_per_step = cfg.batch_size * ctx.world_size
@@ -392,39 +434,10 @@ def _train(cfg: TrainConfig, dataset, given, ctx, device) -> TrainResult:
         sampler.start_batch(progress.batch_in_epoch, cfg.batch_size)
         for x0, y in loader:
             t0 = time.perf_counter()
-            # -- one step of Algorithm 1
             x0 = x0.to(device, non_blocking=True)
             if cfg.channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            n = x0.shape[0]
-            t = torch.randint(0, schedule.num_timesteps, (n,), device=device, generator=train_noise)
-            noise = torch.randn(x0.shape, device=device, generator=train_noise)
-            if raw_model.num_classes:  # label dropout → the null class teaches ε_θ(x_t, t, ∅)
-                y = y.to(device)
-                drop = torch.rand(n, device=device, generator=train_noise) < cfg.p_uncond
-                y = torch.where(drop, torch.full_like(y, raw_model.null_class), y)
-            else:
-                y = None
-            x_t = q_sample(schedule, x0, t, noise)
-            with autocast:
-                eps_pred = model(x_t, t, y)
-            loss = F.mse_loss(eps_pred.float(), noise)  # L_simple, in fp32 whatever the autocast dtype
-
-            # -- skip non-finite steps; all ranks decide on the same (averaged) loss
-            loss_value = distributed.mean_across_ranks(loss.detach(), ctx).item()
-            grad_norm = None
-            if math.isfinite(loss_value):
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)  # clip the true gradient, not the loss-scaled one
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).item()
-                if precision == "fp16" or math.isfinite(grad_norm):
-                    scaler.step(optimizer)  # fp16: skips by itself on inf/NaN gradients and lowers the scale
-                    scaler.update()
-                    ema.update_parameters(raw_model)
-                else:
-                    grad_norm = None
-            optimizer.zero_grad(set_to_none=True)
+            loss_value, grad_norm = training_step(x0, y)
             lr_now = lr_sched.get_last_lr()[0]
             lr_sched.step()
             if grad_norm is None:
