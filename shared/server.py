@@ -10,7 +10,8 @@ in range, prompt readable, not both label and prompt. Any bad request is a 422 w
 request that fails inside the sampler is a 500 with a message; the server keeps serving. fastapi and
 pydantic are imported lazily, inside create_app: the rest of the repo runs without them.
 """
-from __future__ import annotations
+# No `from __future__ import annotations` here: FastAPI must see the request model class itself, and
+# GenerateRequest is local to create_app, so a string annotation could not be resolved.
 
 import base64
 import io
