@@ -427,7 +427,7 @@ def _train(cfg: TrainConfig, dataset, given, ctx, device) -> TrainResult:
                dynamic_ncols=True, desc="train")
     window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "time": 0.0, "images": 0}
     train_time, train_images, last_loss, stop, stopped_early = 0.0, 0, float("nan"), False, False
-    last_plot = time.monotonic()
+    last_plot, steps_here = time.monotonic(), 0
     images_per_step = cfg.batch_size * ctx.world_size
     while progress.step < total_steps and not stop:
         sampler.set_epoch(progress.epoch)
@@ -450,11 +450,13 @@ def _train(cfg: TrainConfig, dataset, given, ctx, device) -> TrainResult:
             progress.batch_in_epoch += 1
             progress.images_seen += images_per_step
             dt = time.perf_counter() - t0
-            train_time, train_images = train_time + dt, train_images + images_per_step
+            steps_here += 1
+            if steps_here > 1:  # throughput leaves out the first step (torch.compile, allocator warm-up)
+                train_time, train_images = train_time + dt, train_images + images_per_step
+                window["time"] += dt
+                window["images"] += images_per_step
 
             # -- bookkeeping
-            window["time"] += dt
-            window["images"] += images_per_step
             if grad_norm is not None:
                 window["loss"] += loss_value
                 window["grad_norm"] += grad_norm
@@ -468,16 +470,17 @@ def _train(cfg: TrainConfig, dataset, given, ctx, device) -> TrainResult:
                     cfg.early_stop_patience > 0 and progress.evals_since_best >= cfg.early_stop_patience,
                     ctx, device)
                 stopped_early = stop
-            images_per_s = window["images"] / max(window["time"], 1e-9)
+            images_per_s = window["images"] / window["time"] if window["time"] > 0 else None
             if ctx.is_main and (progress.step % cfg.log_every == 0 or heldout_value is not None or final or stop):
                 log.write({"step": progress.step, "epoch": progress.epoch,
                            "loss": window["loss"] / window["n"] if window["n"] else None,
-                           "heldout_loss": heldout_value, "lr": lr_now, "images_per_s": round(images_per_s, 2),
+                           "heldout_loss": heldout_value, "lr": lr_now,
+                           "images_per_s": round(images_per_s, 2) if images_per_s is not None else None,
                            "grad_norm": window["grad_norm"] / window["n"] if window["n"] else None,
                            "skipped": progress.skipped_total})
                 window = {k: 0 for k in window}
             if ctx.is_main:
-                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images_per_s:.0f}", refresh=False)
+                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images_per_s or 0:.0f}", refresh=False)
                 bar.update(1)
             if progress.consecutive_skips >= cfg.max_consecutive_skips:
                 bar.close()
@@ -502,5 +505,6 @@ def _train(cfg: TrainConfig, dataset, given, ctx, device) -> TrainResult:
     if log is not None:
         log.close()
     distributed.barrier(ctx)
-    return TrainResult(run_dir, progress, train_images / max(train_time, 1e-9), last_loss, stopped_early,
+    images_per_s = train_images / train_time if train_time > 0 else math.nan
+    return TrainResult(run_dir, progress, images_per_s, last_loss, stopped_early,
                        progress.epoch + progress.batch_in_epoch / steps_per_epoch, raw_model, ema.module)
