@@ -115,7 +115,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             raise UserError(f"refusing checkpoint {str(path)!r}: it holds pickled Python objects that "
                             "would run code when loaded (weights_only=True allows only tensors and "
                             "plain values)") from None
-        raise UserError(f"checkpoint {str(path)!r} is corrupt, truncated or not a torch checkpoint (unpickling failed)") from None
+        raise UserError(f"checkpoint {str(path)!r} is corrupt, truncated or not a torch checkpoint "
+                        "(unpickling failed)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
         raise UserError(f"checkpoint {str(path)!r} is corrupt or truncated ({reason})") from None

@@ -115,7 +115,8 @@ def test_fused_kernels_never_fall_back_silently(workspace):
     before = _snapshot(root / "runs")
     env = {k: v for k, v in single_thread_env().items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--data-dir", str(data), "--heldout-size", "8",
-                           "--batch-size", "8", "--preset", "tiny", "--max-steps", "2", "--fused-kernels", "--device", "cpu",
+                           "--batch-size", "8", "--preset", "tiny", "--max-steps", "2", "--fused-kernels",
+                           "--device", "cpu",
                            "--out", str(root / "runs")], cwd=root, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2
