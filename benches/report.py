@@ -152,8 +152,9 @@ BARS = [
         _is(op="gn_fwd", dtype="bf16", size="large"), lambda r: speedup(r, "fused", "compile"), 1.2),
     Bar(5, "GN+FiLM+SiLU forward 256×128×32×32 bf16, % of copy bandwidth", "cuda", "kernel",
         _is(op="gn_fwd", dtype="bf16", size="large"), _pct, 75.0, unit=" %"),
-    Bar(5, "GN+FiLM+SiLU forward+backward 256×128×32×32 bf16, fused vs eager", "cuda", "kernel",
-        _is(op="gn_fwd+bwd", dtype="bf16", size="large"), lambda r: speedup(r, "fused", "eager"), 2.0),
+    # Issue 5 states this one without a size: checked at every bf16 size measured.
+    Bar(5, "GN+FiLM+SiLU forward+backward bf16, fused vs eager", "cuda", "kernel",
+        _is(op="gn_fwd+bwd", dtype="bf16"), lambda r: speedup(r, "fused", "eager"), 2.0),
     Bar(5, "attention forward+backward, fused vs eager", "cuda", "kernel",
         _is(op="attn_fwd+bwd"), lambda r: speedup(r, "fused", "eager"), 3.0),
     Bar(5, "attention forward+backward at L = 64–256, fused vs scaled_dot_product_attention", "cuda", "kernel",
