@@ -88,14 +88,19 @@ def _gn_params(shape, dtype, device, gen):
     return x, weight, bias, scale, shift
 
 
+def _shape_id(shape) -> str:
+    return "x".join(map(str, shape[1:]))  # ASCII test ids; the report uses the labelled case
+
+
 def _gn_cases():
     for shape in GN_SHAPES:
         for impl in IMPLS:
             marks = [pytest.mark.priority(60 if impl == "compile" else 10)]
-            yield pytest.param(shape, "bf16", impl, marks=marks, id=f"{shape[0]}-bf16-{impl}")
+            yield pytest.param(shape, "bf16", impl, marks=marks, id=f"{_shape_id(shape)}-bf16-{impl}")
     large = GN_SHAPES[-1]
     for impl in IMPLS:
-        yield pytest.param(large, "fp32", impl, marks=[pytest.mark.priority(70)], id=f"large-fp32-{impl}")
+        yield pytest.param(large, "fp32", impl, marks=[pytest.mark.priority(70)],
+                           id=f"{_shape_id(large)}-fp32-{impl}")
 
 
 @pytest.mark.parametrize("shape,dtype_name,impl", list(_gn_cases()))
@@ -132,7 +137,7 @@ def _attn_cases():
     for shape in ATTN_SHAPES:
         for impl in IMPLS + ["sdpa"]:
             marks = [pytest.mark.priority(65 if impl == "compile" else 15)]
-            yield pytest.param(shape, impl, marks=marks, id=f"L{shape[3]}-{impl}")
+            yield pytest.param(shape, impl, marks=marks, id=f"{_shape_id(shape)}-{impl}")
 
 
 @pytest.mark.parametrize("shape,impl", list(_attn_cases()))
