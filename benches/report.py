@@ -373,6 +373,10 @@ def main(argv=None) -> None:
     parser.add_argument("--png", type=Path, default=None, help="also draw the speed-up chart here")
     parser.add_argument("--note", default=None, help="a line placed under the header (e.g. machine load)")
     args = parser.parse_args(argv)
+    inputs = {p.resolve() for p in args.json}
+    for target in (args.out, args.json_out, args.png):
+        if target is not None and target.resolve() in inputs:
+            raise UserError(f"{str(target)!r} is one of the input files; choose another output path")
     run = load_runs(args.json)
     if not run["benchmarks"]:
         raise UserError("the benchmark JSON holds no benchmarks")

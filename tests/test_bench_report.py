@@ -117,3 +117,13 @@ def test_missing_file_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         report.run_main(report.main, [str(tmp_path / "nope.json"), "--out", str(tmp_path / "o.md")])
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_output_never_overwrites_an_input(tmp_path, capsys):
+    src = tmp_path / "run.json"
+    original = json.dumps(_run())
+    src.write_text(original)
+    with pytest.raises(SystemExit):
+        report.run_main(report.main, [str(src), "--out", str(tmp_path / "o.md"), "--json-out", str(src)])
+    assert "one of the input files" in capsys.readouterr().err
+    assert src.read_text() == original
