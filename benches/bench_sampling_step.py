@@ -89,8 +89,9 @@ def test_sampling_step(benchmark, device, ceilings, size, mode, impl):
     x, eps, eps_u, noise = (torch.randn(shape, device=device, generator=gen) for _ in range(4))
     fn = _step_fn(impl, mode, schedule, x, eps, eps_u, noise)
     numel = x.numel()
-    # Small CPU calls take ~1 ms: more rounds make the median steady; large ones take tens of ms.
-    rounds = 30 if numel < 1_000_000 else 10
+    # Small CPU calls take well under 1 ms: many rounds steady the median on a loaded machine; large
+    # ones take milliseconds to tens of ms. (On CUDA, do_bench sets its own repeat count.)
+    rounds = 100 if numel < 1_000_000 else 20
     seconds = time_call(benchmark, fn, device, rounds=rounds, warmup_rounds=3, kernel=True)
     record(benchmark, family="step", case=f"{mode} step fp32 {label} ({'×'.join(map(str, shape))})",
            impl=impl, op=f"step_{mode}", dtype="fp32", size=label, numel=numel)
