@@ -82,7 +82,10 @@ def _versions() -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_multiprocessors=props.multi_processor_count,
-                    gpu_memory_gib=round(props.total_memory / 2 ** 30, 1))
+                    gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
+                    # fp32 figures depend on these: TF32 tensor cores for convs / matmuls or not.
+                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                    matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
     return info
 
 

@@ -281,6 +281,10 @@ def render(run: dict, note: str | None = None) -> str:
            f"Date {info.get('date', run.get('datetime', '?'))}; torch {info.get('torch', '?')}, "
            f"triton {info.get('triton', '?')}, CUDA {info.get('cuda', '?')}, Python {info.get('python', '?')}.",
            ""]
+    if info.get("gpu"):
+        out += [f"fp32 settings: cuDNN TF32 {'on' if info.get('cudnn_allow_tf32') else 'off'}, matmul TF32 "
+                f"{'on' if info.get('matmul_allow_tf32') else 'off'} (PyTorch defaults; fp32 convolutions use "
+                f"TF32 tensor cores when on).", ""]
     if note:
         out += [note, ""]
     out += ["Speed-ups are time(other) / time(fused) measured in the same run (> 1: fused is faster). "
