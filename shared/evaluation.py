@@ -251,8 +251,9 @@ def format_table(report: dict) -> str:
         per = run["per_class_accuracy"]
         cells = " ".join(f"{100 * per.get(str(k), float('nan')):5.1f}" for k in classes)
         w = "-" if run.get("guidance_scale") is None else f"{run['guidance_scale']:g}"
+        mean = "-" if run["mean_class_accuracy"] is None else f"{100 * run['mean_class_accuracy']:.1f}%"
         lines.append(f"{run['name']:<16}{run['num_samples']:>6}{w:>6}"
-                     f"{100 * run['mean_class_accuracy']:>9.1f}%{run['frechet_distance']:>9.3f}"
+                     f"{mean:>10}{run['frechet_distance']:>9.3f}"
                      f"{run['real_floor']:>8.3f}  {cells}")
     if report.get("inception_fid_note"):
         lines.append(report["inception_fid_note"])
@@ -293,11 +294,13 @@ def real_floor(feature: nn.Module, train_images: torch.Tensor, heldout_images: t
 
 
 def summarise_run(name: str, classifier: SmallCNN, feature: nn.Module, samples: torch.Tensor,
-                  asked: torch.Tensor, heldout_images: torch.Tensor, floor: float, settings: dict) -> dict:
-    per = per_class_accuracy(classifier, samples, asked, classifier.config["num_classes"])
+                  asked: torch.Tensor | None, heldout_images: torch.Tensor, floor: float, settings: dict) -> dict:
+    """One row of the report. asked: the class each sample was drawn for (None: unconditional, so
+    there are no per-class accuracies)."""
+    per = {} if asked is None else per_class_accuracy(classifier, samples, asked, classifier.config["num_classes"])
     return {"name": name, "num_samples": int(samples.shape[0]), **settings,
             "per_class_accuracy": {str(k): v for k, v in per.items()},
-            "mean_class_accuracy": sum(per.values()) / max(len(per), 1),
+            "mean_class_accuracy": sum(per.values()) / len(per) if per else None,
             "frechet_distance": frechet_distance(feature, heldout_images, samples), "real_floor": floor}
 
 

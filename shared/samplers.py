@@ -39,6 +39,16 @@ X_T_STREAM = 0
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
+DEFAULT_FAST_STEPS = 50  # ddim / dpmpp without a step count
+
+
+def default_steps(sampler: str, num_steps: int | None, num_train_timesteps: int) -> int:
+    """The step count a sampler runs: num_steps if given, else T for ddpm and 50 (≤ T) for the others."""
+    if num_steps is not None:
+        return num_steps
+    return num_train_timesteps if sampler == "ddpm" else min(DEFAULT_FAST_STEPS, num_train_timesteps)
+
+
 def sampler_timesteps(sampler: str, num_train_timesteps: int, num_steps: int | None,
                       spacing: str = "trailing") -> list[int]:
     """The timesteps a sampler visits, descending; the full chain for ddpm without a step count."""
@@ -157,8 +167,7 @@ def sample(model: torch.nn.Module, schedule: NoiseSchedule, seeds: Sequence[int]
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise UserError("no seeds given: nothing to sample")
-    if num_steps is None and sampler != "ddpm":
-        num_steps = min(50, schedule.num_timesteps)
+    num_steps = default_steps(sampler, num_steps, schedule.num_timesteps)
     timesteps = sampler_timesteps(sampler, schedule.num_timesteps, num_steps, spacing)
     labels = check_labels(labels, len(seeds), getattr(model, "num_classes", 0))
     device = torch.device(device) if device is not None else next(model.parameters()).device

@@ -23,7 +23,7 @@ import torch
 from shared.errors import UserError
 from shared.guidance import parse_prompt
 from shared.images import grid_image
-from shared.samplers import SAMPLERS, sample
+from shared.samplers import SAMPLERS, default_steps, sample
 
 MAX_STEPS, MAX_N, MAX_GUIDANCE, MAX_SEED = 1000, 64, 20.0, 2**63 - 1
 
@@ -79,7 +79,7 @@ def create_app(model: torch.nn.Module, schedule, meta: dict, device: torch.devic
             reject(f"give a label in [0, {num_classes - 1}] or a prompt")
         if label is not None and label >= num_classes:
             reject(f"label must lie in [0, {num_classes - 1}], got {label}")
-        steps = req.steps or (num_timesteps if req.sampler == "ddpm" else min(50, num_timesteps))
+        steps = default_steps(req.sampler, req.steps, num_timesteps)
         if steps > num_timesteps:
             reject(f"steps must lie in [1, {num_timesteps}] for this model, got {steps}")
         return {"label": label, "guidance_scale": req.guidance_scale if num_classes else None,

@@ -25,6 +25,7 @@ from shared import cli  # noqa: E402
 from shared.errors import UserError  # noqa: E402
 from shared.images import save_grid  # noqa: E402
 from shared.runs import make_run_dir, write_options  # noqa: E402
+from shared.samplers import default_steps  # noqa: E402
 from shared.sampling_tools import (PICTURE_SCALE, TrajectoryRecorder, add_sampler_args, default_labels,  # noqa: E402
                                    load_model, plot_quality_vs_steps, sampler_kwargs, timed_sample)
 
@@ -55,7 +56,7 @@ def main(argv=None) -> dict:
     model, schedule, meta, device = load_model(args)
     if args.compare_steps and max(args.compare_steps) > schedule.num_timesteps:
         raise UserError(f"--compare-steps {max(args.compare_steps)} exceeds the model's T = {schedule.num_timesteps}")
-    steps_name = args.steps or (schedule.num_timesteps if args.sampler == "ddpm" else 50)
+    steps_name = default_steps(args.sampler, args.steps, schedule.num_timesteps)
     run_dir = make_run_dir(args.out, f"{args.sampler}-{steps_name}")
     seeds = [args.seed + i for i in range(args.n)]
     labels = default_labels(model, args.n, args.label)

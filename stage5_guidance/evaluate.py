@@ -26,7 +26,7 @@ from shared.errors import UserError  # noqa: E402
 from shared.evaluation import (DEFAULT_EPOCHS, SHIFT_PIXELS, balanced_labels, format_table, frechet_distance, load_inception,  # noqa: E402
                                parse_runs, prepare_judge, seeds_for, summarise_run)
 from shared.runs import make_run_dir, write_options  # noqa: E402
-from shared.samplers import SAMPLERS  # noqa: E402
+from shared.samplers import SAMPLERS, default_steps  # noqa: E402
 from shared.sampling_tools import add_sampler_args, load_model, sampler_kwargs, timed_sample  # noqa: E402
 
 
@@ -71,21 +71,17 @@ def main(argv=None) -> dict:
     report = {"checkpoint": meta.get("checkpoint"), "dataset": args.dataset, "classifier": judge.source,
               "classifier_accuracy": judge.accuracy, "heldout_images": int(judge.heldout_images.shape[0]),
               "runs": []}
-    inception, samples_by_run = None, {}
+    samples_by_run = {}
     for name, steps in runs:
         kw = sampler_kwargs(args, sampler=name, num_steps=steps)
         labels = asked if model.num_classes else None
         images, rate = timed_sample(model, schedule, seeds, device, labels=labels, **kw)
-        steps_used = steps or (schedule.num_timesteps if name == "ddpm" else min(50, schedule.num_timesteps))
+        steps_used = default_steps(name, steps, schedule.num_timesteps)
         settings = {"sampler": name, "steps": steps_used, "eta": args.eta, "spacing": args.spacing,
                     "clip_x0": args.clip_x0, "guidance_scale": args.guidance_scale if model.num_classes else None,
                     "seeds": seeds, "images_per_s": rate}
-        # An unconditional model was asked for no class: score the classes the judge sees instead.
-        run = summarise_run(f"{name}-{steps_used}", judge.classifier, judge.feature, images,
-                            asked if model.num_classes else judge.classifier(images.clamp(-1, 1).to(device)).argmax(1).cpu(),
+        run = summarise_run(f"{name}-{steps_used}", judge.classifier, judge.feature, images, labels,
                             judge.heldout_images, floor, settings)
-        if not model.num_classes:
-            run["per_class_accuracy"], run["mean_class_accuracy"] = {}, float("nan")
         report["runs"].append(run)
         samples_by_run[run["name"]] = images
 

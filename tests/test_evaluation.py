@@ -130,3 +130,26 @@ def test_evaluator_end_to_end_on_the_trained_tiny_model(tmp_path):
     assert again.source.endswith("(loaded)") and again.accuracy == judge.accuracy
     with pytest.raises(UserError, match="the model makes"):
         prepare_judge("mnist", str(data_dir), None, 60, (1, 28, 28), NUM_CLASSES, torch.device("cpu"), progress=False)
+
+
+def test_unconditional_runs_have_no_per_class_rows(classifier, bars):
+    (train_x, _), (held_x, _) = bars
+    run = summarise_run("ddim-5", classifier, FlattenFeatures(), held_x[:, :, :2, :2], None, held_x[:, :, :2, :2],
+                        0.0, {"guidance_scale": None})
+    assert run["per_class_accuracy"] == {} and run["mean_class_accuracy"] is None
+    assert abs(run["frechet_distance"]) < 1e-3
+    table = format_table({"classifier_accuracy": 1.0, "heldout_images": 100, "runs": [run]})
+    assert "ddim-5" in table.splitlines()[-1]
+
+
+def test_inception_fid_offline_is_a_clear_message(monkeypatch):
+    import torchvision.models
+
+    from shared.evaluation import load_inception
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torchvision.models, "inception_v3", offline)
+    with pytest.raises(UserError, match="Inception FID unavailable: torchvision's Inception-v3 weights could not"):
+        load_inception()
