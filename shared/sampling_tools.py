@@ -30,7 +30,7 @@ def add_sampler_args(parser: argparse.ArgumentParser, default_sampler: str = "dd
     g.add_argument("--sampler", choices=SAMPLERS, default=default_sampler,
                    help="ddpm: ancestral (Ho et al. Alg. 2); ddim: Song et al. Eq. 12; dpmpp: DPM-Solver++(2M)")
     g.add_argument("--steps", type=cli.positive_int, default=None,
-                   help="sampling steps S (default: T for ddpm, 50 for ddim/dpmpp)")
+                   help="sampling steps S; None means T for ddpm and 50 for ddim/dpmpp")
     g.add_argument("--eta", type=cli.nonneg_float, default=0.0, help="DDIM η (0: deterministic)")
     g.add_argument("--spacing", choices=SPACINGS, default="trailing", help="how S of the T timesteps are picked")
     g.add_argument("--variance", choices=VARIANCES, default="fixed_small", help="DDPM σ_t²: β̃_t or β_t")
