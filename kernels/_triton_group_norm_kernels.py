@@ -8,8 +8,9 @@ Notation (per sample n, group g; M = (C/G)·H·W elements in the group):
     y = silu(a) = a·σ(a)  (or y = a)  activation
 
 Every kernel works on a 2-D tile [BLOCK_C channels x BLOCK_HW positions] of one (n, g) group, with
-BLOCK_C = next_pow2(C/G) and BLOCK_HW = min(TILE // BLOCK_C, next_pow2(H·W)) (TILE is autotuned), walking the H·W positions tile by tile. x is
-read as contiguous N x C x H x W, so a group is one contiguous run of M elements.
+BLOCK_C = next_pow2(C/G) and BLOCK_HW = min(TILE // BLOCK_C, next_pow2(H·W)) (TILE is autotuned),
+walking the H·W positions tile by tile. x is read as contiguous N x C x H x W, so a group is one
+contiguous run of M elements.
 """
 from __future__ import annotations
 

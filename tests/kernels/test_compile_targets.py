@@ -69,3 +69,4 @@ def test_a_kernel_the_compiler_rejects_is_reported():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 1, out.stdout + out.stderr
     assert out.stdout.startswith("FAIL sm_80 tests.kernels.test_compile_targets:too_small_dot_kernel")
+
