@@ -143,3 +143,5 @@ def test_bad_inputs_raise_clear_errors(device):
         ta.attention(q[..., :24], k[..., :24], v[..., :24])
     with pytest.raises(ValueError, match="N x heads x L x d"):
         ta.attention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="unsupported device meta"):
+        ta.attention(q.to("meta"), k.to("meta"), v.to("meta"))

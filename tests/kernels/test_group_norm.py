@@ -189,6 +189,8 @@ def test_bad_inputs_raise_clear_errors(device):
         gn.group_norm_film_silu(x[0], 4, weight, bias)
     with pytest.raises(ValueError, match="eps must be positive"):
         gn.group_norm_film_silu(x, 4, weight, bias, eps=0.0)
+    with pytest.raises(ValueError, match="unsupported device meta"):
+        gn.group_norm_film_silu(x.to("meta"), 4, weight.to("meta"), bias.to("meta"))
 
 
 _CPU_WITHOUT_INTERPRETER = """
