@@ -102,7 +102,7 @@ def _gn_variant(fn, kernel, dtype, has_film, silu, cfg, block_c, hw_pow2, hw_ali
 # (BLOCK_C, HW_POW2, H·W divisible by 16): channels per group 1..16 as in the U-Net presets (skip
 # concatenations give 6 and 12 channels per group), spatial 4×4 … 32×32 and 7×7 … 28×28.
 GN_SHAPES_ALL = ([(bc, hw, hw >= 16) for bc in (1, 2, 4, 8, 16) for hw in (16, 64, 256, 1024)]
-                 + [(2, 64, False), (4, 256, False), (4, 1024, False), (64, 1024, True)])
+                 + [(2, 64, False), (4, 256, False), (4, 1024, False), (16, 64, False), (64, 1024, True)])
 # The CI subset: the benchmark shape's tile (4 channels per group, 32×32) and a small unaligned one.
 GN_SHAPE_MAIN = (4, 1024, True)
 GN_SHAPE_SMALL = (16, 64, False)
