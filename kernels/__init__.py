@@ -38,9 +38,10 @@ def load(name: str):
         module = importlib.import_module(module_name)
     except FusedKernelsUnavailable:
         raise
-    except ImportError as err:
+    except Exception as err:  # ImportError, or whatever a backend raises while loading (a Triton or build error)
         raise FusedKernelsUnavailable(
-            f"fused kernel {name!r} is unavailable: importing {module_name} failed ({err})") from err
+            f"fused kernel {name!r} is unavailable: importing {module_name} failed "
+            f"({type(err).__name__}: {err})") from err
     fn = getattr(module, name)
     globals()[name] = fn  # later lookups skip __getattr__
     return fn

@@ -104,7 +104,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         if channels % num_heads != 0:
             raise ValueError(f"attention: {channels} channels are not divisible into {num_heads} heads")
-        self.num_heads = num_heads
+        self.num_heads, self.head_dim = num_heads, channels // num_heads
         self.norm = GroupNormAct(num_groups, channels, silu=False)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
@@ -112,8 +112,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, height, width = x.shape
-        head_dim = c // self.num_heads
-        qkv = self.qkv(self.norm(x)).reshape(n, 3, self.num_heads, head_dim, height * width)  # (N, 3, nh, d, L)
+        qkv = self.qkv(self.norm(x)).reshape(n, 3, self.num_heads, self.head_dim, height * width)  # (N, 3, nh, d, L)
         q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # (N, nh, L, d) each, strided views
         impl = kernels.attention if self.fused else reference.attention
         out = impl(q, k, v)  # (N, nh, L, d)

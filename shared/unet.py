@@ -138,6 +138,13 @@ class UNet(nn.Module):
         if enabled:
             kernels.load("group_norm_film_silu")
             kernels.load("attention")
+            from kernels.triton_attention import SUPPORTED_HEAD_DIMS
+
+            head_dims = {m.head_dim for m in self.modules() if isinstance(m, SelfAttention)}
+            if not head_dims <= set(SUPPORTED_HEAD_DIMS):
+                raise kernels.FusedKernelsUnavailable(
+                    f"the fused attention kernel supports head dims {SUPPORTED_HEAD_DIMS}; this model has "
+                    f"{sorted(head_dims)} (channels / num_heads): change num_heads or run without fused kernels")
         for module in self.modules():
             if isinstance(module, (GroupNormAct, SelfAttention)):
                 module.fused = bool(enabled)

@@ -119,3 +119,15 @@ def test_fused_switch_reaches_every_fusable_spot():
     assert spots and all(m.fused for m in spots) and model.fused_kernels
     model.set_fused_kernels(False)
     assert not any(m.fused for m in spots)
+
+
+def test_fused_switch_refuses_unsupported_head_dims_up_front():
+    kernels = pytest.importorskip("kernels")
+    model = UNet.from_preset("tiny", num_heads=2)  # 32 channels / 2 heads = head dim 16
+    try:
+        kernels.load("attention")
+    except kernels.FusedKernelsUnavailable as err:
+        pytest.skip(f"fused kernels not loadable here: {err}")
+    with pytest.raises(kernels.FusedKernelsUnavailable, match=r"head dims \(32, 64, 128\).*\[16\]"):
+        model.set_fused_kernels(True)
+    assert not model.fused_kernels
