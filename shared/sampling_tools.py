@@ -19,8 +19,9 @@ from shared.sampling import SPACINGS, VARIANCES
 MAX_GUIDANCE = 20.0
 # Trajectory pictures: how many columns the x_t / x̂0 strip has, and the GIF's frame time.
 TRAJECTORY_COLUMNS = 10
-GIF_FRAME_MS = 80
-GIF_MAX_FRAMES = 100
+GIF_FRAME_MS = 100
+GIF_MAX_FRAMES = 40  # noise frames barely compress: 40 frames of 2 digits at GIF_SCALE stay < 200 KB
+GIF_SCALE = 2
 PICTURE_SCALE = 3  # 28-pixel digits are enlarged (nearest) to be visible
 
 
@@ -124,7 +125,7 @@ class TrajectoryRecorder:
         frames = []
         for i in frames_idx:  # each frame: x_t beside x̂0
             image = grid_image(torch.cat([self.x_t[i], self.x0[i]]), nrow=2)
-            frames.append(image.resize((image.width * PICTURE_SCALE, image.height * PICTURE_SCALE), Image.NEAREST))
+            frames.append(image.resize((image.width * GIF_SCALE, image.height * GIF_SCALE), Image.NEAREST))
         gif = folder / "trajectory.gif"
         frames[0].save(gif, save_all=True, append_images=frames[1:] + [frames[-1]] * 10, duration=GIF_FRAME_MS,
                        loop=0)
