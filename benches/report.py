@@ -325,6 +325,7 @@ def render_png(run: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     families = rows_by_family(run)
     panels = []
@@ -353,8 +354,14 @@ def render_png(run: dict, path: Path) -> None:
             ax.barh(ys, [fn(r) or float("nan") for r in rows], height=width, label=label)
         ax.set_yticks([i + 0.4 - width / 2 for i in range(len(rows))], [r.case for r in rows], fontsize=7)
         ax.axvline(1.0, color="black", linewidth=0.8)
-        if series:
-            ax.set_xscale("log")  # speed-ups span from below 1 to orders of magnitude
+        values = [fn(r) for _, fn in series for r in rows if fn(r)]
+        if values:
+            # Log scale: speed-ups span from below 1 to orders of magnitude. Bars grow from a left edge
+            # well under the smallest value, so a ratio just under 1 does not read as a long bar.
+            ax.set_xscale("log")
+            ax.set_xlim(left=min(0.5, min(values) / 2), right=max(2.0, max(values) * 1.5))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.invert_yaxis()
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("× (same run; 1 = parity)")
