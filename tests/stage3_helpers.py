@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from shared.data import DatasetInfo, TensorImageDataset
@@ -67,3 +68,14 @@ def single_thread_env() -> dict:
 def run_train(args: list[str], cwd: Path, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args], cwd=cwd, env=single_thread_env(),
                           capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core CPU this is many times faster for tiny models.
+
+    Import it into a test module (``from tests.stage3_helpers import one_thread``) to apply it there."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,15 +13,7 @@ from shared.errors import UserError
 from shared.schedule import NoiseSchedule
 from shared.training import TrainConfig, train
 from shared.unet import UNet
-from tests.stage3_helpers import edge_bar_dataset
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.stage3_helpers import edge_bar_dataset, one_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")

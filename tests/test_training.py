@@ -18,21 +18,12 @@ from shared.schedule import NoiseSchedule
 from shared.train_state import ResumableSampler, capture_rng, restore_rng
 from shared.training import (TrainConfig, fixed_heldout_batch, heldout_loss, lr_factor, merge_resume_options,
                              split_heldout, train)
-from tests.stage3_helpers import NUM_CLASSES, edge_bar_dataset
+from tests.stage3_helpers import NUM_CLASSES, edge_bar_dataset, one_thread  # noqa: F401 (autouse fixture)
 
 # The loss must end below this fraction of its start: ε_θ = 0 at initialisation (zero output conv) gives
 # L_simple ≈ 1, and the edge-bar data is learnable enough to more than halve it within LOSS_STEPS.
 LOSS_FALL_FRACTION = 0.5
 LOSS_STEPS = 200
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core CPU this is many times faster for tiny models."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_cfg(tmp_path, **overrides) -> TrainConfig:
