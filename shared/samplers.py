@@ -85,12 +85,15 @@ def _sample_batch(model, schedule: NoiseSchedule, seeds: Sequence[int], labels: 
     shape_chw = (model.in_channels, model.image_size, model.image_size)
     x = per_sample_noise(seeds, shape_chw, device, torch.float32, X_T_STREAM)
     full_chain = sampler == "ddpm" and len(timesteps) == schedule.num_timesteps
+    stochastic = sampler == "ddpm" or (sampler == "ddim" and eta > 0)
     x0_history: list[tuple[int, torch.Tensor]] = []  # dpmpp: previous (t, x̂0)
 
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         eps, eps_uncond = model_eps(model, x, t, labels, guidance_scale, precision)
-        noise = per_sample_noise(seeds, shape_chw, device, torch.float32, i + 1)
+        # Deterministic updates (DDIM η = 0, DPM-Solver++) use no noise: skip drawing it. Stream i + 1
+        # stays step i's either way, so the stochastic samplers' images do not depend on this.
+        noise = per_sample_noise(seeds, shape_chw, device, torch.float32, i + 1) if stochastic else None
         # Guidance: the fused op combines in-kernel; the eager path combines here, before the step.
         guided = dict(eps_uncond=eps_uncond, guidance_scale=guidance_scale) if fused_step and eps_uncond is not None else {}
         if eps_uncond is not None and not guided:

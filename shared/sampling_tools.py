@@ -147,7 +147,7 @@ def plot_quality_vs_steps(rows: list[dict], path: Path) -> Path:
     ax_fd.legend(fontsize=8)
     if all(r.get("mean_class_accuracy") is not None for r in rows):
         ax_acc.plot(steps, [100 * r["mean_class_accuracy"] for r in rows], "o-")
-    ax_acc.set(xscale="log", xlabel="sampling steps", ylabel="samples classified as asked (%)")
+    ax_acc.set(xscale="log", xlabel="sampling steps", ylabel="samples classified as asked (%)", ylim=(0, 101))
     fig.suptitle(f"{rows[0]['sampler']}: quality against step count", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
