@@ -143,7 +143,7 @@ def plot_quality_vs_steps(rows: list[dict], path: Path) -> Path:
     fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
     ax_fd.plot(steps, [r["frechet_distance"] for r in rows], "o-", label="generated vs held-out")
     ax_fd.axhline(rows[0]["real_floor"], color="gray", ls="--", label="real vs real floor")
-    ax_fd.set(xscale="log", xlabel="sampling steps", ylabel="Fréchet distance (classifier features)")
+    ax_fd.set(xscale="log", yscale="log", xlabel="sampling steps", ylabel="Fréchet distance (classifier features)")
     ax_fd.legend(fontsize=8)
     if all(r.get("mean_class_accuracy") is not None for r in rows):
         ax_acc.plot(steps, [100 * r["mean_class_accuracy"] for r in rows], "o-")
