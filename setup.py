@@ -25,7 +25,7 @@ if sys.platform.startswith("linux"):
     install_requires.append("triton")
 
 extras_require = {
-    "test": ["pytest", "pytest-benchmark", "httpx", "fastapi", "uvicorn"],
+    "test": ["pytest", "pytest-benchmark", "httpx", "fastapi", "uvicorn", "scipy"],
     "serve": ["fastapi", "uvicorn"],
 }
 
