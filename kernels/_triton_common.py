@@ -1,10 +1,12 @@
-"""What the Triton ops share: interpreter detection, entry checks, output allocation, the dot helper.
+"""What the Triton ops share: interpreter detection, entry checks, output allocation, the device guard,
+the dot helper.
 
 Triton chooses between compiling for a GPU and interpreting on the CPU when it is first imported
 (TRITON_INTERPRET=1 selects the interpreter), so `INTERPRET` is read once here, from Triton itself.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -52,6 +54,11 @@ def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if os.environ.get(POISON_ENV) == "1":
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def device_guard(t: torch.Tensor):
+    """Launch on t's GPU (Triton uses the current device's current stream); a no-op on the CPU."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def upcast_dots(dtype: torch.dtype) -> bool:

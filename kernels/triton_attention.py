@@ -8,15 +8,13 @@ with a fake (meta) implementation so torch.compile traces through them.
 
 No `from __future__ import annotations` here: torch.library infers the op schemas from the annotations.
 """
-import contextlib
-
 import torch
 import triton
 
 from kernels._triton_attention_kernels import (attn_backward_dkdv_kernel, attn_backward_dq_kernel,
                                                attn_backward_preprocess_kernel, attn_forward_kernel)
-from kernels._triton_common import (INTERPRET, OP_NAMESPACE, check_device, check_dtype, dot_precision,
-                                    new_buffer, upcast_dots)
+from kernels._triton_common import (INTERPRET, OP_NAMESPACE, check_device, check_dtype, device_guard,
+                                    dot_precision, new_buffer, upcast_dots)
 from kernels.reference import check_attention_args
 
 __all__ = ["attention", "SUPPORTED_HEAD_DIMS", "ATTN_FWD_GPU_CONFIGS", "ATTN_DKDV_GPU_CONFIGS",
@@ -68,10 +66,6 @@ _attn_dkdv = _tuned(attn_backward_dkdv_kernel, ATTN_DKDV_GPU_CONFIGS, ATTN_DKDV_
 _attn_dq = _tuned(attn_backward_dq_kernel, ATTN_DQ_GPU_CONFIGS, ATTN_DQ_FP32_CONFIGS)
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
     """The kernels assume stride 1 along d (vector loads); other strides are passed through."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -93,7 +87,7 @@ def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[tor
     o = new_buffer((z, h, seq, d), q.dtype, q.device)
     lse2 = new_buffer((z * h, seq), torch.float32, q.device)
     grid = lambda meta: (triton.cdiv(seq, meta["BLOCK_M"]), z * h)  # noqa: E731
-    with _device_guard(q):
+    with device_guard(q):
         _attn_fwd[grid](q, k, v, o, lse2, *_strides(q), *_strides(k), *_strides(v), h, seq, d ** -0.5,
                         **_meta_args(q))
     return o, lse2
@@ -118,7 +112,7 @@ def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     dv = new_buffer((z, h, seq, d), q.dtype, q.device)
     rows = z * h * seq
     strides = (*_strides(q), *_strides(k), *_strides(v))
-    with _device_guard(q):
+    with device_guard(q):
         attn_backward_preprocess_kernel[(triton.cdiv(rows, PREPROCESS_BLOCK_M),)](
             o, do, delta, rows, HEAD_DIM=d, BLOCK_M=PREPROCESS_BLOCK_M)
         _attn_dkdv[lambda meta: (triton.cdiv(seq, meta["BLOCK_N"]), z * h)](

@@ -10,13 +10,13 @@ register_autograd, each with a fake (meta) implementation so torch.compile trace
 
 No `from __future__ import annotations` here: torch.library infers the op schemas from the annotations.
 """
-import contextlib
 from typing import Optional
 
 import torch
 import triton
 
-from kernels._triton_common import (INTERPRET, OP_NAMESPACE, check_device, check_dtype, new_buffer)
+from kernels._triton_common import (INTERPRET, OP_NAMESPACE, check_device, check_dtype, device_guard,
+                                    new_buffer)
 from kernels._triton_group_norm_kernels import (gn_backward_kernel, gn_forward_kernel,
                                                 gn_param_grad_kernel)
 from kernels.reference import check_group_norm_args
@@ -45,11 +45,6 @@ _gn_forward = triton.autotune(configs=_CONFIGS, key=_TUNE_KEY)(gn_forward_kernel
 _gn_backward = triton.autotune(configs=_CONFIGS, key=_TUNE_KEY)(gn_backward_kernel)
 
 
-def _device_guard(t: torch.Tensor):
-    """Launch on t's GPU (Triton uses the current device's current stream)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _block_sizes(c: int, hw: int, num_groups: int) -> tuple[int, int, int]:
     cpg = c // num_groups
     return cpg, triton.next_power_of_2(cpg), triton.next_power_of_2(hw)
@@ -70,7 +65,7 @@ def _gn_fwd_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
     mean = new_buffer((n, num_groups), torch.float32, x.device)
     rstd = new_buffer((n, num_groups), torch.float32, x.device)
     cpg, block_c, hw_pow2 = _block_sizes(c, h * w, num_groups)
-    with _device_guard(x):
+    with device_guard(x):
         _gn_forward[(n * num_groups,)](
             x, y, weight, bias, scale if has_film else x, shift if has_film else x, mean, rstd,
             c, h * w, cpg, num_groups, eps,
@@ -110,7 +105,7 @@ def _gn_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: to
     dweight = new_buffer((c,), weight.dtype, x.device)
     dbias = new_buffer((c,), bias.dtype, x.device)
     cpg, block_c, hw_pow2 = _block_sizes(c, h * w, num_groups)
-    with _device_guard(x):
+    with device_guard(x):
         _gn_backward[(n * num_groups,)](
             x, dy, dx, weight, bias, scale if has_film else x, shift if has_film else x, mean, rstd,
             dscale if has_film else dx, dshift if has_film else dx, dw_part, db_part,
