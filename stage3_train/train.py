@@ -16,7 +16,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a plain script from anywhere
+    sys.path.insert(0, str(ROOT))
 
 from shared import cli  # noqa: E402
 from shared.checkpoint import LAST_NAME, load_checkpoint, resolve_checkpoint  # noqa: E402
