@@ -88,14 +88,14 @@ def load_dataset(name: str, data_dir: str | None = None, root: str = "./data", t
         if data_dir is None:
             raise DataError("--dataset folder needs --data-dir DIR (an image folder with one sub-folder per class)")
         return _load_folder(data_dir, image_size)
+    base = data_dir if data_dir is not None else root
+    may_download = download and data_dir is None  # an explicit --data-dir is read, never downloaded into
     if name in _TORCHVISION_FOLDER:
-        base = data_dir if data_dir is not None else root
         for folder in (Path(base), Path(base) / _TORCHVISION_FOLDER[name] / "raw"):
             found = find_idx_files(folder, train)
             if found is not None:
                 return _load_idx(name, folder, *found, quiet=quiet)
-        return _load_torchvision(name, base, train, download and data_dir is None)
-    return _load_torchvision(name, data_dir if data_dir is not None else root, train, download and data_dir is None)
+    return _load_torchvision(name, base, train, may_download)
 
 
 def find_idx_files(folder: Path, train: bool = True):

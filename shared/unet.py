@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 import kernels
+from shared.errors import UserError
 from shared.nn import Downsample, GroupNormAct, ResBlock, SelfAttention, Upsample, timestep_embedding, zero_module
 
 # Each preset is a complete set of constructor arguments; `from_preset(name, **overrides)` edits one.
@@ -116,7 +117,6 @@ class UNet(nn.Module):
     def from_preset(cls, name: str, **overrides) -> "UNet":
         """Builds a preset ('tiny', 'mnist', 'cifar10'), with any constructor argument overridden."""
         if name not in PRESETS:
-            from shared.errors import UserError
             raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         config = dict(PRESETS[name])
         unknown = set(overrides) - set(config)

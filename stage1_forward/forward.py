@@ -51,7 +51,8 @@ def main(argv=None):
     curves_path = os.path.join(args.out, "schedules.png")
     plot_schedules([NoiseSchedule(kind, args.timesteps) for kind in ("linear", "cosine")], curves_path)
 
-    stats = prior_match_statistics(schedule, x0[:args.batch], torch.randn(x0[:args.batch].shape, generator=gen))
+    batch = x0[:args.batch]
+    stats = prior_match_statistics(schedule, batch, torch.randn(batch.shape, generator=gen))
     b = stats["bounds"]
     print(f"schedule {args.schedule}, T={args.timesteps}: ᾱ_T = {stats['alpha_bar_T']:.3e}")
     print(f"x_T over {stats['n']:,} values: mean {stats['mean']:+.4f} (|·| ≤ {b['mean']:.4f}), "
