@@ -35,10 +35,9 @@ import math
 import torch
 
 from kernels import FusedKernelsUnavailable
+from shared.sampling import VARIANCES
 
 __all__ = ["ddpm_step", "ddim_step", "ddpm_coefs", "ddim_coefs", "load_extension"]
-
-VARIANCES = ("fixed_small", "fixed_large")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,9 +102,7 @@ def _single_t(t, name: str, num_timesteps: int, low: int) -> int:
     return t
 
 
-def _check_eta_and_scale(eta: float, guidance_scale: float) -> None:
-    if not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+def _check_guidance_scale(guidance_scale: float) -> None:
     if not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
 
@@ -134,7 +131,8 @@ def ddim_coefs(schedule, t: int, t_prev: int, eta: float = 0.0) -> dict[str, flo
     t_prev = _single_t(t_prev, "t_prev", schedule.num_timesteps, -1)
     if t_prev >= t:
         raise ValueError(f"t_prev={t_prev} must be smaller than t={t}")
-    _check_eta_and_scale(eta, 1.0)
+    if not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
     alpha_bar = float(schedule.alphas_cumprod[t])
     alpha_bar_prev = float(schedule.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
     sigma = eta * math.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar)) * \
@@ -185,7 +183,7 @@ def ddpm_step(schedule, x_t: torch.Tensor, eps: torch.Tensor, t, noise: torch.Te
     value) in [0, T). With eps_uncond, ε̃ = ε_u + guidance_scale·(ε_c − ε_u).
     Returns x_{t−1}, or (x_{t−1}, x0_pred) with return_x0, in x_t's dtype.
     """
-    _check_eta_and_scale(0.0, guidance_scale)
+    _check_guidance_scale(guidance_scale)
     c = ddpm_coefs(schedule, t, variance)
     x_t, eps, eps_uncond, noise = _prepare(x_t, eps, eps_uncond, noise, c["sigma"])
     x_prev, x0_pred = torch.ops.sampling_step.ddpm_step(
@@ -205,7 +203,7 @@ def ddim_step(schedule, x_t: torch.Tensor, eps: torch.Tensor, t, t_prev, eta: fl
     on x̂0. With clip_x0, x̂0 is clamped to [−1, 1] and ε̃ recomputed from it before the direction term.
     Returns x_{t_prev}, or (x_{t_prev}, x0_pred) with return_x0, in x_t's dtype.
     """
-    _check_eta_and_scale(eta, guidance_scale)
+    _check_guidance_scale(guidance_scale)
     c = ddim_coefs(schedule, t, t_prev, eta)
     x_t, eps, eps_uncond, noise = _prepare(x_t, eps, eps_uncond, noise, c["sigma"])
     x_prev, x0_pred = torch.ops.sampling_step.ddim_step(
