@@ -51,10 +51,10 @@ def default_steps(sampler: str, num_steps: int | None, num_train_timesteps: int)
 
 def sampler_timesteps(sampler: str, num_train_timesteps: int, num_steps: int | None,
                       spacing: str = "trailing") -> list[int]:
-    """The timesteps a sampler visits, descending; the full chain for ddpm without a step count."""
+    """The timesteps a sampler visits, descending; num_steps None means default_steps."""
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    steps = num_steps if num_steps is not None else num_train_timesteps
+    steps = default_steps(sampler, num_steps, num_train_timesteps)
     if not 1 <= steps <= num_train_timesteps:
         raise UserError(f"steps must lie in [1, {num_train_timesteps}] for this model, got {steps}")
     if spacing not in SPACINGS:
@@ -170,7 +170,6 @@ def sample(model: torch.nn.Module, schedule: NoiseSchedule, seeds: Sequence[int]
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise UserError("no seeds given: nothing to sample")
-    num_steps = default_steps(sampler, num_steps, schedule.num_timesteps)
     timesteps = sampler_timesteps(sampler, schedule.num_timesteps, num_steps, spacing)
     labels = check_labels(labels, len(seeds), getattr(model, "num_classes", 0))
     device = torch.device(device) if device is not None else next(model.parameters()).device
