@@ -279,8 +279,7 @@ def _train(cfg: TrainConfig, dataset, given, ctx, device) -> TrainResult:
     total_steps = cfg.epochs * steps_per_epoch if cfg.epochs is not None else (cfg.max_steps or DEFAULT_MAX_STEPS)
     loader_gen = torch.Generator()  # the DataLoader's own draws (worker seeds) stay off the global RNG
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", generator=loader_gen,
-                        persistent_workers=False)
+                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", generator=loader_gen)
 
     # ---- model, EMA, optimizer; identical initial weights on every rank, then per-rank streams
     seed_everything(cfg.seed)
@@ -383,6 +382,8 @@ def _train(cfg: TrainConfig, dataset, given, ctx, device) -> TrainResult:
             progress.evals_since_best += 1
         return value, improved
 
+    max_grad_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, clip nothing
+
     def training_step(x0: torch.Tensor, y: torch.Tensor) -> tuple[float, float | None]:
         """One step of Algorithm 1 on a batch x0 [N x C x H x W], labels y [N].
 
@@ -395,7 +396,7 @@ def _train(cfg: TrainConfig, dataset, given, ctx, device) -> TrainResult:
         if raw_model.num_classes:  # label dropout → the null class teaches ε_θ(x_t, t, ∅)
             y = y.to(device)
             drop = torch.rand(n, device=device, generator=train_noise) < cfg.p_uncond
-            y = torch.where(drop, torch.full_like(y, raw_model.null_class), y)
+            y = y.masked_fill(drop, raw_model.null_class)
         else:
             y = None
         x_t = q_sample(schedule, x0, t, noise)
@@ -409,8 +410,7 @@ def _train(cfg: TrainConfig, dataset, given, ctx, device) -> TrainResult:
         if math.isfinite(loss_value):
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)  # clip the true gradient, not the loss-scaled one
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_grad_norm).item()
             if math.isfinite(grad_norm):
                 scaler.step(optimizer)
                 scaler.update()
