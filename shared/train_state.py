@@ -15,7 +15,7 @@ generator seeded with seed + e (as DistributedSampler does) and skips the batche
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ class Progress:
     consecutive_skips: int = 0
     best_heldout: float = INF     # best held-out loss so far (EMA weights)
     evals_since_best: int = 0     # evaluations without improvement, for early stopping
-    images_seen: int = field(default=0)
+    images_seen: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
