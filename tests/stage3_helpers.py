@@ -47,11 +47,10 @@ def edge_bar_dataset(n: int = 256, seed: int = 0) -> TensorImageDataset:
 
 def write_edge_bar_idx(folder: Path, n: int = 256, seed: int = 0) -> Path:
     """MNIST-format gzipped IDX files of edge_bars in `folder` (what --data-dir reads)."""
-    images, labels = edge_bars(n, seed)
+    data = edge_bar_dataset(n, seed)
     folder.mkdir(parents=True, exist_ok=True)
-    pixels = ((images + 1) * 127.5).round().to(torch.uint8).squeeze(1).numpy()  # (n, 8, 8)
-    write_idx(folder / "train-images-idx3-ubyte", pixels, gz=True)
-    write_idx(folder / "train-labels-idx1-ubyte", labels.to(torch.uint8).numpy(), gz=True)
+    write_idx(folder / "train-images-idx3-ubyte", data.images.squeeze(1).numpy(), gz=True)  # (n, 8, 8)
+    write_idx(folder / "train-labels-idx1-ubyte", data.labels.numpy(), gz=True)
     return folder
 
 
