@@ -195,6 +195,26 @@ def setup_extensions() -> list:
     )]
 
 
+def load(with_cuda: bool, archs: list[str] | None = None, build_directory: str | None = None,
+         verbose: bool = False):
+    """torch.utils.cpp_extension.load with this extension's sources and flags; returns the module.
+    Compiler and import errors propagate (RuntimeError, OSError, ImportError)."""
+    from torch.utils import cpp_extension
+
+    args = compile_args(with_cuda, archs)
+    return cpp_extension.load(
+        name=JIT_NAME,
+        sources=sources(with_cuda),
+        extra_cflags=args["cxx"],
+        extra_cuda_cflags=args.get("nvcc"),
+        extra_ldflags=list(LINK_FLAGS),
+        extra_include_paths=[str(KERNELS_DIR / "csrc")],
+        build_directory=build_directory,
+        with_cuda=with_cuda,
+        verbose=verbose,
+    )
+
+
 class BuildFailed(RuntimeError):
     """The JIT build could not run or did not succeed; the message says what is missing."""
 
@@ -204,7 +224,6 @@ def jit_load(verbose: bool = False):
     and imports the extension. CUDA sources join when a GPU and a toolkit are present; without the
     toolkit the module is CPU-only and CUDA inputs get a clear error from the wrapper."""
     import torch
-    from torch.utils import cpp_extension
 
     cuda_home = find_cuda_home() if torch.cuda.is_available() and torch.version.cuda else None
     with_cuda = cuda_home is not None
@@ -216,17 +235,7 @@ def jit_load(verbose: bool = False):
         use_cuda_home(cuda_home)
         archs = cuda_archs([torch.cuda.get_device_capability(i)
                             for i in range(torch.cuda.device_count())])
-    args = compile_args(with_cuda, archs)
     try:
-        return cpp_extension.load(
-            name=JIT_NAME,
-            sources=sources(with_cuda),
-            extra_cflags=args["cxx"],
-            extra_cuda_cflags=args.get("nvcc"),
-            extra_ldflags=list(LINK_FLAGS),
-            extra_include_paths=[str(KERNELS_DIR / "csrc")],
-            with_cuda=with_cuda,
-            verbose=verbose,
-        )
+        return load(with_cuda, archs, verbose=verbose)
     except (RuntimeError, OSError, ImportError) as err:
         raise BuildFailed(f"building the sampling-step extension failed: {err}") from err

@@ -112,18 +112,13 @@ def check(args: argparse.Namespace) -> str:
         raise CheckFailed("missing " + "; ".join(missing))
     build.use_cuda_home(cuda_home)
     import torch
-    from torch.utils import cpp_extension
 
     build_dir = Path(args.build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
-    flags = build.compile_args(with_cuda=True, archs=archs)
     start = time.perf_counter()
     try:
-        module = cpp_extension.load(
-            name=build.JIT_NAME, sources=build.sources(with_cuda=True),
-            extra_cflags=flags["cxx"], extra_cuda_cflags=flags["nvcc"],
-            extra_ldflags=list(build.LINK_FLAGS), extra_include_paths=[str(build.KERNELS_DIR / "csrc")],
-            build_directory=str(build_dir), with_cuda=True, verbose=args.verbose)
+        module = build.load(with_cuda=True, archs=archs, build_directory=str(build_dir),
+                            verbose=args.verbose)
     except (RuntimeError, OSError, ImportError) as err:
         raise CheckFailed(f"the CUDA build failed: {err}") from err
     seconds = time.perf_counter() - start
