@@ -86,7 +86,7 @@ def _sample_batch(model, schedule: NoiseSchedule, seeds: Sequence[int], labels: 
     x = per_sample_noise(seeds, shape_chw, device, torch.float32, X_T_STREAM)
     full_chain = sampler == "ddpm" and len(timesteps) == schedule.num_timesteps
     stochastic = sampler == "ddpm" or (sampler == "ddim" and eta > 0)
-    x0_history: list[tuple[int, torch.Tensor]] = []  # dpmpp: previous (t, x̂0)
+    last_x0: tuple[int, torch.Tensor] | None = None  # dpmpp: the previous step's (t, x̂0)
 
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
@@ -94,10 +94,14 @@ def _sample_batch(model, schedule: NoiseSchedule, seeds: Sequence[int], labels: 
         # Deterministic updates (DDIM η = 0, DPM-Solver++) use no noise: skip drawing it. Stream i + 1
         # stays step i's either way, so the stochastic samplers' images do not depend on this.
         noise = per_sample_noise(seeds, shape_chw, device, torch.float32, i + 1) if stochastic else None
-        # Guidance: the fused op combines in-kernel; the eager path combines here, before the step.
-        guided = dict(eps_uncond=eps_uncond, guidance_scale=guidance_scale) if fused_step and eps_uncond is not None else {}
-        if eps_uncond is not None and not guided:
-            eps, eps_uncond = cfg_combine(eps, eps_uncond, guidance_scale), None
+        # Guidance: the fused op combines in-kernel; the eager path combines here, before the step, and
+        # so does dpmpp, whose 2M correction needs ε̃ itself.
+        guided = {}
+        if eps_uncond is not None:
+            if fused_step and sampler != "dpmpp":
+                guided = dict(eps_uncond=eps_uncond, guidance_scale=guidance_scale)
+            else:
+                eps = cfg_combine(eps, eps_uncond, guidance_scale)
 
         if full_chain:
             x_next, x0_pred = ddpm_fn(schedule, x, eps, t, noise=noise, clip_x0=clip_x0, variance=variance,
@@ -107,9 +111,8 @@ def _sample_batch(model, schedule: NoiseSchedule, seeds: Sequence[int], labels: 
             x_next, x0_pred = ddim_fn(schedule, x, eps, t, t_prev, eta=step_eta, noise=noise, clip_x0=clip_x0,
                                       return_x0=True, **guided)
         else:
-            if guided:  # the 2M correction needs ε̃ itself, so guidance is combined before the step
-                eps = cfg_combine(eps, guided["eps_uncond"], guidance_scale)
-            x_next, x0_pred = _dpmpp_step(ddim_fn, schedule, x, eps, t, t_prev, clip_x0, x0_history)
+            x_next, x0_pred = _dpmpp_step(ddim_fn, schedule, x, eps, t, t_prev, clip_x0, last_x0)
+            last_x0 = (t, x0_pred)
         if callback is not None:
             callback(i, t, x, x0_pred)
         x = x_next
@@ -123,21 +126,20 @@ def _log_snr_half(schedule: NoiseSchedule, t: int) -> float:
     return math.log(alpha / sigma)
 
 
-def _dpmpp_step(ddim_fn, schedule, x, eps, t, t_prev, clip_x0, x0_history):
-    """One DPM-Solver++(2M) step, through ddim_fn (see the module docstring).
+def _dpmpp_step(ddim_fn, schedule, x, eps, t, t_prev, clip_x0, last_x0):
+    """One DPM-Solver++(2M) step, through ddim_fn (see the module docstring); returns (x_prev, x̂0).
 
-    x0_history holds the previous step's (t, x̂0) and is updated in place.
+    last_x0: the previous step's (t, x̂0), None on the first step.
     """
     x0_pred = predict_x0_from_eps(schedule, x, eps, t)  # x̂0_i
     if clip_x0:
         x0_pred = x0_pred.clamp(-1.0, 1.0)
     data_estimate = x0_pred
-    if x0_history and t_prev >= 0:  # second order, except first and final (σ_prev = 0) steps
-        t_last, x0_last = x0_history[-1]
+    if last_x0 is not None and t_prev >= 0:  # second order, except first and final (σ_prev = 0) steps
+        t_last, x0_last = last_x0
         lam_last, lam_t, lam_prev = (_log_snr_half(schedule, s) for s in (t_last, t, t_prev))
         r = (lam_t - lam_last) / (lam_prev - lam_t)  # r_i = h_{i−1} / h_i
         data_estimate = (1 + 1 / (2 * r)) * x0_pred - (1 / (2 * r)) * x0_last
-    x0_history[:] = [(t, x0_pred)]
     alpha_t, sigma_t = _alpha_sigma(schedule, t)
     eps_d = (x - alpha_t * data_estimate) / sigma_t  # the ε for which DDIM's x̂0 is D
     return ddim_fn(schedule, x, eps_d, t, t_prev, eta=0.0), x0_pred
