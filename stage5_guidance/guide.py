@@ -49,7 +49,7 @@ def build_parser():
 class Drawer:
     """Samples and saves pictures for one loaded model; every call reports images/s."""
 
-    def __init__(self, args, model, schedule, meta, device, run_dir: Path):
+    def __init__(self, args, model, schedule, device, run_dir: Path):
         self.args, self.model, self.schedule, self.device, self.run_dir = args, model, schedule, device, run_dir
         self.seeds = [args.seed + i for i in range(args.n)]
         self.results: list[dict] = []
@@ -102,7 +102,7 @@ def main(argv=None) -> list[dict]:
         raise UserError(f"--digit must lie in [0, {model.num_classes - 1}], got {label}")
     mode = "interactive" if args.interactive else "grid" if args.grid else "sweep" if args.sweep else f"class-{label}"
     run_dir = make_run_dir(args.out, mode)
-    drawer = Drawer(args, model, schedule, meta, device, run_dir)
+    drawer = Drawer(args, model, schedule, device, run_dir)
 
     if args.interactive:
         prompt_loop(lambda: input("> "), drawer.label, drawer.grid, print, model.num_classes, meta.get("dataset"))
