@@ -120,7 +120,9 @@ def extract(coef: torch.Tensor, t: int | torch.Tensor, like: torch.Tensor) -> to
     if isinstance(t, int) and not isinstance(t, bool):
         if not 0 <= t < num_timesteps:
             raise ValueError(f"timestep {t} is outside [0, {num_timesteps})")
-        return coef[t].to(device=like.device, dtype=like.dtype).reshape(view)
+        # A fill from the Python scalar, not a host-to-device copy: a copy from pageable memory would
+        # make the host wait for the GPU at every sampler step.
+        return torch.full(view, coef[t].item(), dtype=like.dtype, device=like.device)
     if not torch.is_tensor(t) or t.dtype not in (torch.int64, torch.int32) or t.ndim != 1:
         raise ValueError(f"t must be an int or a 1-D integer tensor, got {type(t).__name__} "
                          f"{getattr(t, 'dtype', '')} {tuple(getattr(t, 'shape', ()))}")
