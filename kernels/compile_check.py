@@ -36,7 +36,7 @@ TARGETS = tuple(SMEM_LIMIT_BYTES)
 # sm_80's code with less shared memory, so the quick set gives them the resource-heaviest variants.
 CODEGEN_TARGETS = (80, 90)
 WARP_SIZE = 32
-DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+DTYPES = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -195,16 +195,15 @@ _VECTOR_OPS = {"ld.v4": r"ld\.global(?:\.\w+)*\.v4", "ld.v2": r"ld\.global(?:\.\
                "st.v4": r"st\.global(?:\.\w+)*\.v4", "st.v2": r"st\.global(?:\.\w+)*\.v2"}
 
 
-def compile_one(args: tuple) -> dict:
-    """Compiles variant `index` for `arch`; returns its figures or the error. Runs in a worker."""
-    index, arch, variants = args
+def compile_one(job: tuple) -> dict:
+    """Compiles one (arch, variant) job; returns its figures or the error. Runs in a worker."""
+    arch, v = job
     start = time.time()
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
 
-    v = variants[index]
     fn = _resolve(v.kernel)
     target = GPUTarget("cuda", arch, WARP_SIZE)
     backend = make_backend(target)
@@ -246,7 +245,7 @@ def _format(r: dict) -> str:
 
 
 def run(jobs: list, processes: int, echo: bool = False) -> list[dict]:
-    """Compiles (index, arch, variants) jobs in `processes` forked workers; returns their results."""
+    """Compiles (arch, variant) jobs in `processes` forked workers; returns their results."""
     results = []
     with multiprocessing.get_context("fork").Pool(processes) as pool:
         for r in pool.imap(compile_one, jobs):
@@ -310,7 +309,7 @@ def main(argv=None) -> int:
     for arch in args.targets:
         variants = group_norm_variants(args.quick, arch) + attention_variants(args.quick, arch)
         variants = [v for v in variants if not args.kernels or v.kernel in args.kernels]
-        jobs += [(0, arch, [v]) for v in variants]
+        jobs += [(arch, v) for v in variants]
     start = time.time()
     print(f"compiling {len(jobs)} kernel variants for sm_{', sm_'.join(map(str, args.targets))} "
           f"({'quick' if args.quick else 'full'} set, {args.jobs} processes)", flush=True)

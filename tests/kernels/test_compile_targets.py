@@ -58,7 +58,7 @@ import sys
 from kernels import compile_check as cc
 v = cc.Variant("tests.kernels.test_compile_targets:too_small_dot_kernel", "BLOCK=8",
                {"A": "*fp16", "OUT": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 8}, ("A", "OUT"), 4)
-r = cc.run([(0, 80, [v])], 1)[0]
+r = cc.run([(80, v)], 1)[0]
 print(cc._format(r))
 sys.exit(1 if "error" in r else 0)
 """
