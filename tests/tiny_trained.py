@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from shared.checkpoint import EMA_NAME, atomic_save, ema_file
+from shared.images import to_uint8
 from shared.schedule import NoiseSchedule
 from shared.unet import UNet
 from tests.idx_files import write_idx
@@ -49,7 +50,7 @@ def write_bar_idx(folder: Path, images: torch.Tensor, labels: torch.Tensor, spli
     """Writes images [N x 1 x H x W] in [-1, 1] and labels as MNIST-format gzipped IDX files (what
     shared.data reads with --data-dir)."""
     folder.mkdir(parents=True, exist_ok=True)
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).squeeze(1).numpy()
+    pixels = to_uint8(images).squeeze(1).numpy()
     write_idx(folder / f"{split}-images-idx3-ubyte", pixels, gz=True)
     write_idx(folder / f"{split}-labels-idx1-ubyte", labels.to(torch.uint8).numpy(), gz=True)
     return folder
