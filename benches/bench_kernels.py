@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from benches.measure import budget_skip_reason, module_missing, record, record_bandwidth, record_flops, time_call
 from kernels import reference
+from kernels._triton_costs import attention_flops
 
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(),
                                reason="Triton kernels are timed on CUDA only (the CPU interpreter is a "
@@ -45,30 +46,18 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 IMPLS = ["eager", "fused", "compile"]
 
 
-def _gn_impl(impl: str):
+def _impl(impl: str, eager_fn, kernel_file: str, kernel_name: str):
+    """eager: the reference function; compile: torch.compile of it; fused: kernels.<kernel_name>
+    (skipped when its Triton file is absent)."""
     if impl == "eager":
-        return reference.group_norm_film_silu
+        return eager_fn
     if impl == "compile":
-        return torch.compile(reference.group_norm_film_silu, dynamic=False)
-    reason = module_missing("kernels/triton_group_norm.py")
+        return torch.compile(eager_fn, dynamic=False)
+    reason = module_missing(kernel_file)
     if reason:
         pytest.skip(reason)
     import kernels
-    return kernels.group_norm_film_silu
-
-
-def _attn_impl(impl: str):
-    if impl == "eager":
-        return reference.attention
-    if impl == "sdpa":
-        return F.scaled_dot_product_attention
-    if impl == "compile":
-        return torch.compile(reference.attention, dynamic=False)
-    reason = module_missing("kernels/triton_attention.py")
-    if reason:
-        pytest.skip(reason)
-    import kernels
-    return kernels.attention
+    return getattr(kernels, kernel_name)
 
 
 def _maybe_skip_compile(impl: str) -> None:
@@ -107,7 +96,7 @@ def _gn_cases():
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 def test_group_norm_film_silu(benchmark, device, ceilings, shape, dtype_name, impl, pass_):
     _maybe_skip_compile(impl)
-    fn = _gn_impl(impl)
+    fn = _impl(impl, reference.group_norm_film_silu, "kernels/triton_group_norm.py", "group_norm_film_silu")
     dtype = DTYPES[dtype_name]
     gen = torch.Generator(device=device).manual_seed(0)
     x, weight, bias, scale, shift = _gn_params(shape, dtype, device, gen)
@@ -144,13 +133,14 @@ def _attn_cases():
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 def test_attention(benchmark, device, ceilings, shape, impl, pass_):
     _maybe_skip_compile(impl)
-    fn = _attn_impl(impl)
+    fn = (F.scaled_dot_product_attention if impl == "sdpa"
+          else _impl(impl, reference.attention, "kernels/triton_attention.py", "attention"))
     label, n, heads, length, d = shape
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(n, heads, length, d, device=device, dtype=torch.bfloat16, generator=gen)
                for _ in range(3))
     # Forward: S = q kᵀ and O = P v, each 2·L²·d multiply-adds-as-two per head.
-    fwd_flops = 4 * n * heads * length ** 2 * d
+    fwd_flops = attention_flops(n, heads, length, d)
     if pass_ == "fwd":
         def call():
             return fn(q, k, v)
@@ -164,7 +154,8 @@ def test_attention(benchmark, device, ceilings, shape, impl, pass_):
             return torch.autograd.grad(fn(q, k, v), (q, k, v), do)
         # Backward: dV = Pᵀ dO, dP = dO Vᵀ, dQ = dS K, dK = dSᵀ Q: four more products, 2.5× the forward's
         # FLOP count as FlashAttention counts it (recomputing S in backward is not counted).
-        flops, formula = 14 * n * heads * length ** 2 * d, "14 · N·heads·L²·d (fwd 4 + bwd 10)"
+        flops = fwd_flops + attention_flops(n, heads, length, d, backward=True)
+        formula = "14 · N·heads·L²·d (fwd 4 + bwd 10)"
     seconds = time_call(benchmark, call, device, rounds=5, kernel=True)
     record(benchmark, family="kernel", case=f"attention {pass_} bf16 {label} ({n}×{heads}×{length}×{d})",
            impl=impl, op=f"attn_{pass_}", dtype="bf16", size=label, L=length, shape=[n, heads, length, d])
