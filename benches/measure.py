@@ -16,7 +16,6 @@ Ceilings, measured in the same run on the same device (never taken from a datash
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import statistics
 import time
@@ -51,18 +50,9 @@ def bench_device() -> torch.device:
     return torch.device("cuda" if on_cuda() else "cpu")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def module_missing(relpath: str) -> str | None:
     """A skip reason when `relpath` (a file of this repository, e.g. kernels/triton_attention.py) is absent."""
     return None if (REPO_ROOT / relpath).is_file() else f"{relpath} not present"
-
-
-def triton_missing() -> str | None:
-    return None if importlib.util.find_spec("triton") else "triton is not installed"
 
 
 # --------------------------------------------------------------------------------------------------
