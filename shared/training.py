@@ -194,8 +194,9 @@ def split_heldout(dataset: Dataset, size: int, seed: int) -> tuple[Dataset, Data
 
 def fixed_heldout_batch(heldout: Dataset, num_timesteps: int, seed: int, device: torch.device):
     """The held-out images with their t and ε drawn once, so every evaluation sees the same problem."""
-    x0 = torch.stack([heldout[i][0] for i in range(len(heldout))])
-    y = torch.tensor([int(heldout[i][1]) for i in range(len(heldout))], dtype=torch.long)
+    items = [heldout[i] for i in range(len(heldout))]  # each image read (and decoded) once
+    x0 = torch.stack([image for image, _ in items])
+    y = torch.tensor([int(label) for _, label in items], dtype=torch.long)
     gen = torch.Generator().manual_seed(seed + HELDOUT_NOISE_SEED_OFFSET)
     t = torch.randint(0, num_timesteps, (len(heldout),), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)

@@ -187,8 +187,9 @@ class _TurnsNaN(torch.utils.data.Dataset):
 def test_nonfinite_steps_are_skipped_then_stop_keeps_last_good_checkpoint(tmp_path):
     batch, good_steps = 8, 4
     data = _TurnsNaN(edge_bar_dataset(128), good_items=batch * good_steps + 16)  # + the 16 held-out reads
+    # Checkpoints at steps 4 and 8; the three skips (steps 5-7) stop the run before step 8.
     with pytest.raises(UserError, match="3 consecutive steps had a non-finite"):
-        train(tiny_cfg(tmp_path, batch_size=batch, heldout_size=16, ckpt_every=2, max_consecutive_skips=3,
+        train(tiny_cfg(tmp_path, batch_size=batch, heldout_size=16, ckpt_every=4, max_consecutive_skips=3,
                        max_steps=50), data)
     run = next((tmp_path / "runs").iterdir())
     ckpt = load_checkpoint(run / "last.pt")
