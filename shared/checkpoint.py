@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +116,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                             "plain values)") from None
         raise UserError(f"checkpoint {str(path)!r} is corrupt, truncated or not a torch checkpoint "
                         "(unpickling failed)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+    except Exception as err:  # malformed pickle streams also raise IndexError, KeyError, struct.error…
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
         raise UserError(f"checkpoint {str(path)!r} is corrupt or truncated ({reason})") from None
     if not isinstance(obj, dict) or obj.get("format") not in KNOWN_FORMATS:
