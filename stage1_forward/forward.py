@@ -7,8 +7,13 @@ schedules.png (ᾱ_t and log-SNR of both schedules); prints ᾱ_T and the x_T st
 """
 import os
 import sys
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a plain script from anywhere
+    sys.path.insert(0, str(ROOT))
 
 from shared import NoiseSchedule, UserError, q_sample
 from shared.cli import add_dataset_args, add_schedule_args, int_in, make_parser, nonneg_int, run_main

@@ -2,7 +2,14 @@
 
     python stage2_unet/unet.py --preset mnist
 """
+import sys
+from pathlib import Path
+
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a plain script from anywhere
+    sys.path.insert(0, str(ROOT))
 
 from shared import UNet
 from shared.cli import int_in, make_parser, pick_device, run_main
