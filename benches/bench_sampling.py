@@ -6,7 +6,7 @@ The loop is the samplers' update (shared/samplers.py) with the noise drawn on th
     fused step    eager U-Net, fused step (kernels.ddpm_step / ddim_step)
     fused         fused U-Net kernels + fused step: what `sample.py --fused-kernels` runs
     fused+graphs  `fused`, the timed steps captured once in one CUDA graph and replayed
-    sample() ...  shared.samplers.sample itself, as stage 4 calls it (DDIM only), eager or fused
+    sample() ...  shared.diffusion.samplers.sample itself, as stage 4 calls it (DDIM only), eager or fused
                   (CUDA: fused kernels + fused step; CPU: fused step). It also draws each sample's
                   noise on the CPU from its own generator every step (per-sample seeds), which the
                   loop above does not; compare it with `sample() eager`, not with `eager`.
@@ -25,7 +25,7 @@ import torch
 import kernels
 from benches.measure import budget_skip_reason, module_missing, on_cuda, randomise_zero_init, record, time_call
 from shared import NoiseSchedule, UNet
-from shared.sampling import ddim_step, ddim_timesteps, ddpm_step
+from shared.diffusion.steps import ddim_step, ddim_timesteps, ddpm_step
 
 NUM_TIMESTEPS = 1000
 SAMPLERS = {"DDPM-1000": NUM_TIMESTEPS, "DDIM-50": 50}
@@ -53,7 +53,7 @@ def _build(variant: str, sampler: str, batch: int, steps_timed: int, device: tor
     torch.manual_seed(0)
     model = randomise_zero_init(UNet.from_preset(PRESET)).to(device).eval()
     if variant.startswith("sample()") and sampler != "DDIM-50":
-        pytest.skip("shared.samplers.sample is timed for DDIM only: its DDPM-1000 chain cannot be "
+        pytest.skip("shared.diffusion.samplers.sample is timed for DDIM only: its DDPM-1000 chain cannot be "
                     "shortened to a few timed steps without switching to the respaced update")
     fused_step = "fused" in variant
     if variant in ("fused", "fused+graphs", "sample() fused"):
@@ -76,7 +76,7 @@ def _build(variant: str, sampler: str, batch: int, steps_timed: int, device: tor
     x_T = torch.randn(batch, model.in_channels, model.image_size, model.image_size, device=device, generator=gen)
 
     if variant.startswith("sample()"):
-        from shared.samplers import sample
+        from shared.diffusion.samplers import sample
         seeds = list(range(batch))
         # num_steps = steps_timed: the same per-step work as DDIM-50, on fewer (respaced) timesteps.
         return lambda: sample(model, schedule, seeds, sampler="ddim", num_steps=steps_timed, batch_size=batch,

@@ -1,5 +1,5 @@
 """The fused sampler update (issue 6, kernels.ddpm_step / ddim_step, C++ on CPU, CUDA on GPU) against
-the eager step of shared.sampling and torch.compile of that eager step.
+the eager step of shared.diffusion.steps and torch.compile of that eager step.
 
 Runs on CPU (the C++ op on 2 cores: issue 6 wants ≥ 2× eager at 256×1×28×28 and larger) and on CUDA
 (≥ 85 % of the copy bandwidth at the large size, ≥ 4× eager at MNIST batches). fp32 storage, as the
@@ -20,7 +20,7 @@ import torch
 import kernels
 from benches.measure import budget_skip_reason, module_missing, on_cuda, record, record_bandwidth, time_call
 from shared import NoiseSchedule
-from shared import sampling as eager_sampling
+from shared.diffusion import steps as eager_sampling
 
 NUM_TIMESTEPS = 1000
 T_STEP, T_PREV = 500, 480          # a mid-trajectory DDIM-50 step (any t costs the same)

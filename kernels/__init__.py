@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 
 from kernels import reference
-from shared.errors import UserError
 
 __all__ = ["reference", "FusedKernelsUnavailable", "group_norm_film_silu", "attention",
            "ddpm_step", "ddim_step", "load"]
@@ -27,8 +26,11 @@ _FUSED = {
 }
 
 
-class FusedKernelsUnavailable(UserError):
-    """A fused kernel was asked for but cannot run here; the message says what is missing."""
+class FusedKernelsUnavailable(RuntimeError):
+    """A fused kernel was asked for but cannot run here; the message says what is missing.
+
+    The scripts report it as one line, like a mistake in their input (`shared.errors.USER_ERRORS`).
+    """
 
 
 def load(name: str):

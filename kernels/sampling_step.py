@@ -35,9 +35,11 @@ import math
 import torch
 
 from kernels import FusedKernelsUnavailable
-from shared.sampling import VARIANCES
 
-__all__ = ["ddpm_step", "ddim_step", "ddpm_coefs", "ddim_coefs", "load_extension"]
+__all__ = ["ddpm_step", "ddim_step", "ddpm_coefs", "ddim_coefs", "load_extension", "VARIANCES"]
+
+# DDPM's two choices of σ_t² (Ho et al. Sec. 3.2): the posterior variance β̃_t, or β_t.
+VARIANCES = ("fixed_small", "fixed_large")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from shared import UNet
-from shared.cli import int_in, make_parser, pick_device, run_main
-from shared.model_summary import block_table, flops_per_image, time_forward
-from shared.unet import PRESETS
+from shared.interface.cli import int_in, make_parser, pick_device, run_main
+from shared.model.summary import block_table, flops_per_image, time_forward
+from shared.model.unet import PRESETS
 
 
 def parse_args(argv):

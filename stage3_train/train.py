@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=2 stage3_train/train.py --dataset mnist  # DistributedDataParallel
 
 Each run writes runs/NNNNN-<dataset>-<preset>-<precision>/ (options.json, log.csv, loss.png, sample
-grids from the EMA weights, last.pt / best.pt / ema.pt). The training itself is shared.training.train.
+grids from the EMA weights, last.pt / best.pt / ema.pt). The training itself is shared.training.loop.train.
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from shared import cli  # noqa: E402
-from shared.checkpoint import LAST_NAME, load_checkpoint, resolve_checkpoint  # noqa: E402
-from shared.training import (DEFAULT_MAX_STEPS, PRECISIONS, TrainConfig, merge_resume_options,  # noqa: E402
+from shared.interface import cli  # noqa: E402
+from shared.records.checkpoint import LAST_NAME, load_checkpoint, resolve_checkpoint  # noqa: E402
+from shared.training.loop import (DEFAULT_MAX_STEPS, PRECISIONS, TrainConfig, merge_resume_options,  # noqa: E402
                              resolve_precision, train)
-from shared.unet import PRESETS  # noqa: E402
+from shared.model.unet import PRESETS  # noqa: E402
 
 D = TrainConfig()  # the defaults live in one place; --help shows them
 

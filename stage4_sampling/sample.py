@@ -7,7 +7,7 @@
         --data-dir ../shared/data/mnist                                                 # + quality vs steps
 
 Each run writes runs/samples/NNNNN-<sampler>-<steps>/ with samples.png, results.json (options,
-images/s) and the pictures asked for. The math lives in shared.sampling / shared.samplers.
+images/s) and the pictures asked for. The math lives in shared.diffusion.steps / shared.diffusion.samplers.
 """
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 
 import torch  # noqa: E402
 
-from shared import cli  # noqa: E402
+from shared.interface import cli  # noqa: E402
 from shared.errors import UserError  # noqa: E402
-from shared.images import save_grid  # noqa: E402
-from shared.runs import make_run_dir, write_options  # noqa: E402
-from shared.samplers import default_steps  # noqa: E402
-from shared.sampling_tools import (PICTURE_SCALE, TrajectoryRecorder, add_sampler_args, default_labels,  # noqa: E402
+from shared.records.images import save_grid  # noqa: E402
+from shared.records.runs import make_run_dir, write_options  # noqa: E402
+from shared.diffusion.samplers import default_steps  # noqa: E402
+from shared.interface.sampling_args import (PICTURE_SCALE, TrajectoryRecorder, add_sampler_args, default_labels,  # noqa: E402
                                    load_model, plot_quality_vs_steps, sampler_kwargs, timed_sample)
 
 COMPARE_COLUMNS = 10  # images per row of compare.png
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
         rows, quality = [], []
         judge = None
         if args.classifier:
-            from shared.evaluation import frechet_distance, per_class_accuracy, prepare_judge
+            from shared.evaluation.judge import frechet_distance, per_class_accuracy, prepare_judge
 
             judge = prepare_judge(args.dataset, args.data_dir, args.classifier, args.heldout,
                                   meta.get("image_shape", images.shape[1:]), model.num_classes, device,

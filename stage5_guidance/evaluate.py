@@ -21,13 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from shared import cli  # noqa: E402
+from shared.interface import cli  # noqa: E402
 from shared.errors import UserError  # noqa: E402
-from shared.evaluation import (DEFAULT_EPOCHS, SHIFT_PIXELS, balanced_labels, format_table, frechet_distance, load_inception,  # noqa: E402
+from shared.evaluation.judge import (DEFAULT_EPOCHS, SHIFT_PIXELS, balanced_labels, format_table, frechet_distance, load_inception,  # noqa: E402
                                parse_runs, prepare_judge, seeds_for, summarise_run)
-from shared.runs import make_run_dir, write_options  # noqa: E402
-from shared.samplers import SAMPLERS, default_steps  # noqa: E402
-from shared.sampling_tools import add_sampler_args, load_model, sampler_kwargs, timed_sample  # noqa: E402
+from shared.records.runs import make_run_dir, write_options  # noqa: E402
+from shared.diffusion.samplers import SAMPLERS, default_steps  # noqa: E402
+from shared.interface.sampling_args import add_sampler_args, load_model, sampler_kwargs, timed_sample  # noqa: E402
 
 
 def build_parser():

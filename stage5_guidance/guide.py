@@ -21,12 +21,12 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 
 import torch  # noqa: E402
 
-from shared import cli  # noqa: E402
+from shared.interface import cli  # noqa: E402
 from shared.errors import UserError  # noqa: E402
-from shared.guidance import parse_prompt, prompt_loop  # noqa: E402
-from shared.images import save_grid  # noqa: E402
-from shared.runs import make_run_dir, write_options  # noqa: E402
-from shared.sampling_tools import MAX_GUIDANCE, PICTURE_SCALE, add_sampler_args, load_model, sampler_kwargs, timed_sample  # noqa: E402,E501
+from shared.diffusion.guidance import parse_prompt, prompt_loop  # noqa: E402
+from shared.records.images import save_grid  # noqa: E402
+from shared.records.runs import make_run_dir, write_options  # noqa: E402
+from shared.interface.sampling_args import MAX_GUIDANCE, PICTURE_SCALE, add_sampler_args, load_model, sampler_kwargs, timed_sample  # noqa: E402,E501
 
 
 def build_parser():

@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from shared import cli  # noqa: E402
+from shared.interface import cli  # noqa: E402
 from shared.errors import UserError  # noqa: E402
-from shared.guidance import PRECISIONS  # noqa: E402
+from shared.diffusion.guidance import PRECISIONS  # noqa: E402
 
 
 def build_parser():
@@ -39,8 +39,8 @@ def main(argv=None) -> None:
         import uvicorn
     except ImportError:
         raise UserError("serve.py needs fastapi and uvicorn: pip install fastapi uvicorn") from None
-    from shared.checkpoint import load_for_sampling
-    from shared.server import create_app
+    from shared.records.checkpoint import load_for_sampling
+    from shared.interface.server import create_app
 
     device = cli.pick_device(args.device)
     model, schedule, meta = load_for_sampling(args.checkpoint, device)

@@ -7,12 +7,12 @@ import pickle
 import pytest
 import torch
 
-from shared.checkpoint import (EMA_NAME, LAST_NAME, TRAIN_FORMAT, atomic_save, check_same_model, ema_file,
+from shared.records.checkpoint import (EMA_NAME, LAST_NAME, TRAIN_FORMAT, atomic_save, check_same_model, ema_file,
                                load_checkpoint, load_for_sampling)
 from shared.errors import UserError
-from shared.schedule import NoiseSchedule
-from shared.training import TrainConfig, train
-from shared.unet import UNet
+from shared.diffusion.schedule import NoiseSchedule
+from shared.training.loop import TrainConfig, train
+from shared.model.unet import UNet
 from tests.stage3_helpers import edge_bar_dataset, one_thread  # noqa: F401 (autouse fixture)
 
 

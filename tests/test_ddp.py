@@ -8,17 +8,17 @@ import sys
 
 import torch
 
-from shared.checkpoint import LAST_NAME, load_checkpoint
-from shared.runs import read_log
+from shared.records.checkpoint import LAST_NAME, load_checkpoint
+from shared.records.runs import read_log
 from tests.stage3_helpers import REPO, single_thread_env, write_edge_bar_idx
 
 STEPS = 4
 WORLD_SIZE = 2
 
-# Each rank trains through shared.training.train (the code train.py calls) and saves what it ended with.
+# Each rank trains through shared.training.loop.train (the code train.py calls) and saves what it ended with.
 WORKER = """
 import os, sys, torch
-from shared.training import TrainConfig, train
+from shared.training.loop import TrainConfig, train
 data, out, dump, steps = sys.argv[1:5]
 cfg = TrainConfig(dataset="mnist", data_dir=data, out=out, preset="tiny", timesteps=50, batch_size=8,
                   heldout_size=16, max_steps=int(steps), log_every=1, eval_every=2, ckpt_every=2,

@@ -7,10 +7,10 @@ import scipy.linalg
 import torch
 
 from shared.errors import UserError
-from shared.evaluation import (SmallCNN, accuracy, balanced_labels, format_table, frechet_distance, load_classifier,
+from shared.evaluation.judge import (SmallCNN, accuracy, balanced_labels, format_table, frechet_distance, load_classifier,
                                parse_runs, per_class_accuracy, prepare_judge, save_classifier, split_real,
                                summarise_run, train_classifier)
-from shared.samplers import sample
+from shared.diffusion.samplers import sample
 from tests.tiny_trained import NUM_CLASSES, bar_patterns, one_thread, trained_tiny_model, write_bar_idx  # noqa: F401
 
 
@@ -145,7 +145,7 @@ def test_unconditional_runs_have_no_per_class_rows(classifier, bars):
 def test_inception_fid_offline_is_a_clear_message(monkeypatch):
     import torchvision.models
 
-    from shared.evaluation import load_inception
+    from shared.evaluation.judge import load_inception
 
     def offline(*args, **kwargs):
         raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from shared import NoiseSchedule, q_sample
-from shared.diffusion import prior_match_statistics
-from shared.nn import timestep_embedding
+from shared.diffusion.forward import prior_match_statistics
+from shared.model.blocks import timestep_embedding
 
 
 def test_q_sample_matches_formula_and_keeps_dtype():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from shared.errors import UserError
-from shared.guidance import PromptError, cfg_combine, check_labels, parse_prompt, prompt_loop
+from shared.diffusion.guidance import PromptError, cfg_combine, check_labels, parse_prompt, prompt_loop
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from shared.checkpoint import LAST_NAME, load_checkpoint
-from shared.runs import read_log
+from shared.records.checkpoint import LAST_NAME, load_checkpoint
+from shared.records.runs import read_log
 from tests.stage3_helpers import FAST_ARGS, TRAIN_SCRIPT, run_train, single_thread_env, write_edge_bar_idx
 
 STEPS = 36          # long enough that the killed run cannot finish between its first checkpoint and the kill

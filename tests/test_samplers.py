@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from shared.errors import UserError
-from shared.guidance import cfg_combine, model_eps
-from shared.samplers import sample
-from shared.schedule import NoiseSchedule
-from shared.seeding import per_sample_noise
-from shared.unet import UNet
+from shared.diffusion.guidance import cfg_combine, model_eps
+from shared.diffusion.samplers import sample
+from shared.diffusion.schedule import NoiseSchedule
+from shared.diffusion.noise import per_sample_noise
+from shared.model.unet import UNet
 from tests.tiny_trained import bar_patterns, one_thread, trained_tiny_model  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]

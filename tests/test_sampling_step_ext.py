@@ -1,6 +1,6 @@
 """The fused sampling update (kernels.ddpm_step / kernels.ddim_step, C++/CUDA op) against references.
 
-References: the eager steps of shared.sampling (the repo's ground truth, run in float64 on the same
+References: the eager steps of shared.diffusion.steps (the repo's ground truth, run in float64 on the same
 inputs for the low-precision dtypes), and closed forms (DDIM η = 0 with the true noise recovers x0;
 the DDPM posterior mean equals Algorithm 2's 1/√α_t·(x_t − β_t/√(1−ᾱ_t)·ε); guidance with w = 0 / 1).
 Every test runs on CPU and, when a GPU is present, on CUDA.
@@ -15,9 +15,9 @@ import torch
 
 import kernels
 from kernels import sampling_step
-from shared import NoiseSchedule, UserError
-from shared.sampling import ddim_step as eager_ddim_step
-from shared.sampling import ddpm_step as eager_ddpm_step
+from shared import NoiseSchedule
+from shared.diffusion.steps import ddim_step as eager_ddim_step
+from shared.diffusion.steps import ddpm_step as eager_ddpm_step
 
 GPU_REASON = "needs a CUDA GPU (the CUDA kernel is compiled but cannot run here)"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -299,7 +299,8 @@ def test_torch_compile_fullgraph(schedule, device):
 
 def test_failed_build_names_what_is_missing(monkeypatch, tmp_path):
     """Without a usable prebuilt module and without a compiler, loading raises FusedKernelsUnavailable
-    (a UserError) naming the compiler, instead of falling back to the eager step."""
+    (reported as one line, like a UserError) naming the compiler, instead of falling back to the eager
+    step."""
     from kernels import build
 
     monkeypatch.setattr(build, "EXTENSION_NAME", "kernels._no_such_prebuilt_module")
@@ -308,4 +309,6 @@ def test_failed_build_names_what_is_missing(monkeypatch, tmp_path):
     assert any("C++ compiler" in item for item in build.missing_tools(with_cuda=False))
     with pytest.raises(kernels.FusedKernelsUnavailable, match=r"C\+\+ compiler.*ninja on PATH"):
         sampling_step.load_extension.__wrapped__()
-    assert issubclass(kernels.FusedKernelsUnavailable, UserError)
+    from shared.errors import USER_ERRORS
+
+    assert kernels.FusedKernelsUnavailable in USER_ERRORS

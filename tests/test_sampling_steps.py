@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from shared.diffusion import q_sample
-from shared.sampling import ddim_step, ddim_timesteps, ddpm_step
-from shared.schedule import NoiseSchedule
+from shared.diffusion.forward import q_sample
+from shared.diffusion.steps import ddim_step, ddim_timesteps, ddpm_step
+from shared.diffusion.schedule import NoiseSchedule
 
 SHAPE = (3, 2, 5, 4)  # odd sizes on purpose
 

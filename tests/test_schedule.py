@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from shared import NoiseSchedule, UserError, extract
-from shared.schedule import MAX_BETA
+from shared.diffusion.schedule import MAX_BETA
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])

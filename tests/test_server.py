@@ -18,8 +18,8 @@ httpx = pytest.importorskip("httpx", reason="httpx is not installed (FastAPI's T
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from shared.checkpoint import load_for_sampling  # noqa: E402
-from shared.server import create_app  # noqa: E402
+from shared.records.checkpoint import load_for_sampling  # noqa: E402
+from shared.interface.server import create_app  # noqa: E402
 from tests.tiny_trained import NUM_CLASSES, SIZE, TIMESTEPS, one_thread, save_tiny_checkpoint  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_bad_requests_are_422_with_a_message(client, payload, needle):
 def test_a_failing_request_does_not_take_the_server_down(checkpoint, monkeypatch):
     model, schedule, meta = load_for_sampling(checkpoint, "cpu")
     client = TestClient(create_app(model, schedule, meta, torch.device("cpu")))
-    import shared.server as server
+    import shared.interface.server as server
 
     real_sample = server.sample
     monkeypatch.setattr(server, "sample", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.evaluation import save_classifier, train_classifier
+from shared.evaluation.judge import save_classifier, train_classifier
 from tests.tiny_trained import NUM_CLASSES, bar_patterns, one_thread, save_tiny_checkpoint, write_bar_idx  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,8 +127,8 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize("script,args,needle", BAD_INPUT, ids=[f"{s.stem}-{n[:12]}" for s, _, n in BAD_INPUT])
 def test_bad_input_is_one_error_line_and_exit_2(assets, tmp_path, capsys, script, args, needle):
-    """In-process through shared.cli.run_main (what `python script.py` runs): exit 2, one line, no output."""
-    from shared import cli
+    """In-process through shared.interface.cli.run_main (what `python script.py` runs): exit 2, one line, no output."""
+    from shared.interface import cli
 
     ckpt, _, _ = assets
     module = _load(script)

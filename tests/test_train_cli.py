@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from shared import cli
-from shared.training import DEFAULT_MAX_STEPS, TrainConfig, train
+from shared.interface import cli
+from shared.training.loop import DEFAULT_MAX_STEPS, TrainConfig, train
 from tests.stage3_helpers import TRAIN_SCRIPT, edge_bar_dataset, run_train, single_thread_env, write_edge_bar_idx
 
 

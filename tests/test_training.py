@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from shared.checkpoint import load_checkpoint
-from shared.ema import ema_decay_at, make_ema
+from shared.records.checkpoint import load_checkpoint
+from shared.model.ema import ema_decay_at, make_ema
 from shared.errors import UserError
-from shared.runs import LOG_COLUMNS, read_log
-from shared.schedule import NoiseSchedule
-from shared.train_state import ResumableSampler, capture_rng, restore_rng
-from shared.training import (TrainConfig, fixed_heldout_batch, heldout_loss, lr_factor, merge_resume_options,
+from shared.records.runs import LOG_COLUMNS, read_log
+from shared.diffusion.schedule import NoiseSchedule
+from shared.training.state import ResumableSampler, capture_rng, restore_rng
+from shared.training.loop import (TrainConfig, fixed_heldout_batch, heldout_loss, lr_factor, merge_resume_options,
                              split_heldout, train)
 from tests.stage3_helpers import NUM_CLASSES, edge_bar_dataset, one_thread  # noqa: F401 (autouse fixture)
 
@@ -144,7 +144,7 @@ def test_class_cond_drops_labels_to_the_null_class(tmp_path):
 
     def run(p_uncond):
         seen.clear()
-        import shared.training as training
+        import shared.training.loop as training
         original = training.build_model
 
         def build_and_hook(*args, **kwargs):

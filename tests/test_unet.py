@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from shared import UNet, UserError
-from shared.nn import GroupNormAct, SelfAttention
+from shared.model.blocks import GroupNormAct, SelfAttention
 
 # Ho et al. 2020 report 35.7 M parameters for their CIFAR-10 model. Ours is that network with FiLM
 # (scale and shift) instead of an additive time bias, so each of its 22 ResBlocks' embedding

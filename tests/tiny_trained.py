@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.checkpoint import EMA_NAME, atomic_save, ema_file
-from shared.images import to_uint8
-from shared.schedule import NoiseSchedule
-from shared.unet import UNet
+from shared.records.checkpoint import EMA_NAME, atomic_save, ema_file
+from shared.records.images import to_uint8
+from shared.diffusion.schedule import NoiseSchedule
+from shared.model.unet import UNet
 from tests.idx_files import write_idx
 
 SIZE = 16
@@ -48,7 +48,7 @@ def bar_patterns(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def write_bar_idx(folder: Path, images: torch.Tensor, labels: torch.Tensor, split: str = "train") -> Path:
     """Writes images [N x 1 x H x W] in [-1, 1] and labels as MNIST-format gzipped IDX files (what
-    shared.data reads with --data-dir)."""
+    shared.training.data reads with --data-dir)."""
     folder.mkdir(parents=True, exist_ok=True)
     pixels = to_uint8(images).squeeze(1).numpy()
     write_idx(folder / f"{split}-images-idx3-ubyte", pixels, gz=True)

@@ -16,10 +16,10 @@ from tests.kernels.tolerances import DEVICES, REL_TOL, rel_err
 
 kernels = pytest.importorskip("kernels")
 shared = pytest.importorskip("shared")
-from shared.diffusion import q_sample  # noqa: E402
-from shared.nn import GroupNormAct, SelfAttention  # noqa: E402
-from shared.schedule import NoiseSchedule  # noqa: E402
-from shared.unet import UNet  # noqa: E402
+from shared.diffusion.forward import q_sample  # noqa: E402
+from shared.model.blocks import GroupNormAct, SelfAttention  # noqa: E402
+from shared.diffusion.schedule import NoiseSchedule  # noqa: E402
+from shared.model.unet import UNet  # noqa: E402
 
 # A whole network sums many roundings, and a parameter whose gradient nearly cancels (e.g. a bias
 # feeding a GroupNorm) shows a larger relative error; this is the fp32 bound for each parameter.

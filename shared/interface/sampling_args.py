@@ -10,11 +10,11 @@ from typing import Sequence
 
 import torch
 
-from shared import cli
+from shared.interface import cli
 from shared.errors import UserError
-from shared.guidance import PRECISIONS
-from shared.samplers import SAMPLERS, sample
-from shared.sampling import SPACINGS, VARIANCES
+from shared.diffusion.guidance import PRECISIONS
+from shared.diffusion.samplers import SAMPLERS, sample
+from shared.diffusion.steps import SPACINGS, VARIANCES
 
 MAX_GUIDANCE = 20.0
 # Trajectory pictures: how many columns the x_t / x̂0 strip has, and the GIF's frame time.
@@ -49,7 +49,7 @@ def add_sampler_args(parser: argparse.ArgumentParser, default_sampler: str = "dd
 
 def load_model(args: argparse.Namespace):
     """(model, schedule, meta, device) from --checkpoint/--device/--fused-kernels; errors are UserErrors."""
-    from shared.checkpoint import load_for_sampling
+    from shared.records.checkpoint import load_for_sampling
 
     device = cli.pick_device(args.device)
     model, schedule, meta = load_for_sampling(args.checkpoint, device)
@@ -61,7 +61,7 @@ def load_model(args: argparse.Namespace):
 
 
 def sampler_kwargs(args: argparse.Namespace, **overrides) -> dict:
-    """The keyword arguments of shared.samplers.sample that the flags decide."""
+    """The keyword arguments of shared.diffusion.samplers.sample that the flags decide."""
     kw = dict(sampler=args.sampler, num_steps=args.steps, eta=args.eta, spacing=args.spacing,
               variance=args.variance, clip_x0=args.clip_x0, guidance_scale=args.guidance_scale,
               batch_size=args.batch_size, precision=args.precision, fused_step=args.fused_kernels,
@@ -111,7 +111,7 @@ class TrajectoryRecorder:
         """trajectory.png (top: x_t, bottom: x̂0, at evenly spaced steps) and trajectory.gif."""
         from PIL import Image
 
-        from shared.images import grid_image, save_grid
+        from shared.records.images import grid_image, save_grid
 
         n = len(self.timesteps)
         if n == 0:

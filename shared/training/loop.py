@@ -27,17 +27,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from shared import distributed
-from shared.checkpoint import (BEST_NAME, EMA_NAME, LAST_NAME, TRAIN_FORMAT, atomic_save, check_same_model,
+from shared.training import distributed
+from shared.records.checkpoint import (BEST_NAME, EMA_NAME, LAST_NAME, TRAIN_FORMAT, atomic_save, check_same_model,
                                ema_file, load_checkpoint, resolve_checkpoint)
-from shared.diffusion import q_sample
-from shared.ema import DEFAULT_EMA_DECAY, DEFAULT_EMA_WARMUP, make_ema
+from shared.diffusion.forward import q_sample
+from shared.model.ema import DEFAULT_EMA_DECAY, DEFAULT_EMA_WARMUP, make_ema
 from shared.errors import UserError
-from shared.runs import CsvLog, check_writable_dir, make_run_dir, plot_loss, read_log, write_options
-from shared.schedule import NoiseSchedule
-from shared.seeding import seed_everything
-from shared.train_state import Progress, ResumableSampler, capture_rng, restore_rng
-from shared.unet import UNet
+from shared.records.runs import CsvLog, check_writable_dir, make_run_dir, plot_loss, read_log, write_options
+from shared.diffusion.schedule import NoiseSchedule
+from shared.diffusion.noise import seed_everything
+from shared.training.state import Progress, ResumableSampler, capture_rng, restore_rng
+from shared.model.unet import UNet
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -237,7 +237,7 @@ def train(cfg: TrainConfig, dataset: Dataset | None = None, given: set[str] | No
     """Runs (or resumes) one training job; returns counters, throughput and the trained networks.
 
     dataset: an in-memory dataset yielding (image [C x H x W] in [-1, 1], label) with an `.info`
-    (shared.data.DatasetInfo); None loads cfg.dataset from cfg.data_dir.
+    (shared.training.data.DatasetInfo); None loads cfg.dataset from cfg.data_dir.
     given: with cfg.resume, the options set explicitly (see merge_resume_options).
     """
     check_config(cfg)
@@ -264,7 +264,7 @@ def _train(cfg: TrainConfig, dataset, given, ctx, device) -> TrainResult:
 
     # ---- data
     if dataset is None:
-        from shared.data import load_dataset
+        from shared.training.data import load_dataset
         dataset = load_dataset(cfg.dataset, cfg.data_dir, quiet=not ctx.is_main)
     info = dataset.info
     if len(dataset) == 0:
@@ -360,8 +360,8 @@ def _train(cfg: TrainConfig, dataset, given, ctx, device) -> TrainResult:
                         run_dir / EMA_NAME)
 
     def write_samples() -> None:
-        from shared.images import save_grid  # imports torchvision (seconds): only when a grid is due
-        from shared.samplers import sample  # issue 4's sampler: deterministic DDIM, per-sample seeds
+        from shared.records.images import save_grid  # imports torchvision (seconds): only when a grid is due
+        from shared.diffusion.samplers import sample  # issue 4's sampler: deterministic DDIM, per-sample seeds
         # Class-conditional grids give each class a column (up to MAX_GRID_CLASSES); else 8×8.
         columns = min(raw_model.num_classes, MAX_GRID_CLASSES) if raw_model.num_classes else SAMPLE_GRID_ROWS
         n = SAMPLE_GRID_ROWS * columns

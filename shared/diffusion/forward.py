@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from shared.schedule import NoiseSchedule, extract
+from shared.diffusion.schedule import NoiseSchedule, extract
 
 
 def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: int | torch.Tensor,

@@ -172,7 +172,7 @@ def frechet_distance(feature: nn.Module, real: torch.Tensor, fake: torch.Tensor,
 
 
 def save_classifier(model: SmallCNN, path: str | os.PathLike, meta: dict) -> Path:
-    from shared.checkpoint import atomic_save
+    from shared.records.checkpoint import atomic_save
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -347,7 +347,7 @@ def prepare_judge(dataset: str, data_dir: str | None, classifier_path: str | Non
                   epochs: int = DEFAULT_EPOCHS, shift_pixels: int = SHIFT_PIXELS, progress: bool = True) -> Judge:
     """Loads the real data, splits off the held-out images, and loads the classifier from
     `classifier_path` or trains one on the rest (saving it there when a path is given)."""
-    from shared.data import load_dataset
+    from shared.training.data import load_dataset
 
     data = load_dataset(dataset, data_dir=data_dir, train=True, image_size=int(image_shape[-1]), quiet=True)
     images, labels = stack_dataset(data)

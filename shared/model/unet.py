@@ -18,7 +18,7 @@ import torch.nn as nn
 
 import kernels
 from shared.errors import UserError
-from shared.nn import Downsample, GroupNormAct, ResBlock, SelfAttention, Upsample, timestep_embedding, zero_module
+from shared.model.blocks import Downsample, GroupNormAct, ResBlock, SelfAttention, Upsample, timestep_embedding, zero_module
 
 # Each preset is a complete set of constructor arguments; `from_preset(name, **overrides)` edits one.
 PRESETS: dict[str, dict] = {

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from shared.schedule import NoiseSchedule, extract
+from kernels.sampling_step import VARIANCES
+from shared.diffusion.schedule import NoiseSchedule, extract
 
-VARIANCES = ("fixed_small", "fixed_large")
 SPACINGS = ("trailing", "leading", "linspace")
 
 

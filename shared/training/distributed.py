@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from shared.cli import pick_device
+from shared.interface.cli import pick_device
 from shared.errors import UserError
 
 

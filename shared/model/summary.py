@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from shared.unet import UNet
+from shared.model.unet import UNet
 
 
 def block_table(model: UNet, x: torch.Tensor, t: torch.Tensor) -> list[dict]:

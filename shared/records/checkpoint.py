@@ -172,7 +172,7 @@ def strip_averaged_prefix(state_dict: dict) -> dict:
 
 def build_model(model_config: dict, path: str | os.PathLike) -> torch.nn.Module:
     """UNet(**model_config), with a foreign config reported as a UserError."""
-    from shared.unet import UNet  # imported here so checkpoint utilities load without the network
+    from shared.model.unet import UNet  # imported here so checkpoint utilities load without the network
 
     try:
         return UNet(**model_config)
@@ -190,7 +190,7 @@ def load_for_sampling(path: str | os.PathLike, device: str | torch.device = "cpu
     meta: {"dataset", "num_classes", "image_shape": [C, H, W], "schedule": {"kind", "num_timesteps"},
     "options", ...} as recorded at training time.
     """
-    from shared.schedule import NoiseSchedule
+    from shared.diffusion.schedule import NoiseSchedule
 
     if which not in ("ema", "model"):
         raise UserError(f"which must be 'ema' or 'model', got {which!r}")

@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from shared.errors import UserError
-from shared.guidance import parse_prompt
-from shared.images import grid_image
-from shared.samplers import SAMPLERS, default_steps, sample
+from shared.errors import USER_ERRORS, UserError
+from shared.diffusion.guidance import parse_prompt
+from shared.records.images import grid_image
+from shared.diffusion.samplers import SAMPLERS, default_steps, sample
 
 MAX_STEPS, MAX_N, MAX_GUIDANCE, MAX_SEED = 1000, 64, 20.0, 2**63 - 1
 
@@ -105,7 +105,7 @@ def create_app(model: torch.nn.Module, schedule, meta: dict, device: torch.devic
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 seconds = time.perf_counter() - start
-        except UserError as err:
+        except USER_ERRORS as err:
             raise HTTPException(status_code=422, detail=str(err)) from None
         except Exception as err:  # noqa: BLE001 - one failed request must not take the server down
             raise HTTPException(status_code=500, detail=f"sampling failed: {type(err).__name__}: {err}") from None

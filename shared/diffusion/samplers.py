@@ -1,9 +1,9 @@
 """Sampler loops: ancestral DDPM, DDIM, and DPM-Solver++(2M), with classifier-free guidance.
 
-Every update goes through `shared.sampling.ddpm_step` / `ddim_step` (or, with fused_step=True, the
+Every update goes through `shared.diffusion.steps.ddpm_step` / `ddim_step` (or, with fused_step=True, the
 fused `kernels.ddpm_step` / `kernels.ddim_step` of the same signature, guidance folded in). The loops
 own the random numbers: sample i with seed s draws x_T from stream (s, 0) and step k's fresh noise
-from stream (s, k + 1) (`shared.seeding.per_sample_noise`), so image i is the same at any batch size.
+from stream (s, k + 1) (`shared.diffusion.noise.per_sample_noise`), so image i is the same at any batch size.
 
     sampler  timesteps visited                         update
     ddpm     all T (t = T−1 … 0), or respaced S < T    DDPM Alg. 2; respaced: DDIM Eq. 12 with η = 1
@@ -26,10 +26,10 @@ import torch
 from tqdm.auto import tqdm
 
 from shared.errors import UserError
-from shared.guidance import PRECISIONS, cfg_combine, check_labels, model_eps
-from shared.sampling import SPACINGS, VARIANCES, ddim_step, ddim_timesteps, ddpm_step, predict_x0_from_eps
-from shared.schedule import NoiseSchedule
-from shared.seeding import per_sample_noise
+from shared.diffusion.guidance import PRECISIONS, cfg_combine, check_labels, model_eps
+from shared.diffusion.steps import SPACINGS, VARIANCES, ddim_step, ddim_timesteps, ddpm_step, predict_x0_from_eps
+from shared.diffusion.schedule import NoiseSchedule
+from shared.diffusion.noise import per_sample_noise
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
 # Stream 0 of a sample's seed draws x_T; step k draws its fresh noise from stream k + 1.

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from shared.errors import UserError
+from shared.errors import USER_ERRORS, UserError
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder")
 SCHEDULES = ("linear", "cosine")
@@ -114,10 +114,11 @@ def pick_device(name: str) -> torch.device:
 
 
 def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Runs a script's main(argv); a UserError becomes one 'error: ...' line on stderr and exit code 2."""
+    """Runs a script's main(argv); a UserError (or a fused kernel that cannot run here) becomes one
+    'error: ...' line on stderr and exit code 2."""
     try:
         main(argv)
-    except UserError as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

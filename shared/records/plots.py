@@ -10,8 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import torch  # noqa: E402
 
-from shared.images import to_uint8  # noqa: E402
-from shared.schedule import NoiseSchedule  # noqa: E402
+from shared.records.images import to_uint8  # noqa: E402
+from shared.diffusion.schedule import NoiseSchedule  # noqa: E402
 
 
 def plot_schedules(schedules: Sequence[NoiseSchedule], path: str) -> None:

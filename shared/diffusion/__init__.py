@@ -1,0 +1,1 @@
+"""The diffusion math: schedules, the forward process, sampler steps and loops, guidance, per-sample noise."""

@@ -1,0 +1,1 @@
+"""Judging samples: a classifier judge, Fréchet distances, the evaluation report."""

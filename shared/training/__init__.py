@@ -1,0 +1,1 @@
+"""Training with L_simple: configuration, loss, resumable state, the loop, data, distributed."""
