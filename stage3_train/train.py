@@ -22,7 +22,8 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 
 from shared.interface import cli  # noqa: E402
 from shared.records.checkpoint import LAST_NAME, load_checkpoint, resolve_checkpoint  # noqa: E402
-from shared.training.loop import (DEFAULT_MAX_STEPS, PRECISIONS, TrainConfig, merge_resume_options,  # noqa: E402
+from shared.model.precision import TRAIN_PRECISIONS as PRECISIONS  # noqa: E402
+from shared.training.loop import (DEFAULT_MAX_STEPS, TrainConfig, merge_resume_options,  # noqa: E402
                              resolve_precision, train)
 from shared.model.unet import PRESETS  # noqa: E402
 

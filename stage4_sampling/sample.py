@@ -22,6 +22,7 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 import torch  # noqa: E402
 
 from shared.interface import cli  # noqa: E402
+from shared.training.data import JUDGE_HELDOUT  # noqa: E402
 from shared.errors import UserError  # noqa: E402
 from shared.records.images import save_grid  # noqa: E402
 from shared.records.runs import make_run_dir, write_options  # noqa: E402
@@ -47,7 +48,7 @@ def build_parser():
     e.add_argument("--classifier", default=None,
                    help="a classifier file of stage5_guidance/evaluate.py; trained there if missing")
     cli.add_dataset_args(e)
-    e.add_argument("--heldout", type=cli.positive_int, default=2000, help="real images held out for the FD")
+    e.add_argument("--heldout", type=cli.positive_int, default=JUDGE_HELDOUT, help="real images held out for the FD")
     return parser
 
 

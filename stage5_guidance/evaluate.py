@@ -22,6 +22,7 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from shared.interface import cli  # noqa: E402
+from shared.training.data import JUDGE_HELDOUT  # noqa: E402
 from shared.errors import UserError  # noqa: E402
 from shared.evaluation.judge import (DEFAULT_EPOCHS, SHIFT_PIXELS, balanced_labels, format_table, frechet_distance, load_inception,  # noqa: E402
                                parse_runs, prepare_judge, seeds_for, summarise_run)
@@ -41,7 +42,7 @@ def build_parser():
                    help="epochs when the classifier is trained")
     g.add_argument("--classifier-shift", type=cli.int_in(0, 4), default=SHIFT_PIXELS,
                    help="± pixels of random translation when the classifier is trained")
-    g.add_argument("--heldout", type=cli.positive_int, default=2000,
+    g.add_argument("--heldout", type=cli.positive_int, default=JUDGE_HELDOUT,
                    help="the last N real images: classifier accuracy and FD reference (never trained on)")
     g.add_argument("--per-class", type=cli.int_in(1, 10_000), default=20,
                    help="samples per class (or samples / 10 for an unconditional model)")

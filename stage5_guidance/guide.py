@@ -26,7 +26,8 @@ from shared.errors import UserError  # noqa: E402
 from shared.diffusion.guidance import parse_prompt, prompt_loop  # noqa: E402
 from shared.records.images import save_grid  # noqa: E402
 from shared.records.runs import make_run_dir, write_options  # noqa: E402
-from shared.interface.sampling_args import MAX_GUIDANCE, PICTURE_SCALE, add_sampler_args, load_model, sampler_kwargs, timed_sample  # noqa: E402,E501
+from shared.diffusion.guidance import MAX_GUIDANCE  # noqa: E402
+from shared.interface.sampling_args import PICTURE_SCALE, add_sampler_args, load_model, sampler_kwargs, timed_sample  # noqa: E402,E501
 
 
 def build_parser():

@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 
 from shared.interface import cli  # noqa: E402
 from shared.errors import UserError  # noqa: E402
-from shared.diffusion.guidance import PRECISIONS  # noqa: E402
+from shared.model.precision import PRECISIONS  # noqa: E402
 
 
 def build_parser():

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from shared.errors import UserError
+from shared.model.precision import autocast
 
 # Number words for the MNIST digits; other datasets add their class names below.
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -22,7 +23,8 @@ CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "fashion-mnist": ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
                       "bag", "ankle boot"),
 }
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Guidance scales above this are refused: past it samples saturate, and it bounds what the API accepts.
+MAX_GUIDANCE = 20.0
 
 
 class PromptError(UserError):
@@ -96,9 +98,7 @@ def model_eps(model: torch.nn.Module, x_t: torch.Tensor, t: int, labels: torch.T
     """
     n = x_t.shape[0]
     t_batch = torch.full((n,), int(t), dtype=torch.long, device=x_t.device)
-    autocast = torch.autocast(device_type=x_t.device.type, dtype=PRECISIONS[precision],
-                              enabled=precision != "fp32")
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast(x_t.device, precision):
         if labels is None or getattr(model, "num_classes", 0) == 0:
             return model(x_t, t_batch).to(x_t.dtype), None
         if guidance_scale == 1.0:

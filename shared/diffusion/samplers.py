@@ -26,10 +26,11 @@ import torch
 from tqdm.auto import tqdm
 
 from shared.errors import UserError
-from shared.diffusion.guidance import PRECISIONS, cfg_combine, check_labels, model_eps
+from shared.diffusion.guidance import cfg_combine, check_labels, model_eps
 from shared.diffusion.steps import SPACINGS, VARIANCES, ddim_step, ddim_timesteps, ddpm_step, predict_x0_from_eps
 from shared.diffusion.schedule import NoiseSchedule
 from shared.diffusion.noise import per_sample_noise
+from shared.model.precision import check_precision
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
 # Stream 0 of a sample's seed draws x_T; step k draws its fresh noise from stream k + 1.
@@ -164,8 +165,7 @@ def sample(model: torch.nn.Module, schedule: NoiseSchedule, seeds: Sequence[int]
         raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if variance not in VARIANCES:
         raise UserError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    check_precision(precision)
     if not eta >= 0 or not guidance_scale >= 0 or batch_size < 1:
         raise UserError(f"need eta >= 0, guidance_scale >= 0, batch_size >= 1 "
                         f"(got {eta}, {guidance_scale}, {batch_size})")

@@ -271,9 +271,12 @@ def balanced_labels(num_classes: int, per_class: int) -> torch.Tensor:
 
 def split_real(images: torch.Tensor, labels: torch.Tensor, heldout: int) -> tuple[tuple, tuple]:
     """((train images, labels), (held-out images, labels)): the last `heldout` images are held out."""
+    from shared.training.data import judge_split
+
     if not 0 < heldout < images.shape[0]:
         raise UserError(f"--heldout must lie in [1, {images.shape[0] - 1}] for {images.shape[0]} images, got {heldout}")
-    return (images[:-heldout], labels[:-heldout]), (images[-heldout:], labels[-heldout:])
+    train, held = (slice(r.start, r.stop) for r in judge_split(images.shape[0], heldout))
+    return (images[train], labels[train]), (images[held], labels[held])
 
 
 def stack_dataset(dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

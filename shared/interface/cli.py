@@ -11,10 +11,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from shared.diffusion.schedule import SCHEDULE_KINDS
 from shared.errors import USER_ERRORS, UserError
+from shared.training.data import DATASET_NAMES
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder")
-SCHEDULES = ("linear", "cosine")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -86,7 +86,7 @@ def int_list(text: str) -> list[int]:
 
 
 def add_dataset_args(parser: argparse.ArgumentParser, default: str = "mnist") -> None:
-    parser.add_argument("--dataset", choices=DATASETS, default=default,
+    parser.add_argument("--dataset", choices=DATASET_NAMES, default=default,
                         help="dataset; 'folder' reads an ImageFolder tree from --data-dir")
     parser.add_argument("--data-dir", default=None,
                         help="where the data lives: MNIST-format IDX files (offline), an ImageFolder "
@@ -94,7 +94,7 @@ def add_dataset_args(parser: argparse.ArgumentParser, default: str = "mnist") ->
 
 
 def add_schedule_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--schedule", choices=SCHEDULES, default="linear", help="noise schedule β_t")
+    parser.add_argument("--schedule", choices=SCHEDULE_KINDS, default="linear", help="noise schedule β_t")
     parser.add_argument("--timesteps", type=int_in(1, 100_000), default=1000, help="T, diffusion steps")
 
 

@@ -12,11 +12,11 @@ import torch
 
 from shared.interface import cli
 from shared.errors import UserError
-from shared.diffusion.guidance import PRECISIONS
+from shared.diffusion.guidance import MAX_GUIDANCE
 from shared.diffusion.samplers import SAMPLERS, sample
 from shared.diffusion.steps import SPACINGS, VARIANCES
+from shared.model.precision import PRECISIONS
 
-MAX_GUIDANCE = 20.0
 # Trajectory pictures: how many columns the x_t / x̂0 strip has, and the GIF's frame time.
 TRAJECTORY_COLUMNS = 10
 GIF_FRAME_MS = 100

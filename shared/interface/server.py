@@ -21,11 +21,11 @@ import time
 import torch
 
 from shared.errors import USER_ERRORS, UserError
-from shared.diffusion.guidance import parse_prompt
+from shared.diffusion.guidance import MAX_GUIDANCE, parse_prompt
 from shared.records.images import grid_image
 from shared.diffusion.samplers import SAMPLERS, default_steps, sample
 
-MAX_STEPS, MAX_N, MAX_GUIDANCE, MAX_SEED = 1000, 64, 20.0, 2**63 - 1
+MAX_STEPS, MAX_N, MAX_SEED = 1000, 64, 2**63 - 1
 
 
 def png_base64(image: torch.Tensor) -> str:

@@ -24,6 +24,22 @@ DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10", "folder")
 _TORCHVISION_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 _NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10}
 IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049  # IDX headers: 0x00000803 and 0x00000801
+# The evaluator's held-out images are the last JUDGE_HELDOUT of a dataset (in file order). Training on
+# the same files leaves them out, so a Fréchet distance against them measures generalisation.
+JUDGE_HELDOUT = 2000
+
+
+def judge_split(num_images: int, heldout: int = JUDGE_HELDOUT) -> tuple[range, range]:
+    """(indices a model may train on, the evaluator's held-out indices) for a dataset of num_images.
+
+    The one split definition that training, the classifier judge and the Fréchet distances share.
+    """
+    if not 0 < heldout < num_images:
+        raise UserError(f"the held-out split must hold between 1 and {num_images - 1} of the {num_images} "
+                        f"images, got {heldout}")
+    return range(num_images - heldout), range(num_images - heldout, num_images)
+
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from shared.training import distributed
 from shared.records.checkpoint import (BEST_NAME, EMA_NAME, LAST_NAME, TRAIN_FORMAT, atomic_save, check_same_model,
                                ema_file, load_checkpoint, resolve_checkpoint)
 from shared.diffusion.forward import q_sample
+from shared.model.precision import TRAIN_PRECISIONS, autocast as autocast_for, check_precision
 from shared.model.ema import DEFAULT_EMA_DECAY, DEFAULT_EMA_WARMUP, make_ema
 from shared.errors import UserError
 from shared.records.runs import CsvLog, check_writable_dir, make_run_dir, plot_loss, read_log, write_options
@@ -39,8 +39,6 @@ from shared.diffusion.noise import seed_everything
 from shared.training.state import Progress, ResumableSampler, capture_rng, restore_rng
 from shared.model.unet import UNet
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MAX_STEPS = 6000        # with batch 128: ~1.1 epochs of 60k MNIST, recognisable digits with EMA
 SAMPLE_GRID_ROWS = 8            # sample grids have 8 rows (and 8 columns, or one per class)
 MAX_GRID_CLASSES = 16
@@ -113,8 +111,7 @@ class TrainResult:
 # Options
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    check_precision(precision, TRAIN_PRECISIONS)
     if precision == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and device.type != "cuda":
@@ -317,8 +314,7 @@ def _train(cfg: TrainConfig, dataset, given, ctx, device) -> TrainResult:
         model = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
-    autocast = (torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]) if precision in AUTOCAST_DTYPES
-                else nullcontext())
+    autocast = autocast_for(device, precision)
     heldout = fixed_heldout_batch(heldout_set, cfg.timesteps, cfg.seed, device) if heldout_set else None
     if cfg.fused_kernels:  # a kernel that cannot run here fails now, before any record is written
         raw_model.eval()  # (eval: no dropout, so the probe draws nothing from the RNG)
