@@ -1,9 +1,12 @@
 """U-Net shapes, parameter counts, conditioning and configuration errors."""
+import hashlib
+
 import pytest
 import torch
 
 from shared import UNet, UserError
-from shared.model.blocks import GroupNormAct, SelfAttention
+from shared.model.blocks import EmbeddingBlock, EmbeddingSequential, GroupNormAct, ResBlock, SelfAttention
+from shared.model.summary import block_table
 
 # Ho et al. 2020 report 35.7 M parameters for their CIFAR-10 model. Ours is that network with FiLM
 # (scale and shift) instead of an additive time bias, so each of its 22 ResBlocks' embedding
@@ -131,3 +134,61 @@ def test_fused_switch_refuses_unsupported_head_dims_up_front():
     with pytest.raises(kernels.FusedKernelsUnavailable, match=r"head dims \(32, 64, 128\).*\[16\]"):
         model.set_fused_kernels(True)
     assert not model.fused_kernels
+
+
+# sha256 of the newline-joined state_dict keys of models built by the U-Net as first released (blocks held
+# in lists of layers). Checkpoints store these keys, so a change here would orphan every saved model.
+RELEASED_KEY_DIGESTS = {
+    ("tiny", 0): "3d4f26f00135d0917fe63854c0113020c0b84cf30926552935620c5a48a8dc88",
+    ("tiny", 10): "0b97feb85b32dc5e4d7b35b4826fb37ab0f9c0a1429b822a9b1d2a466f6ca9c6",
+    ("mnist", 0): "6e17a270a9f44fd16b28c9668a5ffa61bdd276063e7b141c3c42aeb639fcdd8e",
+}
+
+
+@pytest.mark.parametrize("preset, num_classes", sorted(RELEASED_KEY_DIGESTS))
+def test_state_dict_keys_are_those_of_released_checkpoints(preset, num_classes):
+    keys = list(UNet.from_preset(preset, num_classes=num_classes).state_dict())
+    assert "middle.1.qkv.weight" in keys and "down.0.0.emb_proj.1.weight" in keys
+    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
+    assert digest == RELEASED_KEY_DIGESTS[preset, num_classes]
+
+
+def test_embedding_sequential_passes_the_embedding_only_to_embedding_blocks():
+    seen = []
+
+    class Plain(torch.nn.Module):
+        def forward(self, x):
+            seen.append("plain")
+            return x + 1
+
+    class Conditioned(EmbeddingBlock):
+        def forward(self, x, emb):
+            seen.append("conditioned")
+            return x * emb
+
+    block = EmbeddingSequential(Plain(), Conditioned(), Plain())
+    x, emb = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 5.0])
+    torch.testing.assert_close(block(x, emb), (x + 1) * emb + 1)
+    assert seen == ["plain", "conditioned", "plain"] and isinstance(block, EmbeddingBlock)
+    assert issubclass(ResBlock, EmbeddingBlock) and not issubclass(SelfAttention, EmbeddingBlock)
+
+
+def test_block_table_hooks_whole_blocks_in_execution_order():
+    """tiny: 28 → 14 with widths 16, 32 and attention at 14×14; each row is a whole block's output."""
+    model = UNet.from_preset("tiny").eval()
+    rows = block_table(model, torch.randn(2, 1, 28, 28), torch.tensor([1, 2]))
+    got = [(r["block"], r["layers"], r["output_shape"][1:]) for r in rows[1:]]
+    assert got == [
+        ("input_conv", "Conv2d", (16, 28, 28)),
+        ("down.0", "ResBlock", (16, 28, 28)),
+        ("down.1", "Downsample", (16, 14, 14)),
+        ("down.2", "ResBlock+SelfAttention", (32, 14, 14)),
+        ("middle", "ResBlock+SelfAttention+ResBlock", (32, 14, 14)),
+        ("up.0", "ResBlock+SelfAttention", (32, 14, 14)),
+        ("up.1", "ResBlock+SelfAttention+Upsample", (32, 28, 28)),
+        ("up.2", "ResBlock", (16, 28, 28)),
+        ("up.3", "ResBlock", (16, 28, 28)),
+        ("out_norm", "GroupNormAct", (16, 28, 28)),
+        ("out_conv", "Conv2d", (1, 28, 28)),
+    ]
+    assert sum(r["params"] for r in rows) == count(model) == 190_369

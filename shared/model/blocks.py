@@ -1,5 +1,9 @@
 """U-Net building blocks: time embedding, residual block with FiLM, self-attention, resampling.
 
+Blocks that need the conditioning embedding subclass `EmbeddingBlock` and take `(x, emb)`; the others
+take `x` alone.  `EmbeddingSequential` chains both kinds and hands the embedding to those that ask for
+it, so the U-Net calls each of its blocks the same way (improved-diffusion's TimestepBlock idea).
+
 The two fusable spots, GroupNorm+FiLM(+SiLU) and attention, go through `GroupNormAct` and
 `SelfAttention`, which call either the eager references in `kernels.reference` or the fused kernels,
 depending on a switch the U-Net sets on all of them at once.
@@ -68,7 +72,27 @@ class GroupNormAct(nn.Module):
         return f"{self.num_groups}, {self.num_channels}, silu={self.silu}, eps={self.eps}"
 
 
-class ResBlock(nn.Module):
+class EmbeddingBlock(nn.Module):
+    """A block conditioned on the embedding: forward(x [N x C x H x W], emb [N x E]) → [N x C' x H' x W']."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define forward(x, emb)")
+
+
+class EmbeddingSequential(nn.Sequential, EmbeddingBlock):
+    """Layers run in order; those that are EmbeddingBlocks also receive the embedding.
+
+    A subclass of nn.Sequential, so its children are named 0, 1, … exactly as in an nn.ModuleList and
+    state_dict keys (e.g. ``down.3.1.qkv.weight``) are those of a list of layers.
+    """
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, EmbeddingBlock) else layer(x)
+        return x
+
+
+class ResBlock(EmbeddingBlock):
     """GN → SiLU → conv, then GN modulated by FiLM from the embedding → SiLU → dropout → conv, + skip.
 
     x: [N x C_in x H x W], emb: [N x E]  →  [N x C_out x H x W].  The FiLM projection maps the embedding

@@ -23,18 +23,14 @@ def block_table(model: UNet, x: torch.Tensor, t: torch.Tensor) -> list[dict]:
     rows: list[dict] = []
 
     def hook_for(name: str, module: nn.Module):
-        kinds = "+".join(type(m).__name__ for m in module) if isinstance(module, nn.ModuleList) else type(module).__name__
+        kinds = "+".join(type(m).__name__ for m in module) if isinstance(module, nn.Sequential) else type(module).__name__
 
         def record(_module, _inputs, output):
             rows.append({"block": name, "layers": kinds, "output_shape": tuple(output.shape),
                          "params": sum(p.numel() for p in module.parameters())})
         return record
 
-    # ModuleLists are not called, so hook their last layer and count the whole list's parameters.
-    handles = []
-    for name, module in blocks:
-        target = module[-1] if isinstance(module, nn.ModuleList) else module
-        handles.append(target.register_forward_hook(hook_for(name, module)))
+    handles = [module.register_forward_hook(hook_for(name, module)) for name, module in blocks]
     try:
         with torch.no_grad():
             model(x, t)

@@ -18,7 +18,8 @@ import torch.nn as nn
 
 import kernels
 from shared.errors import UserError
-from shared.model.blocks import Downsample, GroupNormAct, ResBlock, SelfAttention, Upsample, timestep_embedding, zero_module
+from shared.model.blocks import (Downsample, EmbeddingSequential, GroupNormAct, ResBlock, SelfAttention, Upsample,
+                                 timestep_embedding, zero_module)
 
 # Each preset is a complete set of constructor arguments; `from_preset(name, **overrides)` edits one.
 PRESETS: dict[str, dict] = {
@@ -88,14 +89,14 @@ class UNet(nn.Module):
                 ch = base_channels * mult
                 if resolution in attention_resolutions:
                     layers.append(attn(ch))
-                self.down.append(nn.ModuleList(layers))
+                self.down.append(EmbeddingSequential(*layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
-                self.down.append(nn.ModuleList([Downsample(ch)]))
+                self.down.append(EmbeddingSequential(Downsample(ch)))
                 skip_channels.append(ch)
                 resolution //= 2
 
-        self.middle = nn.ModuleList([res(ch, ch), attn(ch), res(ch, ch)])
+        self.middle = EmbeddingSequential(res(ch, ch), attn(ch), res(ch, ch))
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -107,7 +108,7 @@ class UNet(nn.Module):
                 if level != 0 and block == num_res_blocks:
                     layers.append(Upsample(ch))
                     resolution *= 2
-                self.up.append(nn.ModuleList(layers))
+                self.up.append(EmbeddingSequential(*layers))
 
         self.out_norm = GroupNormAct(num_groups, ch)
         self.out_conv = zero_module(nn.Conv2d(ch, in_channels, 3, padding=1))
@@ -138,7 +139,7 @@ class UNet(nn.Module):
         if enabled:
             kernels.load("group_norm_film_silu")
             kernels.load("attention")
-            from kernels.triton_attention import SUPPORTED_HEAD_DIMS
+            from kernels.flash_attention import SUPPORTED_HEAD_DIMS
 
             head_dims = {m.head_dim for m in self.modules() if isinstance(m, SelfAttention)}
             if not head_dims <= set(SUPPORTED_HEAD_DIMS):
@@ -161,12 +162,12 @@ class UNet(nn.Module):
 
         h = self.input_conv(x)
         skips = [h]
-        for layers in self.down:
-            h = _run(layers, h, emb)
+        for block in self.down:
+            h = block(h, emb)
             skips.append(h)
-        h = _run(self.middle, h, emb)
-        for layers in self.up:
-            h = _run(layers, torch.cat([h, skips.pop()], dim=1), emb)
+        h = self.middle(h, emb)
+        for block in self.up:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out_conv(self.out_norm(h))
 
     def _check_inputs(self, x, t, y):
@@ -189,12 +190,6 @@ class UNet(nn.Module):
         if y.shape != (n,):
             raise ValueError(f"expected labels of shape ({n},), got {tuple(y.shape)}")
         return t, y
-
-
-def _run(layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-    for layer in layers:
-        h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
-    return h
 
 
 def _check_config(in_channels, image_size, base_channels, channel_mult, num_res_blocks, num_heads, dropout,
