@@ -11,7 +11,8 @@ from shared.records.checkpoint import (EMA_NAME, LAST_NAME, TRAIN_FORMAT, atomic
                                load_checkpoint, load_for_sampling)
 from shared.errors import UserError
 from shared.diffusion.schedule import NoiseSchedule
-from shared.training.loop import TrainConfig, train
+from shared.training.config import TrainConfig
+from shared.training.loop import train
 from shared.model.unet import UNet
 from tests.stage3_helpers import edge_bar_dataset, one_thread  # noqa: F401 (autouse fixture)
 

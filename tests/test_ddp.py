@@ -18,7 +18,8 @@ WORLD_SIZE = 2
 # Each rank trains through shared.training.loop.train (the code train.py calls) and saves what it ended with.
 WORKER = """
 import os, sys, torch
-from shared.training.loop import TrainConfig, train
+from shared.training.config import TrainConfig
+from shared.training.loop import train
 data, out, dump, steps = sys.argv[1:5]
 cfg = TrainConfig(dataset="mnist", data_dir=data, out=out, preset="tiny", timesteps=50, batch_size=8,
                   heldout_size=16, max_steps=int(steps), log_every=1, eval_every=2, ckpt_every=2,

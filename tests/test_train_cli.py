@@ -7,12 +7,14 @@ import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from shared.interface import cli
-from shared.training.loop import DEFAULT_MAX_STEPS, TrainConfig, train
+from shared.training.config import CPU_RECIPE, DEFAULT_MAX_STEPS, TrainConfig, build_parser, resolve_precision
+from shared.training.loop import train
 from tests.stage3_helpers import TRAIN_SCRIPT, edge_bar_dataset, run_train, single_thread_env, write_edge_bar_idx
 
 
@@ -126,14 +128,45 @@ def test_fused_kernels_never_fall_back_silently(workspace):
 
 
 def test_dry_run_prints_resolved_options_and_writes_nothing(workspace, capsys, tmp_path):
+    """On a CPU the bare command takes the CPU recipe; every flag given wins over it; --preset turns it off."""
     out = tmp_path / "never_created"
     result = script.main(["--dataset", "mnist", "--device", "cpu", "--out", str(out), "--dry-run"])
     assert result is None
     printed = json.loads(capsys.readouterr().out)
-    assert printed["precision"] == "fp32"  # auto → fp32 on a CPU
-    assert printed["max_steps"] == DEFAULT_MAX_STEPS and printed["preset"] == "mnist"
-    assert printed["batch_size"] == TrainConfig().batch_size
+    assert printed["precision"] == resolve_precision("auto", torch.device("cpu"))
+    for key in ("preset", "batch_size", "lr", "max_steps"):
+        assert printed[key] == CPU_RECIPE[key], key
+    assert printed["class_cond"] is True  # labelled data trains class-conditional by default
+    script.main(["--device", "cpu", "--out", str(out), "--dry-run", "--batch-size", "32", "--no-class-cond"])
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["batch_size"], printed["preset"], printed["class_cond"]) == (32, CPU_RECIPE["preset"], False)
+    script.main(["--device", "cpu", "--out", str(out), "--dry-run", "--preset", "mnist"])
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["preset"], printed["max_steps"], printed["batch_size"]) == ("mnist", DEFAULT_MAX_STEPS,
+                                                                               TrainConfig().batch_size)
     assert not out.exists()
+
+
+def test_flags_come_from_the_config_dataclass():
+    """One flag per TrainConfig field, with the field's default; --class-cond stays accepted."""
+    parser = build_parser("x")
+    defaults = vars(parser.parse_args([]))
+    assert defaults.pop("dry_run") is False
+    assert defaults == asdict(TrainConfig())
+    assert parser.parse_args(["--class-cond"]).class_cond is True
+    assert parser.parse_args(["--no-class-cond"]).class_cond is False
+
+
+@pytest.mark.parametrize("value", ["inf", "1e309", "nan", "-inf"])
+def test_non_finite_floats_are_refused_at_parse_time(value, capsys):
+    for flag in ("--lr", "--grad-clip", "--weight-decay"):
+        code, out, err = _run_in_process([flag, value, "--device", "cpu", "--dry-run"], capsys)
+        assert code == 2 and err.count("\n") == 1 and flag in err, err
+
+
+def test_huge_seed_is_one_line(capsys):
+    code, out, err = _run_in_process(["--seed", "99999999999999999999999", "--dry-run"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--seed" in err, err
 
 
 def test_help_shows_defaults(capsys):

@@ -15,9 +15,11 @@ from shared.model.ema import ema_decay_at, make_ema
 from shared.errors import UserError
 from shared.records.runs import LOG_COLUMNS, read_log
 from shared.diffusion.schedule import NoiseSchedule
-from shared.training.state import ResumableSampler, capture_rng, restore_rng
-from shared.training.loop import (TrainConfig, fixed_heldout_batch, heldout_loss, lr_factor, merge_resume_options,
-                             split_heldout, train)
+from shared.training.batches import ResumableSampler
+from shared.training.config import TrainConfig, merge_resume_options
+from shared.training.heldout import fixed_heldout_batch, heldout_loss, split_heldout
+from shared.training.loop import lr_factor, train
+from shared.training.state import capture_rng, restore_rng
 from tests.stage3_helpers import NUM_CLASSES, edge_bar_dataset, one_thread  # noqa: F401 (autouse fixture)
 
 # The loss must end below this fraction of its start: ε_θ = 0 at initialisation (zero output conv) gives
@@ -29,7 +31,7 @@ LOSS_STEPS = 200
 def tiny_cfg(tmp_path, **overrides) -> TrainConfig:
     base = dict(preset="tiny", timesteps=100, batch_size=16, heldout_size=32, lr=1e-3, warmup_steps=10,
                 sample_steps=2, sample_every=10_000, ckpt_every=10_000, eval_every=10_000, log_every=1,
-                device="cpu", out=str(tmp_path / "runs"), max_steps=20)
+                device="cpu", out=str(tmp_path / "runs"), max_steps=20, precision="fp32")
     base.update(overrides)
     return TrainConfig(**base)
 

@@ -32,6 +32,8 @@ KNOWN_FORMATS = (TRAIN_FORMAT, EMA_FORMAT)
 LAST_NAME, BEST_NAME, EMA_NAME = "last.pt", "best.pt", "ema.pt"
 # The prefix AveragedModel puts before the wrapped module's parameter names.
 AVERAGED_PREFIX = "module."
+# atomic_save's temporary file: .<name>.tmp-<pid> beside the target.
+TEMP_PREFIX, TEMP_MARK = ".", ".tmp-"
 # How many mismatching parameter names an error message lists before "…".
 MAX_NAMES_IN_MESSAGE = 4
 
@@ -47,13 +49,15 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     survives a power cut. A crash at any point leaves either the old file or the new one.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}{TEMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, a quota, a vanished directory: the old file stays as it was
+        raise UserError(f"cannot write {str(path)!r} ({err.strerror or err}); the previous file is kept") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -63,6 +67,37 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Deletes the temporary files of atomic_save calls whose process died mid-write; returns them.
+
+    A temporary file names its writer's PID; one whose process still runs is left alone.
+    """
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for tmp in folder.glob(f"{TEMP_PREFIX}*{TEMP_MARK}*"):
+        pid = tmp.name.rsplit(TEMP_MARK, 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
+            continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass  # it went away, or is not ours to remove: nothing to clean
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def ema_file(model_config: dict, ema_state_dict: dict, schedule: dict, meta: dict) -> dict:
@@ -208,7 +243,7 @@ def load_for_sampling(path: str | os.PathLike, device: str | torch.device = "cpu
     sched = ckpt["schedule"]
     try:
         schedule = NoiseSchedule(sched["kind"], int(sched["num_timesteps"]))
-    except (KeyError, TypeError) as err:
+    except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"checkpoint {str(file)!r} has a damaged schedule record ({err})") from None
     meta = dict(ckpt["meta"])
     meta.setdefault("schedule", dict(sched))

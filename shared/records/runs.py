@@ -50,6 +50,14 @@ def check_writable_dir(out: str | os.PathLike) -> Path:
     return out
 
 
+def check_not_run_dir(out: str | os.PathLike) -> None:
+    """UserError when `out` is itself a run directory (a new run would nest inside it)."""
+    out = Path(out)
+    if out.is_dir() and _RUN_ID.match(out.name) and (out / "options.json").is_file():
+        raise UserError(f"--out {str(out)!r} is a run directory; give the folder that holds runs "
+                        f"(--out {str(out.parent)!r}), or --resume {str(out)!r} to continue it")
+
+
 def make_run_dir(out: str | os.PathLike, name: str) -> Path:
     """Creates and returns out/<NNNNN>-<name>, numbered one past the largest existing id."""
     out = check_writable_dir(out)
@@ -109,8 +117,11 @@ class CsvLog:
         self._file.flush()
 
     def write(self, row: dict) -> None:
-        self._writer.writerow({k: _fmt(row.get(k)) for k in LOG_COLUMNS})
-        self._file.flush()
+        try:
+            self._writer.writerow({k: _fmt(row.get(k)) for k in LOG_COLUMNS})
+            self._file.flush()
+        except OSError as err:
+            raise UserError(f"cannot write {str(self.path)!r} ({err.strerror or err})") from None
 
     def close(self) -> None:
         self._file.close()

@@ -164,14 +164,35 @@ def _load_idx(name: str, folder: Path, split: str, images_path: Path, labels_pat
     if split == "test" and not quiet:
         print(f"note: {folder} holds no train split; using the test split ({images.shape[0]:,} images)",
               file=sys.stderr)
+    check_labels(labels, _NUM_CLASSES[name], labels_path)
     info = DatasetInfo(name, split, _NUM_CLASSES[name], (1, images.shape[1], images.shape[2]), str(images_path))
     return TensorImageDataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)),
                               info)
 
 
+def check_labels(labels, num_classes: int, source) -> None:
+    """Every label in [0, num_classes): label num_classes is the null class of guidance, and larger
+    ones index past the class embedding."""
+    labels = np.asarray(labels)
+    if labels.size and (int(labels.max()) >= num_classes or int(labels.min()) < 0):
+        bad = int(labels.max()) if int(labels.max()) >= num_classes else int(labels.min())
+        raise DataError(f"{source} holds label {bad}, outside the {num_classes} classes 0..{num_classes - 1}")
+
+
+def without_judge_heldout(dataset: Dataset, heldout: int) -> tuple[Dataset, int]:
+    """(the dataset less the evaluator's held-out images (judge_split), how many were left out).
+
+    Only a labelled in-memory dataset larger than `heldout` is split; any other comes back whole, with 0.
+    """
+    n = len(dataset)
+    if heldout <= 0 or not isinstance(dataset, TensorImageDataset) or dataset.info.num_classes < 1 or n <= heldout:
+        return dataset, 0
+    keep, _ = judge_split(n, heldout)
+    return TensorImageDataset(dataset.images[:keep.stop], dataset.labels[:keep.stop], dataset.info), heldout
+
+
 def _load_torchvision(name: str, root: str, train: bool, download: bool) -> Dataset:
     import torchvision
-    from torchvision import transforms
 
     cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
            "cifar10": torchvision.datasets.CIFAR10}[name]
@@ -181,7 +202,12 @@ def _load_torchvision(name: str, root: str, train: bool, download: bool) -> Data
         raise DataError(_missing_message(name, root, train, download, err)) from None
     shape = (3, 32, 32) if name == "cifar10" else (1, 28, 28)
     info = DatasetInfo(name, "train" if train else "test", _NUM_CLASSES[name], shape, os.path.abspath(root))
-    return _TransformedDataset(base, info, transforms.ToTensor())
+    # The whole split is a uint8 array in memory: serve it as tensors (the trainer gathers on the device).
+    pixels = torch.as_tensor(np.asarray(base.data))
+    pixels = pixels.permute(0, 3, 1, 2) if pixels.ndim == 4 else pixels.unsqueeze(1)  # CIFAR is N x H x W x C
+    labels = torch.as_tensor(np.asarray(base.targets), dtype=torch.long)
+    check_labels(labels.numpy(), _NUM_CLASSES[name], root)
+    return TensorImageDataset(pixels.contiguous(), labels, info)
 
 
 def _missing_message(name: str, root: str, train: bool, download: bool, err: Exception) -> str:

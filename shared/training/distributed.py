@@ -81,3 +81,12 @@ def broadcast_flag(flag: bool, ctx: DistContext, device: torch.device) -> bool:
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()
+
+
+def any_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any (e.g. a signal that reached some ranks first)."""
+    if not ctx.enabled:
+        return flag
+    box = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())

@@ -1,4 +1,9 @@
-"""What a training checkpoint holds beyond the weights: counters, every RNG state, resumable data order.
+"""The training state a checkpoint holds, with state_dict / load_state_dict for exact resume.
+
+`TrainState` gathers the network, its EMA, the optimizer, the LR schedule, the GradScaler, the
+counters (`Progress`) and the random streams; its state_dict is the training checkpoint's content
+(keys model, ema, optimizer, lr_scheduler, scaler, progress, rng), the same keys every earlier
+checkpoint has, so those load and resume.
 
 Exact resume needs every source of randomness to continue where it stopped:
 
@@ -9,8 +14,8 @@ Exact resume needs every source of randomness to continue where it stopped:
     data order                     a permutation seeded by seed+epoch  progress: epoch, batch_in_epoch
     DataLoader's own generator     worker seeds (num_workers > 0)      rng["loader"]
 
-The data order needs no state of its own: `ResumableSampler` draws epoch e's permutation from a
-generator seeded with seed + e (as DistributedSampler does) and skips the batches already trained on.
+The data order needs no state of its own: epoch e's permutation comes from a generator seeded with
+seed + e (shared.training.batches) and a resumed run skips the batches already trained on.
 """
 from __future__ import annotations
 
@@ -19,7 +24,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
 
 INF = float("inf")
 
@@ -42,30 +46,6 @@ class Progress:
     @classmethod
     def from_dict(cls, d: dict) -> "Progress":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start part-way into an epoch.
-
-    Epoch e's order is randperm(N) from a generator seeded with seed + e, split across ranks; with
-    `start_batch(b, batch_size)` the first b·batch_size indices of this rank are skipped, so a resumed
-    run sees exactly the batches an uninterrupted run would have seen next.
-    """
-
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
-                         drop_last=True)
-        self.start_index = 0
-
-    def start_batch(self, batch_in_epoch: int, batch_size: int) -> None:
-        self.start_index = batch_in_epoch * batch_size
-
-    def __iter__(self):
-        indices = list(super().__iter__())
-        return iter(indices[self.start_index:])
-
-    def __len__(self) -> int:
-        return max(0, self.num_samples - self.start_index)
 
 
 def _numpy_state() -> dict:
@@ -104,3 +84,64 @@ def restore_rng(state: dict, train_noise: torch.Generator, loader_gen: torch.Gen
     random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
     train_noise.set_state(state["train_noise"])
     loader_gen.set_state(state["loader"])
+
+
+class TrainState:
+    """Everything that changes as training goes, with a state_dict for checkpoints.
+
+    The counters that decide nothing in the hot loop but are logged (skipped steps, the current run of
+    consecutive skips, the window sums) live on the device as `skipped_total` and `consecutive_skips`
+    tensors and are folded into `progress` when read (`sync_progress`, at log rows and checkpoints).
+    """
+
+    def __init__(self, model, ema, optimizer, lr_scheduler, scaler, train_noise: torch.Generator,
+                 loader_gen: torch.Generator, device: torch.device):
+        self.model, self.ema, self.optimizer = model, ema, optimizer
+        self.lr_scheduler, self.scaler = lr_scheduler, scaler
+        self.train_noise, self.loader_gen = train_noise, loader_gen
+        self.progress = Progress()
+        self.skipped_total = torch.zeros((), dtype=torch.long, device=device)
+        self.consecutive_skips = torch.zeros((), dtype=torch.long, device=device)
+
+    def count_step(self, skipped: torch.Tensor) -> None:
+        """Device-side bookkeeping of one step; skipped: 0-dim bool tensor."""
+        self.skipped_total += skipped.long()
+        self.consecutive_skips = torch.where(skipped, self.consecutive_skips + 1, torch.zeros_like(self.consecutive_skips))
+
+    def sync_progress(self) -> Progress:
+        """Reads the device counters into progress (one host sync); returns it."""
+        self.progress.skipped_total = int(self.skipped_total)
+        self.progress.consecutive_skips = int(self.consecutive_skips)
+        return self.progress
+
+    def is_finite(self) -> bool:
+        """Whether the weights, the EMA and the optimizer state are all finite (one host sync)."""
+        tensors = [*self.model.parameters(), *self.ema.parameters()]
+        for state in self.optimizer.state.values():
+            tensors += [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
+        flags = [torch.isfinite(t).all() for t in tensors]
+        return bool(torch.stack(flags).all()) if flags else True
+
+    def state_dict(self, rng: list[dict]) -> dict:
+        """rng: capture_rng() of every rank (this rank's alone when single-process)."""
+        self.sync_progress()
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "progress": self.progress.to_dict(), "rng": rng}
+
+    def load_state_dict(self, ckpt: dict, rank: int, world_size: int) -> bool:
+        """Restores everything; returns False when the checkpoint's random streams were written by another
+        number of processes (then they restart from the seed and the run is not bit-exact)."""
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.progress = Progress.from_dict(ckpt["progress"])
+        self.skipped_total.fill_(self.progress.skipped_total)
+        self.consecutive_skips.fill_(self.progress.consecutive_skips)
+        rng_states = ckpt["rng"]
+        if len(rng_states) != world_size:
+            return False
+        restore_rng(rng_states[rank], self.train_noise, self.loader_gen)
+        return True

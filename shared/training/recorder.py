@@ -1,0 +1,171 @@
+"""The bookkeeping around the training loop: what is due at a step, the log window, log.csv, loss.png,
+sample grids and checkpoints. Rank 0 writes every file; the other ranks join the collectives.
+
+Checkpoints follow two rules:
+  - only a finite, healthy state is written: never while steps are being skipped as non-finite, never
+    from weights, EMA or optimizer state holding a NaN or inf; a run that stops on non-finite steps
+    keeps the last finite checkpoint and says which step it is from;
+  - ema.pt is written before last.pt, so after a kill between the two writes ema.pt is at most one
+    checkpoint ahead of last.pt, and a resume from last.pt rewrites it with the same weights (exact
+    resume); sampling never reads EMA weights older than the training state.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shared.records.checkpoint import (BEST_NAME, EMA_NAME, LAST_NAME, TRAIN_FORMAT, atomic_save, ema_file,
+                                       remove_stale_temp_files)
+from shared.records.runs import CsvLog, make_run_dir, plot_loss, read_log, write_options
+from shared.training import distributed
+from shared.training.state import TrainState, capture_rng
+
+SAMPLE_GRID_ROWS = 8            # sample grids have 8 rows (and 8 columns, or one per class)
+MAX_GRID_CLASSES = 16
+SAMPLE_SEED_OFFSET = 2_000_003  # grid image i uses seed + offset + i, the same at every grid
+PLOT_INTERVAL_S = 30.0          # loss.png is redrawn at most this often (matplotlib is slow) and at the end
+
+
+@dataclass(frozen=True)
+class Due:
+    """What the bookkeeping does after a step."""
+    log: bool
+    evaluate: bool
+    checkpoint: bool
+    samples: bool
+
+
+def due_at(step: int, cfg, final: bool) -> Due:
+    """The one place that decides, from the --*-every options, what is due after `step` (1-based)."""
+    def every(n: int) -> bool:
+        return step % n == 0 or final
+    return Due(log=every(cfg.log_every), evaluate=every(cfg.eval_every), checkpoint=every(cfg.ckpt_every),
+               samples=every(cfg.sample_every))
+
+
+class Window:
+    """Sums of the logged values since the last log row, kept on the device (read once per row), and the
+    wall clock of the training steps since then (started after the work queued before it is done)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.clock = device, None
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, grad norm, finite steps
+        self.images = 0
+
+    def start_clock(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.clock, self.images = time.perf_counter(), 0
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, ok: torch.Tensor, images: int) -> None:
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.sums += torch.stack([torch.where(ok, loss.double(), zero), torch.where(ok, grad_norm.double(), zero),
+                                  ok.double()])
+        if self.clock is not None:
+            self.images += images
+
+    def read(self) -> dict:
+        """{'loss', 'grad_norm' (means over the finite steps, None if none), 'images_per_s', and the
+        'time' and 'images' it was measured over}; resets and stops the clock. The one host read."""
+        loss_sum, grad_sum, n = self.sums.tolist()  # waits for the queued steps, so the clock is true
+        elapsed = time.perf_counter() - self.clock if self.clock is not None else 0.0
+        row = {"loss": loss_sum / n if n else None, "grad_norm": grad_sum / n if n else None,
+               "images_per_s": round(self.images / elapsed, 2) if elapsed > 0 and self.images else None,
+               "time": elapsed if self.images else 0.0, "images": self.images}
+        self.reset()
+        self.clock = None
+        return row
+
+
+class Recorder:
+    """The run directory and everything written into it."""
+
+    def __init__(self, ctx, cfg, options: dict, meta: dict, extra: dict, device: torch.device,
+                 resumed_from: Path | None, start_step: int):
+        self.ctx, self.cfg, self.options, self.meta, self.device = ctx, cfg, options, meta, device
+        self.run_dir, self.log, self.last_plot = None, None, time.monotonic()
+        self.saved_step: int | None = None  # the step of the last last.pt written (None: none yet)
+        if not ctx.is_main:
+            return
+        if resumed_from is not None:
+            remove_stale_temp_files(resumed_from.parent)
+        self.run_dir = make_run_dir(cfg.out, f"{cfg.dataset}-{cfg.preset}-{options['precision']}")
+        write_options(self.run_dir, options, device, extra=extra)
+        prior = [r for r in read_log(resumed_from.parent / "log.csv") if int(r["step"]) <= start_step] \
+            if resumed_from else []
+        self.log = CsvLog(self.run_dir / "log.csv", prior)
+
+    def write_row(self, row: dict) -> None:
+        if self.log is not None:
+            self.log.write(row)
+
+    def plot(self, force: bool) -> None:
+        if self.run_dir is not None and (force or time.monotonic() - self.last_plot > PLOT_INTERVAL_S):
+            plot_loss(self.run_dir / "log.csv", self.run_dir / "loss.png")
+            self.last_plot = time.monotonic()
+
+    def checkpoint(self, state: TrainState, schedule, name: str, in_skip_run_ok: bool = False) -> bool:
+        """Writes `name` (last.pt also writes ema.pt, first) if the state is healthy; collective under DDP.
+
+        Returns whether it was written. Healthy: every weight, EMA weight and optimizer value finite, and
+        (unless in_skip_run_ok, for the end of a run that finished its steps) no run of skipped steps
+        going on, since a run of non-finite steps is how divergence starts. Every rank sees the same
+        values, so all ranks agree.
+        """
+        in_skip_run = state.sync_progress().consecutive_skips > 0
+        if (in_skip_run and not in_skip_run_ok) or not state.is_finite():
+            return False
+        rng = [capture_rng(state.train_noise, state.loader_gen)]
+        if self.ctx.enabled:  # every rank's streams, so each resumes its own
+            rng = [None] * self.ctx.world_size
+            torch.distributed.all_gather_object(rng, capture_rng(state.train_noise, state.loader_gen))
+        step = state.progress.step
+        if name == LAST_NAME:
+            self.saved_step = step
+        if not self.ctx.is_main:
+            return True
+        meta = {**self.meta, "step": step}
+        if name == LAST_NAME:
+            atomic_save(ema_file(state.model.config, state.ema.module.state_dict(), schedule.to_dict(), meta),
+                        self.run_dir / EMA_NAME)
+        atomic_save({"format": TRAIN_FORMAT, "model_config": state.model.config, **state.state_dict(rng),
+                     "options": self.options, "schedule": schedule.to_dict(), "meta": meta}, self.run_dir / name)
+        return True
+
+    def samples(self, ema_module, schedule, step: int, precision: str) -> None:
+        """A DDIM grid from the EMA weights with fixed per-image seeds, so grids compare across steps."""
+        if self.run_dir is None:
+            return
+        from shared.diffusion.samplers import sample  # imports torchvision (seconds): only when a grid is due
+        from shared.records.images import save_grid
+        num_classes = ema_module.num_classes
+        # Class-conditional grids give each class a column (up to MAX_GRID_CLASSES); else 8×8.
+        columns = min(num_classes, MAX_GRID_CLASSES) if num_classes else SAMPLE_GRID_ROWS
+        n = SAMPLE_GRID_ROWS * columns
+        labels = (torch.arange(n) % columns) if num_classes else None
+        images = sample(ema_module, schedule, [self.cfg.seed + SAMPLE_SEED_OFFSET + i for i in range(n)],
+                        labels=labels, sampler="ddim", num_steps=self.cfg.sample_steps, clip_x0=True,
+                        device=self.device, precision=precision, progress=False)
+        save_grid(images.clamp(-1, 1), self.run_dir / f"samples-{step:07d}.png", nrow=columns)
+
+    def where_saved(self) -> str:
+        """'the last finite checkpoint is <dir>/last.pt from step N', or that there is none."""
+        if self.saved_step is None:
+            return "no checkpoint was written (none was due before the first non-finite step)"
+        return f"the last finite checkpoint is {LAST_NAME} from step {self.saved_step}" + (
+            f" in {self.run_dir}" if self.run_dir else "")
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+
+def agree(flag: bool, ctx, device: torch.device) -> bool:
+    """Rank 0's decision, known to every rank (a no-op single-process)."""
+    return distributed.broadcast_flag(flag, ctx, device)
