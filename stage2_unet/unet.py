@@ -1,7 +1,9 @@
 """Stage 2: the noise-prediction U-Net ε_θ(x_t, t). Print its blocks, parameters and FLOPs; time it.
 
     python stage2_unet/unet.py --preset mnist
+    python stage2_unet/unet.py --preset mnist --diagram unet.png   # also draw the network into a PNG
 """
+import os
 import sys
 from pathlib import Path
 
@@ -11,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from shared import UNet
+from shared import UNet, UserError
 from shared.interface.cli import int_in, make_parser, pick_device, run_main
+from shared.model.diagram import draw_unet
 from shared.model.summary import block_table, flops_per_image, time_forward
 from shared.model.unet import PRESETS
 
@@ -22,7 +25,21 @@ def parse_args(argv):
     parser.add_argument("--preset", choices=tuple(PRESETS), default="mnist", help="model configuration")
     parser.add_argument("--batch-size", type=int_in(1, 4096), default=8, help="batch for the forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    return parser.parse_args(argv)
+    parser.add_argument("--diagram", metavar="PATH", help="also draw the U-Net (levels, channels, attention, "
+                        "FiLM, skips) into this PNG file")
+    args = parser.parse_args(argv)
+    if args.diagram is not None:
+        check_png_path(args.diagram)
+    return args
+
+
+def check_png_path(path: str) -> None:
+    """A diagram path must name a .png file in an existing folder (the file is replaced whole)."""
+    if not path.lower().endswith(".png"):
+        raise UserError(f"--diagram {path}: the diagram is a PNG; give a path ending in .png")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UserError(f"--diagram {path}: cannot write there (the folder {folder} must exist and be writable)")
 
 
 def main(argv=None):
@@ -41,6 +58,11 @@ def main(argv=None):
     total = sum(p.numel() for p in model.parameters())
     assert sum(r["params"] for r in rows) == total, "the table must account for every parameter"
     print(f"{'total':<73} {total:>12,}")
+
+    if args.diagram is not None:
+        draw_unet(model, args.diagram, f"U-Net preset '{args.preset}': {total:,} parameters; "
+                                       f"dashed: skip connections (concatenated)")
+        print(f"wrote the diagram to {args.diagram}")
 
     out = model(x, t)
     if out.shape != x.shape:

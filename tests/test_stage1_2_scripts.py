@@ -40,3 +40,20 @@ def test_unet_script_tiny():
     assert "output shape = input shape: (2, 1, 28, 28)" in res.stdout
     total = [line for line in res.stdout.splitlines() if line.startswith("total")][0]
     assert total.split()[-1] == "190,369" and "GFLOP" in res.stdout and "images/s" in res.stdout
+
+
+def test_unet_script_draws_the_diagram(tmp_path):
+    res = run("stage2_unet/unet.py", "--preset", "tiny", "--batch-size", "1", "--device", "cpu",
+              "--diagram", tmp_path / "unet.png")
+    assert res.returncode == 0, res.stderr
+    image = Image.open(tmp_path / "unet.png")
+    assert image.format == "PNG" and image.width > 2 * image.height  # the U is wider than tall
+    assert list(tmp_path.iterdir()) == [tmp_path / "unet.png"]  # no temporary file left behind
+
+
+def test_unet_script_bad_diagram_path(tmp_path):
+    for bad in (tmp_path / "missing" / "unet.png", tmp_path / "unet.jpg", tmp_path):
+        res = run("stage2_unet/unet.py", "--preset", "tiny", "--device", "cpu", "--diagram", bad)
+        assert res.returncode == 2 and res.stderr.strip().startswith("error: --diagram")
+        assert len(res.stderr.strip().splitlines()) == 1 and "U-Net preset" not in res.stdout
+    assert list(tmp_path.iterdir()) == []

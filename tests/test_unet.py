@@ -6,6 +6,7 @@ import torch
 
 from shared import UNet, UserError
 from shared.model.blocks import EmbeddingBlock, EmbeddingSequential, GroupNormAct, ResBlock, SelfAttention
+from shared.model.diagram import draw_unet, unet_blocks, unet_levels
 from shared.model.summary import block_table
 
 # Ho et al. 2020 report 35.7 M parameters for their CIFAR-10 model. Ours is that network with FiLM
@@ -192,3 +193,36 @@ def test_block_table_hooks_whole_blocks_in_execution_order():
         ("out_conv", "Conv2d", (1, 28, 28)),
     ]
     assert sum(r["params"] for r in rows) == count(model) == 190_369
+
+
+@pytest.mark.parametrize("preset", ["tiny", "mnist", "cifar10"])
+def test_diagram_levels_match_the_config(preset):
+    """The levels read off the module tree are those the constructor arguments describe."""
+    model = UNet.from_preset(preset)
+    cfg = model.config
+    expected = [dict(resolution=cfg["image_size"] // 2 ** i, channels=cfg["base_channels"] * mult,
+                     down_blocks=cfg["num_res_blocks"], up_blocks=cfg["num_res_blocks"] + 1,
+                     attention=cfg["image_size"] // 2 ** i in cfg["attention_resolutions"])
+                for i, mult in enumerate(cfg["channel_mult"])]
+    assert unet_levels(model) == expected
+    blocks = unet_blocks(model)
+    assert sum(b.film for b in blocks) == sum(isinstance(m, ResBlock) for m in model.modules())
+    middle = [b for b in blocks if b.path == "middle"]
+    assert len(middle) == 1 and middle[0].attention and middle[0].film == 2
+    # Every skip a down block makes is concatenated once on the way up: channels add up.
+    skips = [b.channels_out for b in blocks if b.path in ("in", "down")]
+    ups = [b for b in blocks if b.path == "up"]
+    outs = [middle[0].channels_out] + [b.channels_out for b in ups[:-1]]
+    assert [b.channels_in for b in ups] == [o + s for o, s in zip(outs, reversed(skips))]
+
+
+def test_diagram_draws_every_level_and_block(tmp_path):
+    model = UNet.from_preset("mnist")
+    fig = draw_unet(model, tmp_path / "unet.png")
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    for label in ("28×28\n64 ch", "14×14\n128 ch", "7×7\n128 ch"):
+        assert label in texts
+    boxes = [t for t in texts if t.startswith(("Conv", "Res", "Down", "GN"))]
+    assert len(boxes) == len(unet_blocks(model)) == 1 + 8 + 1 + 9 + 1
+    assert sum(t.count("Attn 2×64") for t in texts) == 2 + 1 + 3  # down, middle, up at 7×7
+    assert (tmp_path / "unet.png").stat().st_size > 20_000
