@@ -21,14 +21,16 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 
 import torch  # noqa: E402
 
-from shared.interface import cli  # noqa: E402
-from shared.training.data import JUDGE_HELDOUT  # noqa: E402
-from shared.errors import UserError  # noqa: E402
-from shared.records.images import save_grid  # noqa: E402
-from shared.records.runs import make_run_dir, write_options  # noqa: E402
 from shared.diffusion.samplers import default_steps  # noqa: E402
-from shared.interface.sampling_args import (PICTURE_SCALE, TrajectoryRecorder, add_sampler_args, default_labels,  # noqa: E402
-                                   load_model, plot_quality_vs_steps, sampler_kwargs, timed_sample)
+from shared.errors import UserError  # noqa: E402
+from shared.interface import cli  # noqa: E402
+from shared.interface.sampling_args import (add_sampler_args, check_seeds, default_labels, load_model,  # noqa: E402
+                                            output_run_dir, sampler_kwargs, timed_sample)
+from shared.records.images import PICTURE_SCALE, save_grid  # noqa: E402
+from shared.records.plots import plot_quality_vs_steps  # noqa: E402
+from shared.records.runs import check_writable_dir, write_options  # noqa: E402
+from shared.records.trajectory import TrajectoryRecorder  # noqa: E402
+from shared.training.data import JUDGE_HELDOUT  # noqa: E402
 
 COMPARE_COLUMNS = 10  # images per row of compare.png
 
@@ -52,59 +54,71 @@ def build_parser():
     return parser
 
 
+def _compare(args, model, schedule, seeds, labels, device, judge) -> tuple[list[dict], torch.Tensor]:
+    """The same seeds at each of --compare-steps: (result rows, the first COMPARE_COLUMNS images of each)."""
+    from shared.evaluation.classifier import per_class_accuracy
+    from shared.evaluation.frechet import frechet_distance
+
+    rows, entries = [], []
+    floor = judge.floor(args.n) if judge is not None else None
+    for steps in args.compare_steps:
+        out, rate = timed_sample(model, schedule, seeds, device, labels=labels, **sampler_kwargs(args, num_steps=steps))
+        rows.append(out[:COMPARE_COLUMNS])
+        entry = {"sampler": args.sampler, "steps": steps, "images_per_s": rate}
+        if judge is not None:
+            entry.update(frechet_distance=frechet_distance(judge.feature, judge.heldout_images, out),
+                         real_floor=floor, mean_class_accuracy=None)
+            if labels is not None:
+                per = per_class_accuracy(judge.classifier, out, labels, model.num_classes)
+                entry["mean_class_accuracy"] = sum(per.values()) / len(per)
+        entries.append(entry)
+        print(f"  {steps:>5} steps: {rate:.2f} images/s" +
+              (f", FD {entry['frechet_distance']:.3f} (floor {floor:.3f})" if judge else ""))
+    return entries, torch.cat(rows)
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    # Every check, and the classifier, before any sampling and before the output folder exists.
+    check_writable_dir(args.out)
+    seeds = check_seeds(args.seed, args.n)
     model, schedule, meta, device = load_model(args)
     if args.compare_steps and max(args.compare_steps) > schedule.num_timesteps:
         raise UserError(f"--compare-steps {max(args.compare_steps)} exceeds the model's T = {schedule.num_timesteps}")
-    steps_name = default_steps(args.sampler, args.steps, schedule.num_timesteps)
-    run_dir = make_run_dir(args.out, f"{args.sampler}-{steps_name}")
-    seeds = [args.seed + i for i in range(args.n)]
     labels = default_labels(model, args.n, args.label)
-    results: dict = {"checkpoint": meta.get("checkpoint"), "seeds": [seeds[0], seeds[-1]], "runs": []}
+    judge = None
+    if args.compare_steps and args.classifier:
+        from shared.evaluation.judge import prepare_judge
 
+        judge = prepare_judge(args.dataset, args.data_dir, args.classifier, args.heldout,
+                              meta.get("image_shape", (model.in_channels, model.image_size, model.image_size)),
+                              model.num_classes, device, progress=not args.no_progress)
+
+    steps_name = default_steps(args.sampler, args.steps, schedule.num_timesteps)
+    results: dict = {"checkpoint": meta.get("checkpoint"), "seeds": [seeds[0], seeds[-1]], "runs": []}
     recorder = TrajectoryRecorder() if args.trajectory else None
     images, rate = timed_sample(model, schedule, seeds, device, labels=labels,
                                 **sampler_kwargs(args, callback=recorder))
-    save_grid(images.clamp(-1, 1), run_dir / "samples.png", nrow=min(args.n, COMPARE_COLUMNS), scale=PICTURE_SCALE)
     results["runs"].append({"sampler": args.sampler, "steps": steps_name, "images_per_s": rate})
     print(f"{args.sampler}-{steps_name}: {args.n} images at {rate:.2f} images/s on {device}")
-    if recorder is not None:
-        recorder.save(images, run_dir)
-
+    compare = None
     if args.compare_steps:
-        rows, quality = [], []
-        judge = None
-        if args.classifier:
-            from shared.evaluation.judge import frechet_distance, per_class_accuracy, prepare_judge
-
-            judge = prepare_judge(args.dataset, args.data_dir, args.classifier, args.heldout,
-                                  meta.get("image_shape", images.shape[1:]), model.num_classes, device,
-                                  progress=not args.no_progress)
-            floor = judge.floor(args.n)
-        for steps in args.compare_steps:
-            out, rate = timed_sample(model, schedule, seeds, device, labels=labels,
-                                     **sampler_kwargs(args, num_steps=steps))
-            rows.append(out[:COMPARE_COLUMNS])
-            entry = {"sampler": args.sampler, "steps": steps, "images_per_s": rate}
-            if judge is not None:
-                entry.update(frechet_distance=frechet_distance(judge.feature, judge.heldout_images, out),
-                             real_floor=floor, mean_class_accuracy=None)
-                if labels is not None:
-                    per = per_class_accuracy(judge.classifier, out, labels, model.num_classes)
-                    entry["mean_class_accuracy"] = sum(per.values()) / len(per)
-            quality.append(entry)
-            results["runs"].append(entry)
-            print(f"  {steps:>5} steps: {rate:.2f} images/s" +
-                  (f", FD {entry['frechet_distance']:.3f} (floor {floor:.3f})" if judge else ""))
-        save_grid(torch.cat(rows).clamp(-1, 1), run_dir / "compare.png", nrow=min(args.n, COMPARE_COLUMNS),
-                  scale=PICTURE_SCALE)
+        quality, compare = _compare(args, model, schedule, seeds, labels, device, judge)
+        results["runs"].extend(quality)
         if judge is not None:
             results["classifier_accuracy"] = judge.accuracy
-            plot_quality_vs_steps(quality, run_dir / "quality.png")
 
-    write_options(run_dir, vars(args), device)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    with output_run_dir(args.out, f"{args.sampler}-{steps_name}") as run_dir:
+        nrow = min(args.n, COMPARE_COLUMNS)
+        save_grid(images.clamp(-1, 1), run_dir / "samples.png", nrow=nrow, scale=PICTURE_SCALE)
+        if recorder is not None:
+            recorder.save(images, run_dir)
+        if compare is not None:
+            save_grid(compare.clamp(-1, 1), run_dir / "compare.png", nrow=nrow, scale=PICTURE_SCALE)
+            if judge is not None:
+                plot_quality_vs_steps(results["runs"][1:], run_dir / "quality.png")
+        write_options(run_dir, vars(args), device)
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {run_dir}")
     return results
 

@@ -8,12 +8,18 @@ Reports, as a printed table and as JSON (results.json in runs/evaluate/NNNNN-…
   * per class, the fraction of samples asked for that class that the classifier assigns to it;
   * the Fréchet distance between generated and held-out images on the classifier's penultimate
     features (torchmetrics), beside the real-vs-real floor (as many classifier-train images);
-  * for CIFAR-10, Inception FID if torchvision's Inception-v3 weights load, else a note saying why.
-The JSON records the number of samples, sampler, steps, w and seeds of every run.
+  * the Inception Score exp(E_x KL(p(y|x) ‖ p(y))) with the classifier's p(y|x), beside its upper
+    bound (the class count) and the same score of as many real images;
+  * for CIFAR-10, Inception FID and Inception Score (torchvision's Inception-v3 through torchmetrics)
+    if its weights load, else a note saying why.
+The JSON records the number of samples, sampler, steps, w and seeds of every run. Bad runs, a bad
+--classifier path or --out are refused before any work; the numbered folder is made only once every
+number exists, and a classifier trained now is saved before sampling starts.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,14 +27,20 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from shared.interface import cli  # noqa: E402
-from shared.training.data import JUDGE_HELDOUT  # noqa: E402
-from shared.errors import UserError  # noqa: E402
-from shared.evaluation.judge import (DEFAULT_EPOCHS, SHIFT_PIXELS, balanced_labels, format_table, frechet_distance, load_inception,  # noqa: E402
-                               parse_runs, prepare_judge, seeds_for, summarise_run)
-from shared.records.runs import make_run_dir, write_options  # noqa: E402
+import torch  # noqa: E402
+
 from shared.diffusion.samplers import SAMPLERS, default_steps  # noqa: E402
+from shared.errors import UserError  # noqa: E402
+from shared.evaluation.classifier import DEFAULT_EPOCHS, SHIFT_PIXELS, check_classifier_path  # noqa: E402
+from shared.evaluation.frechet import frechet_distance, load_inception  # noqa: E402
+from shared.evaluation.inception_score import load_inception_logits, torchmetrics_inception_score  # noqa: E402
+from shared.evaluation.judge import prepare_judge  # noqa: E402
+from shared.evaluation.report import (balanced_labels, check_runs, format_table, parse_runs, seeds_for,  # noqa: E402
+                                      summarise_run)
+from shared.interface import cli  # noqa: E402
 from shared.interface.sampling_args import add_sampler_args, load_model, sampler_kwargs, timed_sample  # noqa: E402
+from shared.records.runs import check_writable_dir, make_run_dir, write_options  # noqa: E402
+from shared.training.data import JUDGE_HELDOUT  # noqa: E402
 
 
 def build_parser():
@@ -52,49 +64,78 @@ def build_parser():
     return parser
 
 
+def add_inception_measures(report: dict, judge, samples_by_run: dict, count: int, seed: int, device) -> None:
+    """CIFAR-10: Inception FID and Inception Score per run (and the real IS at the same count), or a
+    note per measure saying why its Inception-v3 weights are unavailable."""
+    try:
+        pool = load_inception().to(device)
+        for run in report["runs"]:
+            run["inception_fid"] = frechet_distance(pool, judge.heldout_images, samples_by_run[run["name"]])
+    except UserError as err:
+        report["inception_fid_note"] = str(err)
+    try:
+        logits = load_inception_logits().to(device)
+        report["real_inception_is"] = torchmetrics_inception_score(logits, judge.real_images(count, seed))
+        for run in report["runs"]:
+            run["inception_is"] = torchmetrics_inception_score(logits, samples_by_run[run["name"]])
+    except UserError as err:
+        report["inception_is_note"] = str(err)
+
+
+def write_results(out: str, runs: list, args, device, report: dict) -> Path:
+    """The numbered folder with options.json and results.json, made only now that every number exists;
+    a failed write (a full disk) removes it again and is one line."""
+    run_dir = make_run_dir(out, "-".join(f"{n}{s or ''}" for n, s in runs))
+    try:
+        write_options(run_dir, vars(args), device)
+        (run_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as err:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise UserError(f"cannot write the results in {str(run_dir)!r} ({err.strerror or type(err).__name__}); "
+                        f"nothing was kept there") from None
+    return run_dir
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     runs = parse_runs(args.runs, args.sampler, args.steps)
-    for name, steps in runs:
-        if name not in SAMPLERS:
-            raise UserError(f"--runs: unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    check_runs(runs, SAMPLERS)
+    check_classifier_path(args.classifier)
+    check_writable_dir(args.out)
     model, schedule, meta, device = load_model(args)
+    check_runs(runs, SAMPLERS, schedule.num_timesteps)
     image_shape = tuple(meta.get("image_shape") or (model.in_channels, model.image_size, model.image_size))
     judge = prepare_judge(args.dataset, args.data_dir, args.classifier, args.heldout, image_shape,
                           model.num_classes, device, args.classifier_epochs, args.classifier_shift,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress)  # a classifier trained now is saved here already
     num_classes = judge.classifier.config["num_classes"] if model.num_classes == 0 else model.num_classes
     asked = balanced_labels(num_classes, args.per_class)
     seeds = seeds_for(args.seed, asked.numel())
-    floor = judge.floor(asked.numel(), seed=args.seed)
-    run_dir = make_run_dir(args.out, "-".join(f"{n}{s or ''}" for n, s in runs))
+    reference = {"real_floor": judge.floor(asked.numel(), seed=args.seed),
+                 "real_inception_score": judge.real_inception_score(asked.numel(), seed=args.seed)}
 
     report = {"checkpoint": meta.get("checkpoint"), "dataset": args.dataset, "classifier": judge.source,
               "classifier_accuracy": judge.accuracy, "heldout_images": int(judge.heldout_images.shape[0]),
               "runs": []}
     samples_by_run = {}
     for name, steps in runs:
-        kw = sampler_kwargs(args, sampler=name, num_steps=steps)
         labels = asked if model.num_classes else None
-        images, rate = timed_sample(model, schedule, seeds, device, labels=labels, **kw)
+        images, rate = timed_sample(model, schedule, seeds, device, labels=labels,
+                                    **sampler_kwargs(args, sampler=name, num_steps=steps))
         steps_used = default_steps(name, steps, schedule.num_timesteps)
+        if not bool(torch.isfinite(images).all()):
+            raise UserError(f"{name}-{steps_used}: the samples contain NaN or infinite values (a diverged "
+                            f"checkpoint?); nothing was written")
         settings = {"sampler": name, "steps": steps_used, "eta": args.eta, "spacing": args.spacing,
                     "clip_x0": args.clip_x0, "guidance_scale": args.guidance_scale if model.num_classes else None,
                     "seeds": seeds, "images_per_s": rate}
         run = summarise_run(f"{name}-{steps_used}", judge.classifier, judge.feature, images, labels,
-                            judge.heldout_images, floor, settings)
+                            judge.heldout_images, reference, settings)
         report["runs"].append(run)
         samples_by_run[run["name"]] = images
-
     if args.dataset == "cifar10":
-        try:
-            inception = load_inception().to(device)
-            for run in report["runs"]:
-                run["inception_fid"] = frechet_distance(inception, judge.heldout_images, samples_by_run[run["name"]])
-        except UserError as err:
-            report["inception_fid_note"] = str(err)
-    write_options(run_dir, vars(args), device)
-    (run_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+        add_inception_measures(report, judge, samples_by_run, asked.numel(), args.seed, device)
+    run_dir = write_results(args.out, runs, args, device, report)
     print(format_table(report))
     print("images/s: " + ", ".join(f"{r['name']} {r['images_per_s']:.2f}" for r in report["runs"]))
     print(f"wrote {run_dir / 'results.json'}")

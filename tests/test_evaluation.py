@@ -7,9 +7,12 @@ import scipy.linalg
 import torch
 
 from shared.errors import UserError
-from shared.evaluation.judge import (SmallCNN, accuracy, balanced_labels, format_table, frechet_distance, load_classifier,
-                               parse_runs, per_class_accuracy, prepare_judge, save_classifier, split_real,
-                               summarise_run, train_classifier)
+from shared.evaluation.classifier import (SmallCNN, accuracy, class_probabilities, load_classifier,
+                                          per_class_accuracy, save_classifier, train_classifier)
+from shared.evaluation.frechet import frechet_distance
+from shared.evaluation.inception_score import inception_score, torchmetrics_inception_score
+from shared.evaluation.judge import prepare_judge, split_real
+from shared.evaluation.report import balanced_labels, check_runs, format_table, parse_runs, summarise_run
 from shared.diffusion.samplers import sample
 from tests.tiny_trained import NUM_CLASSES, bar_patterns, one_thread, trained_tiny_model, write_bar_idx  # noqa: F401
 
@@ -88,6 +91,10 @@ def test_classifier_file_round_trip_and_bad_files(classifier, bars, tmp_path):
         load_classifier(tmp_path / "other.pt")
     with pytest.raises(UserError, match="does not exist"):
         load_classifier(tmp_path / "missing.pt")
+    with pytest.raises(UserError, match="is a directory"):
+        load_classifier(tmp_path)
+    with pytest.raises(UserError, match="is a file, not a directory"):
+        save_classifier(classifier, tmp_path / "junk.pt" / "clf.pt", {})
     with pytest.raises(UserError, match="expected images of shape"):
         per_class_accuracy(SmallCNN(1, 28), held_x, torch.zeros(held_x.shape[0], dtype=torch.long), 10)
 
@@ -99,6 +106,12 @@ def test_parse_runs_and_balanced_labels():
     with pytest.raises(UserError, match="ddim:50"):
         parse_runs("ddim:fifty", "ddim", None)
     assert balanced_labels(3, 2).tolist() == [0, 1, 2, 0, 1, 2]
+    check_runs([("ddim", 50), ("ddpm", None)], ("ddpm", "ddim"), 100)
+    for runs, needle in (([("euler", 5)], "unknown sampler"), ([("ddim", 0)], ">= 1"),
+                         ([("ddim", 5000)], "exceed the model's T = 100")):
+        with pytest.raises(UserError, match=needle):
+            check_runs(runs, ("ddpm", "ddim"), 100)
+    check_runs([("ddim", 5000)], ("ddim",))  # T unknown before the checkpoint loads: only the lower bound
     with pytest.raises(UserError, match="--heldout"):
         split_real(torch.zeros(5, 1, 4, 4), torch.zeros(5), 5)
 
@@ -115,15 +128,21 @@ def test_evaluator_end_to_end_on_the_trained_tiny_model(tmp_path):
     asked = balanced_labels(NUM_CLASSES, 2)
     samples = sample(model, schedule, range(asked.numel()), labels=asked, sampler="ddim", num_steps=10,
                      clip_x0=True, progress=False)
-    floor = judge.floor(asked.numel())
-    run = summarise_run("ddim-10", judge.classifier, judge.feature, samples, asked, judge.heldout_images, floor,
+    reference = {"real_floor": judge.floor(asked.numel()), "real_inception_score": judge.real_inception_score(20)}
+    run = summarise_run("ddim-10", judge.classifier, judge.feature, samples, asked, judge.heldout_images, reference,
                         {"sampler": "ddim", "steps": 10, "guidance_scale": 1.0, "seeds": list(range(20))})
     assert set(run["per_class_accuracy"]) == {str(k) for k in range(NUM_CLASSES)}
     assert all(0.0 <= v <= 1.0 for v in run["per_class_accuracy"].values())
     assert np.isfinite(run["frechet_distance"]) and run["real_floor"] >= 0 and run["num_samples"] == 20
+    # the real reference: the IS of the very images the FD floor uses, inside (1, K]
+    real = judge.real_images(20)
+    assert real.shape == (20, 1, 16, 16)
+    assert run["real_inception_score"] == inception_score(class_probabilities(judge.classifier, real))
+    assert run["inception_score_bound"] == NUM_CLASSES and 1.0 < run["real_inception_score"] <= NUM_CLASSES
+    assert 1.0 <= run["inception_score"] <= NUM_CLASSES
     report = {"classifier_accuracy": judge.accuracy, "heldout_images": 60, "runs": [run]}
     table = format_table(report)
-    assert "ddim-10" in table and "floor" in table
+    assert "ddim-10" in table and "floor" in table and f"IS≤{NUM_CLASSES}" in table and "real IS" in table
     # the reloaded classifier gives the same judge
     again = prepare_judge("mnist", str(data_dir), str(tmp_path / "clf.pt"), 60, (1, 16, 16), NUM_CLASSES,
                           torch.device("cpu"), progress=False)
@@ -133,11 +152,13 @@ def test_evaluator_end_to_end_on_the_trained_tiny_model(tmp_path):
 
 
 def test_unconditional_runs_have_no_per_class_rows(classifier, bars):
-    (train_x, _), (held_x, _) = bars
-    run = summarise_run("ddim-5", classifier, FlattenFeatures(), held_x[:, :, :2, :2], None, held_x[:, :, :2, :2],
-                        0.0, {"guidance_scale": None})
+    from shared.evaluation.frechet import PenultimateFeatures
+
+    _, (held_x, _) = bars
+    run = summarise_run("ddim-5", classifier, PenultimateFeatures(classifier), held_x, None, held_x,
+                        {"real_floor": 0.0, "real_inception_score": 9.9}, {"guidance_scale": None})
     assert run["per_class_accuracy"] == {} and run["mean_class_accuracy"] is None
-    assert abs(run["frechet_distance"]) < 1e-3
+    assert abs(run["frechet_distance"]) < 1e-2 and run["real_inception_score"] == 9.9
     table = format_table({"classifier_accuracy": 1.0, "heldout_images": 100, "runs": [run]})
     assert "ddim-5" in table.splitlines()[-1]
 
@@ -145,7 +166,7 @@ def test_unconditional_runs_have_no_per_class_rows(classifier, bars):
 def test_inception_fid_offline_is_a_clear_message(monkeypatch):
     import torchvision.models
 
-    from shared.evaluation.judge import load_inception
+    from shared.evaluation.frechet import load_inception
 
     def offline(*args, **kwargs):
         raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
@@ -153,3 +174,83 @@ def test_inception_fid_offline_is_a_clear_message(monkeypatch):
     monkeypatch.setattr(torchvision.models, "inception_v3", offline)
     with pytest.raises(UserError, match="Inception FID unavailable: torchvision's Inception-v3 weights could not"):
         load_inception()
+
+
+def test_save_classifier_on_a_full_disk_is_one_line(classifier, tmp_path, monkeypatch):
+    import errno
+
+    import shared.records.checkpoint as checkpoint
+
+    def full(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(UserError, match="clf.pt.*No space left on device"):
+        save_classifier(classifier, tmp_path / "clf.pt", {})
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
+# --------------------------------------------------------------------------------------------------
+# Inception Score: closed forms and a float64 hand computation
+
+
+def test_inception_score_uniform_predictions_give_one():
+    assert inception_score(torch.full((37, 10), 0.1)) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_inception_score_balanced_one_hot_gives_the_class_count():
+    for k in (2, 10, 17):
+        probs = torch.nn.functional.one_hot(torch.arange(k).repeat(3), k).float()
+        assert inception_score(probs) == pytest.approx(float(k), rel=1e-12)
+    # all images certain of the same class: p(y|x) = p(y), so IS = 1
+    assert inception_score(torch.nn.functional.one_hot(torch.zeros(8, dtype=torch.long), 5).float()) == \
+        pytest.approx(1.0, abs=1e-12)
+
+
+def test_inception_score_random_case_matches_a_float64_hand_computation():
+    gen = np.random.default_rng(3)
+    logits = gen.normal(size=(50, 7)) * 2.0
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    marginal = probs.mean(0)
+    kl = [sum(p[j] * (np.log(p[j]) - np.log(marginal[j])) for j in range(7)) for p in probs]
+    expected = float(np.exp(np.mean(kl)))
+    assert inception_score(torch.from_numpy(probs).float()) == pytest.approx(expected, rel=1e-5)
+    assert inception_score(torch.from_numpy(probs)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_torchmetrics_inception_score_agrees_with_ours():
+    """The CIFAR path (torchmetrics' InceptionScore with our logits module) and the classifier path
+    compute the same quantity."""
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 6)
+
+        def forward(self, x):
+            return self.proj(x.flatten(1).float())
+
+    torch.manual_seed(0)
+    net, images = Logits(), torch.rand(40, 1, 2, 2) * 2 - 1
+    ours = inception_score(net(images).softmax(1).detach())
+    assert torchmetrics_inception_score(net, images) == pytest.approx(ours, rel=1e-5)
+
+
+def test_classifier_probabilities_rows_sum_to_one(classifier, bars):
+    _, (held_x, held_y) = bars
+    probs = class_probabilities(classifier, held_x)
+    assert probs.shape == (held_x.shape[0], NUM_CLASSES)
+    torch.testing.assert_close(probs.sum(1), torch.ones(held_x.shape[0]))
+    assert (probs.argmax(1) == held_y).float().mean() >= 0.98
+
+
+def test_inception_score_offline_is_a_clear_message(monkeypatch):
+    import torchvision.models
+
+    from shared.evaluation.inception_score import load_inception_logits
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torchvision.models, "inception_v3", offline)
+    with pytest.raises(UserError, match="Inception Score unavailable: torchvision's Inception-v3 weights"):
+        load_inception_logits()
