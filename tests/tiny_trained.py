@@ -18,6 +18,7 @@ from shared.records.checkpoint import EMA_NAME, atomic_save, ema_file
 from shared.records.images import to_uint8
 from shared.diffusion.schedule import NoiseSchedule
 from shared.model.unet import UNet
+from shared.training.loss import drop_labels, l_simple
 from tests.idx_files import write_idx
 
 SIZE = 16
@@ -69,16 +70,10 @@ def trained_tiny_model() -> tuple[UNet, NoiseSchedule]:
     images, labels = bar_patterns(640, seed=1)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(2)
-    abar = schedule.alphas_cumprod.float()
     for _ in range(TRAIN_STEPS):
         idx = torch.randint(0, images.shape[0], (TRAIN_BATCH,), generator=gen)
-        x0, y = images[idx], labels[idx].clone()
-        y[torch.rand(TRAIN_BATCH, generator=gen) < LABEL_DROP] = model.null_class
-        t = torch.randint(0, TIMESTEPS, (TRAIN_BATCH,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        a = abar[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = (model(x_t, t, y) - noise).pow(2).mean()  # L_simple, DDPM Eq. 14
+        y = drop_labels(labels[idx], LABEL_DROP, model.null_class, generator=gen)
+        loss = l_simple(model, schedule, images[idx], y, generator=gen).mean()  # DDPM Eq. 14
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
