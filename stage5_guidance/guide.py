@@ -6,7 +6,7 @@
     python stage5_guidance/guide.py --checkpoint C --sweep 0,1,2,3,5,7.5   # one row per w, same seeds
     python stage5_guidance/guide.py --checkpoint C --interactive           # a digit, a word, grid, quit
 
-ε̃ = ε_u + w·(ε_c − ε_u): w = 0 unconditional, 1 conditional, > 1 guided (shared/guidance.py). Each run
+ε̃ = ε_u + w·(ε_c − ε_u): w = 0 unconditional, 1 conditional, > 1 guided (shared/diffusion/guidance.py). Each run
 writes runs/guide/NNNNN-<mode>/ with the pictures and results.json (options, images/s).
 """
 from __future__ import annotations
@@ -21,13 +21,14 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 
 import torch  # noqa: E402
 
-from shared.interface import cli  # noqa: E402
-from shared.errors import UserError  # noqa: E402
-from shared.diffusion.guidance import parse_prompt, prompt_loop  # noqa: E402
-from shared.records.images import save_grid  # noqa: E402
-from shared.records.runs import make_run_dir, write_options  # noqa: E402
 from shared.diffusion.guidance import MAX_GUIDANCE  # noqa: E402
-from shared.interface.sampling_args import PICTURE_SCALE, add_sampler_args, load_model, sampler_kwargs, timed_sample  # noqa: E402,E501
+from shared.errors import UserError  # noqa: E402
+from shared.interface import cli  # noqa: E402
+from shared.interface.prompts import parse_prompt, prompt_loop  # noqa: E402
+from shared.interface.sampling_args import (add_sampler_args, check_seeds, load_model, output_run_dir,  # noqa: E402
+                                            sampler_kwargs, timed_sample)
+from shared.records.images import PICTURE_SCALE, save_grid  # noqa: E402
+from shared.records.runs import check_writable_dir, write_options  # noqa: E402
 
 
 def build_parser():
@@ -48,22 +49,22 @@ def build_parser():
 
 
 class Drawer:
-    """Samples and saves pictures for one loaded model; every call reports images/s."""
+    """Samples the pictures of one loaded model; `save` writes those drawn so far. Every call reports images/s."""
 
-    def __init__(self, args, model, schedule, device, run_dir: Path):
-        self.args, self.model, self.schedule, self.device, self.run_dir = args, model, schedule, device, run_dir
-        self.seeds = [args.seed + i for i in range(args.n)]
+    def __init__(self, args, model, schedule, device):
+        self.args, self.model, self.schedule, self.device = args, model, schedule, device
+        self.seeds = check_seeds(args.seed, args.n)
         self.results: list[dict] = []
+        self.pending: list[tuple[str, torch.Tensor, int]] = []  # (file name, images, images per row)
 
-    def _draw(self, labels: torch.Tensor, name: str, nrow: int, w: float | None = None) -> str:
+    def _draw(self, labels: torch.Tensor, name: str, nrow: int) -> str:
         seeds = (self.seeds * (labels.numel() // len(self.seeds)))[:labels.numel()]
-        kw = sampler_kwargs(self.args) if w is None else sampler_kwargs(self.args, guidance_scale=w)
-        images, rate = timed_sample(self.model, self.schedule, seeds, self.device, labels=labels, **kw)
-        path = self.run_dir / f"{name}.png"
-        save_grid(images.clamp(-1, 1), path, nrow=nrow, scale=PICTURE_SCALE)
-        self.results.append({"picture": path.name, "images": labels.numel(), "images_per_s": rate,
-                             "guidance_scale": kw["guidance_scale"]})
-        return f"wrote {path} ({labels.numel()} images, {rate:.2f} images/s)"
+        images, rate = timed_sample(self.model, self.schedule, seeds, self.device, labels=labels,
+                                    **sampler_kwargs(self.args))
+        self.pending.append((f"{name}.png", images, nrow))
+        self.results.append({"picture": f"{name}.png", "images": labels.numel(), "images_per_s": rate,
+                             "guidance_scale": self.args.guidance_scale})
+        return f"{name}.png: {labels.numel()} images, {rate:.2f} images/s"
 
     def label(self, k: int) -> str:
         if not 0 <= k < self.model.num_classes:
@@ -75,8 +76,6 @@ class Drawer:
         return self._draw(labels, f"grid-{len(self.results):03d}", self.args.n)
 
     def sweep(self, scales: list[float]) -> str:
-        if self.args.sweep_label is not None and not 0 <= self.args.sweep_label < self.model.num_classes:
-            raise UserError(f"--sweep-label must lie in [0, {self.model.num_classes - 1}]")
         row = (torch.full((self.args.n,), self.args.sweep_label) if self.args.sweep_label is not None
                else torch.arange(self.args.n) % self.model.num_classes)
         rows = []
@@ -86,35 +85,68 @@ class Drawer:
             rows.append(images)
             self.results.append({"guidance_scale": w, "images": self.args.n, "images_per_s": rate})
             print(f"  w = {w:g}: {rate:.2f} images/s")
-        path = self.run_dir / "sweep.png"
-        save_grid(torch.cat(rows).clamp(-1, 1), path, nrow=self.args.n, scale=PICTURE_SCALE)
-        return f"wrote {path} (rows: w = {', '.join(f'{w:g}' for w in scales)})"
+        self.pending.append(("sweep.png", torch.cat(rows), self.args.n))
+        return f"sweep.png: rows w = {', '.join(f'{w:g}' for w in scales)}"
+
+    def save(self, run_dir: Path) -> list[Path]:
+        """Writes the pending pictures into run_dir (and forgets them)."""
+        paths = []
+        for name, images, nrow in self.pending:
+            save_grid(images.clamp(-1, 1), run_dir / name, nrow=nrow, scale=PICTURE_SCALE)
+            paths.append(run_dir / name)
+        self.pending.clear()
+        return paths
+
+
+def _check(args, model, meta) -> int | None:
+    """Every check of the flags against the model, before sampling; returns the class asked for."""
+    if model.num_classes == 0:
+        raise UserError(f"{args.checkpoint} is unconditional (trained without --class-cond): guidance needs labels")
+    if args.sweep and any(not 0 <= w <= MAX_GUIDANCE for w in args.sweep):
+        raise UserError(f"--sweep scales must lie in [0, {MAX_GUIDANCE}], got {args.sweep}")
+    if args.sweep_label is not None and not 0 <= args.sweep_label < model.num_classes:
+        raise UserError(f"--sweep-label must lie in [0, {model.num_classes - 1}], got {args.sweep_label}")
+    label = parse_prompt(args.prompt, model.num_classes, meta.get("dataset")) if args.prompt is not None else args.digit
+    if label is not None and not 0 <= label < model.num_classes:
+        raise UserError(f"--digit must lie in [0, {model.num_classes - 1}], got {label}")
+    return label
+
+
+def _interactive(args, drawer: Drawer, meta: dict) -> None:
+    """The prompt loop; each picture is written as soon as it is drawn (a failed write is reported and the
+    loop goes on)."""
+    with output_run_dir(args.out, "interactive") as run_dir:
+        def written(message: str) -> str:
+            try:
+                drawer.save(run_dir)
+            except OSError as err:
+                drawer.pending.clear()
+                raise UserError(f"cannot write into {str(run_dir)!r} ({err.strerror or err})") from None
+            return f"wrote {run_dir}/{message}"
+
+        prompt_loop(lambda: input("> "), lambda k: written(drawer.label(k)), lambda: written(drawer.grid()), print,
+                    drawer.model.num_classes, meta.get("dataset"))
+        write_options(run_dir, vars(args), drawer.device)
+        (run_dir / "results.json").write_text(json.dumps(drawer.results, indent=2) + "\n")
 
 
 def main(argv=None) -> list[dict]:
     args = build_parser().parse_args(argv)
-    if args.sweep and any(not 0 <= w <= MAX_GUIDANCE for w in args.sweep):
-        raise UserError(f"--sweep scales must lie in [0, {MAX_GUIDANCE}], got {args.sweep}")
+    check_writable_dir(args.out)
     model, schedule, meta, device = load_model(args)
-    if model.num_classes == 0:
-        raise UserError(f"{args.checkpoint} is unconditional (trained without --class-cond): guidance needs labels")
-    label = parse_prompt(args.prompt, model.num_classes, meta.get("dataset")) if args.prompt is not None else args.digit
-    if label is not None and not 0 <= label < model.num_classes:
-        raise UserError(f"--digit must lie in [0, {model.num_classes - 1}], got {label}")
-    mode = "interactive" if args.interactive else "grid" if args.grid else "sweep" if args.sweep else f"class-{label}"
-    run_dir = make_run_dir(args.out, mode)
-    drawer = Drawer(args, model, schedule, device, run_dir)
-
+    label = _check(args, model, meta)
+    drawer = Drawer(args, model, schedule, device)
     if args.interactive:
-        prompt_loop(lambda: input("> "), drawer.label, drawer.grid, print, model.num_classes, meta.get("dataset"))
-    elif args.grid:
-        print(drawer.grid())
-    elif args.sweep:
-        print(drawer.sweep(args.sweep))
-    else:
-        print(drawer.label(label))
-    write_options(run_dir, vars(args), device)
-    (run_dir / "results.json").write_text(json.dumps(drawer.results, indent=2) + "\n")
+        _interactive(args, drawer, meta)
+        return drawer.results
+
+    mode = "grid" if args.grid else "sweep" if args.sweep else f"class-{label}"
+    message = drawer.grid() if args.grid else drawer.sweep(args.sweep) if args.sweep else drawer.label(label)
+    with output_run_dir(args.out, mode) as run_dir:
+        drawer.save(run_dir)
+        write_options(run_dir, vars(args), device)
+        (run_dir / "results.json").write_text(json.dumps(drawer.results, indent=2) + "\n")
+    print(f"wrote {run_dir}/{message}")
     return drawer.results
 
 

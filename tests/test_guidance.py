@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from shared.errors import UserError
-from shared.diffusion.guidance import PromptError, cfg_combine, check_labels, parse_prompt, prompt_loop
+from shared.diffusion.guidance import cfg_combine, check_labels
+from shared.interface.prompts import PromptError, parse_prompt, prompt_loop
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -1,14 +1,23 @@
-"""Sampler loops: ancestral DDPM, DDIM, and DPM-Solver++(2M), with classifier-free guidance.
+"""Samplers behind one interface, and the loop that runs them: DDPM, DDIM, DPM-Solver++(2M), with CFG.
 
-Every update goes through `shared.diffusion.steps.ddpm_step` / `ddim_step` (or, with fused_step=True, the
-fused `kernels.ddpm_step` / `kernels.ddim_step` of the same signature, guidance folded in). The loops
-own the random numbers: sample i with seed s draws x_T from stream (s, 0) and step k's fresh noise
-from stream (s, k + 1) (`shared.diffusion.noise.per_sample_noise`), so image i is the same at any batch size.
+A sampler is what diffusers calls a scheduler: the timesteps it visits and one update,
 
-    sampler  timesteps visited                         update
-    ddpm     all T (t = T−1 … 0), or respaced S < T    DDPM Alg. 2; respaced: DDIM Eq. 12 with η = 1
-    ddim     ddim_timesteps(T, S, spacing)             DDIM Eq. 12 with the given η
-    dpmpp    ddim_timesteps(T, S, spacing)             DPM-Solver++(2M) (Lu et al. 2022, Alg. 2)
+    sampler.timesteps                       descending ints in [0, T)
+    sampler.step(i, x_t, ε, z, ε_u)         → (x_prev, x̂0), the update of the i-th visited timestep
+    sampler.stochastic                      whether step i consumes fresh noise z
+
+and the loop (`sample_batch`) owns the model calls and the random numbers: sample i with seed s draws
+x_T from stream 0 of its seed and step k's noise from stream k + 1 (`shared.diffusion.noise`), so
+image i is the same at any batch size. The loop never looks at a sampler's name.
+
+    sampler  class               timesteps visited                      update
+    ddpm     DDPMSampler         all T (t = T−1 … 0)                    DDPM Alg. 2
+             DDIMSampler(η = 1)  respaced S < T                         DDIM Eq. 12 with η = 1
+    ddim     DDIMSampler(η)      ddim_timesteps(T, S, spacing)          DDIM Eq. 12
+    dpmpp    DPMSolverPP2M       ddim_timesteps(T, S, spacing)          DPM-Solver++(2M) (Lu et al. 2022, Alg. 2)
+
+Every update goes through `shared.diffusion.steps.ddpm_step` / `ddim_step` (or, with fused_step, the
+fused `kernels.ddpm_step` / `kernels.ddim_step` of the same signature, guidance folded in).
 
 DPM-Solver++(2M) as a DDIM step. With λ = log(α/σ), α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), h = λ_prev − λ_t,
 the 2M update x_prev = (σ_prev/σ_t)·x_t − α_prev·(e^{−h} − 1)·D equals DDIM (η = 0) applied to the
@@ -16,31 +25,71 @@ corrected data estimate D = (1 + 1/(2r))·x̂0_i − 1/(2r)·x̂0_{i−1}, r = h
 Eq. 9 and Alg. 2): both are α_prev·D + σ_prev·(x_t − α_t·D)/σ_t. So we hand ddim_step the ε that
 corresponds to D, ε_D = (x_t − α_t·D)/σ_t. The first step and the final step onto t_prev = −1
 (σ_prev = 0, h = ∞) are first order, i.e. plain DDIM.
+
+The same three updates in one affine form (`affine_step`), with per-step float64 coefficients
+(`Sampler.coefficients`, one row per visited timestep) that a captured CUDA graph reads from a device
+tensor (`GraphedSampling`):
+
+    x̂0 = a·x_t − b·ε  (clipped if asked)      D = x̂0 + w·(x̂0 − x̂0_prev)      ε_D = (a·x_t − D) / b
+    x_prev = c·D + d·x_t + e·ε_D + σ·z
+    DDPM: c, d = posterior_mean_coef1/2, e = 0, w = 0      DDIM: c = √ᾱ_prev, d = 0, e = √(1−ᾱ_prev−σ²), w = 0
+    DPM-Solver++(2M): as DDIM with σ = 0 and w = 1/(2r) (0 on first-order steps)
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from shared.errors import UserError
 from shared.diffusion.guidance import cfg_combine, check_labels, model_eps
-from shared.diffusion.steps import SPACINGS, VARIANCES, ddim_step, ddim_timesteps, ddpm_step, predict_x0_from_eps
+from shared.diffusion.noise import per_sample_noise, seeds_tensor
 from shared.diffusion.schedule import NoiseSchedule
-from shared.diffusion.noise import per_sample_noise
+from shared.diffusion.steps import SPACINGS, VARIANCES, ddim_step, ddim_timesteps, ddpm_step, predict_x0_from_eps
+from shared.errors import UserError
 from shared.model.precision import check_precision
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
 # Stream 0 of a sample's seed draws x_T; step k draws its fresh noise from stream k + 1.
 X_T_STREAM = 0
+DEFAULT_FAST_STEPS = 50  # ddim / dpmpp without a step count
+# Columns of Sampler.coefficients(): the affine form of the module docstring.
+COEFFICIENTS = ("a", "b", "c", "d", "e", "sigma", "w")
 
 # callback(step_index, t, x_t, x0_pred): x_t the sample entering the step at timestep t, x0_pred its x̂0.
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
-DEFAULT_FAST_STEPS = 50  # ddim / dpmpp without a step count
+@dataclasses.dataclass(frozen=True)
+class SamplerOptions:
+    """What one sampling run is asked to do; `check()` refuses bad values with a UserError."""
+
+    sampler: str = "ddim"
+    num_steps: int | None = None      # S; None: T for ddpm, 50 (≤ T) for ddim / dpmpp
+    eta: float = 0.0                  # DDIM η ≥ 0
+    spacing: str = "trailing"         # how S of the T timesteps are picked (SPACINGS)
+    clip_x0: bool = False             # clip x̂0 to [−1, 1] at every step
+    guidance_scale: float = 1.0       # CFG w: 0 unconditional, 1 conditional, > 1 guided
+    variance: str = "fixed_small"     # DDPM σ_t²: β̃_t or β_t (VARIANCES)
+    precision: str = "fp32"           # autocast dtype of the U-Net
+    fused_step: bool = False          # kernels.ddpm_step / ddim_step for the update
+    cuda_graphs: bool = False         # U-Net + step captured once per batch shape and replayed
+
+    def check(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.variance not in VARIANCES:
+            raise UserError(f"unknown variance {self.variance!r}; choose one of {', '.join(VARIANCES)}")
+        if self.spacing not in SPACINGS:
+            raise UserError(f"unknown spacing {self.spacing!r}; choose one of {', '.join(SPACINGS)}")
+        check_precision(self.precision)
+        if not (math.isfinite(self.eta) and self.eta >= 0):
+            raise UserError(f"eta must be a finite number >= 0, got {self.eta}")
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise UserError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
 
 
 def default_steps(sampler: str, num_steps: int | None, num_train_timesteps: int) -> int:
@@ -63,6 +112,10 @@ def sampler_timesteps(sampler: str, num_train_timesteps: int, num_steps: int | N
     return ddim_timesteps(num_train_timesteps, steps, spacing)
 
 
+# --------------------------------------------------------------------------------------------------
+# The samplers
+
+
 def _step_fns(fused_step: bool):
     if not fused_step:
         return ddpm_step, ddim_step
@@ -71,79 +124,188 @@ def _step_fns(fused_step: bool):
     return kernels.load("ddpm_step"), kernels.load("ddim_step")
 
 
-def _alpha_sigma(schedule: NoiseSchedule, t: int) -> tuple[float, float]:
-    """(α_t, σ_t) = (√ᾱ_t, √(1−ᾱ_t)) in float64; t = −1 gives (1, 0)."""
-    if t < 0:
-        return 1.0, 0.0
-    return float(schedule.sqrt_alphas_cumprod[t]), float(schedule.sqrt_one_minus_alphas_cumprod[t])
+def _step_coefficients():
+    """The float64 per-step scalars of kernels/sampling_step/coefficients.py (the one home of the
+    DDPM / DDIM coefficient formulas, shared with the eager and the fused steps)."""
+    from kernels.sampling_step import coefficients
+
+    return coefficients.ddpm_coefficients, coefficients.ddim_coefficients
 
 
-def _sample_batch(model, schedule: NoiseSchedule, seeds: Sequence[int], labels: torch.Tensor | None,
-                  timesteps: list[int], sampler: str, eta: float, clip_x0: bool, guidance_scale: float,
-                  variance: str, device: torch.device, precision: str, fused_step: bool,
-                  callback: Callback | None, bar) -> torch.Tensor:
-    ddpm_fn, ddim_fn = _step_fns(fused_step)
+class Sampler:
+    """The timesteps a solver visits and its update; subclasses implement `step` and `_row`."""
+
+    stochastic = False
+    # Whether step() may hand ε_u and w to a fused step (which combines them in-kernel).
+    folds_guidance = True
+
+    def __init__(self, schedule: NoiseSchedule, timesteps: Sequence[int], opts: SamplerOptions):
+        self.schedule, self.timesteps, self.opts = schedule, list(timesteps), opts
+        self.ddpm_fn, self.ddim_fn = _step_fns(opts.fused_step)
+
+    def t_prev(self, i: int) -> int:
+        """The timestep step i lands on: the next visited one, −1 (x0) after the last."""
+        return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1
+
+    def reset(self) -> None:
+        """Forgets what earlier steps left (called before each batch)."""
+
+    def _guided(self, eps: torch.Tensor, eps_uncond: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """(ε or ε̃, extra step kwargs): the fused step combines ε_c and ε_u in-kernel, else we do here."""
+        if eps_uncond is None:
+            return eps, {}
+        if self.opts.fused_step and self.folds_guidance:
+            return eps, dict(eps_uncond=eps_uncond, guidance_scale=self.opts.guidance_scale)
+        return cfg_combine(eps, eps_uncond, self.opts.guidance_scale), {}
+
+    def step(self, i: int, x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None = None,
+             eps_uncond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t [N x C x H x W] at timesteps[i] → (x at t_prev(i), x̂0), both [N x C x H x W]."""
+        raise NotImplementedError
+
+    def coefficients(self) -> torch.Tensor:
+        """float64 [S x 7]: row i holds step i's (a, b, c, d, e, σ, w) of `affine_step`."""
+        return torch.tensor([self._row(i) for i in range(len(self.timesteps))], dtype=torch.float64)
+
+    def _row(self, i: int) -> list[float]:
+        raise NotImplementedError
+
+
+class DDPMSampler(Sampler):
+    """Ancestral sampling over all T timesteps (Ho et al. 2020, Alg. 2)."""
+
+    stochastic = True
+
+    def step(self, i, x_t, eps, noise=None, eps_uncond=None):
+        eps, guided = self._guided(eps, eps_uncond)
+        return self.ddpm_fn(self.schedule, x_t, eps, self.timesteps[i], noise=noise, clip_x0=self.opts.clip_x0,
+                            variance=self.opts.variance, return_x0=True, **guided)
+
+    def _row(self, i):
+        ddpm_coefficients, _ = _step_coefficients()
+        c = ddpm_coefficients(self.schedule, self.timesteps[i], self.opts.variance)
+        return [c.x0_coef_xt, c.x0_coef_eps, c.out_coef_x0, c.out_coef_rest, 0.0, c.sigma, 0.0]
+
+
+class DDIMSampler(Sampler):
+    """The generalised step of Song et al. 2021 (Eq. 12, σ from Eq. 16) at stochasticity η."""
+
+    def __init__(self, schedule, timesteps, opts, eta: float):
+        super().__init__(schedule, timesteps, opts)
+        self.eta = eta
+        self.stochastic = eta > 0
+
+    def step(self, i, x_t, eps, noise=None, eps_uncond=None):
+        eps, guided = self._guided(eps, eps_uncond)
+        return self.ddim_fn(self.schedule, x_t, eps, self.timesteps[i], self.t_prev(i), eta=self.eta, noise=noise,
+                            clip_x0=self.opts.clip_x0, return_x0=True, **guided)
+
+    def _row(self, i):
+        _, ddim_coefficients = _step_coefficients()
+        c = ddim_coefficients(self.schedule, self.timesteps[i], self.t_prev(i), self.eta)
+        return [c.x0_coef_xt, c.x0_coef_eps, c.out_coef_x0, 0.0, c.out_coef_rest, c.sigma, 0.0]
+
+
+class DPMSolverPP2M(Sampler):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), each step a DDIM step on ε_D (module docstring)."""
+
+    folds_guidance = False  # the 2M correction needs ε̃ itself
+
+    def reset(self):
+        self.last_x0: torch.Tensor | None = None  # the previous step's x̂0
+
+    def _alpha_sigma(self, t: int) -> tuple[float, float]:
+        """(α_t, σ_t) = (√ᾱ_t, √(1−ᾱ_t)) in float64; t = −1 gives (1, 0)."""
+        if t < 0:
+            return 1.0, 0.0
+        return (float(self.schedule.sqrt_alphas_cumprod[t]),
+                float(self.schedule.sqrt_one_minus_alphas_cumprod[t]))
+
+    def _correction(self, i: int) -> float:
+        """w = 1/(2r), r = h_{i−1}/h_i, of D = x̂0_i + w·(x̂0_i − x̂0_{i−1}); 0 on first-order steps."""
+        if i == 0 or self.t_prev(i) < 0:
+            return 0.0
+        lam_last, lam_t, lam_prev = (math.log(a / s) for a, s in
+                                     map(self._alpha_sigma, (self.timesteps[i - 1], self.timesteps[i],
+                                                             self.t_prev(i))))
+        return (lam_prev - lam_t) / (2 * (lam_t - lam_last))
+
+    def step(self, i, x_t, eps, noise=None, eps_uncond=None):
+        eps, _ = self._guided(eps, eps_uncond)
+        t = self.timesteps[i]
+        x0_pred = predict_x0_from_eps(self.schedule, x_t, eps, t)  # x̂0_i
+        if self.opts.clip_x0:
+            x0_pred = x0_pred.clamp(-1.0, 1.0)
+        w = self._correction(i) if getattr(self, "last_x0", None) is not None else 0.0
+        data_estimate = x0_pred + w * (x0_pred - self.last_x0) if w else x0_pred
+        alpha_t, sigma_t = self._alpha_sigma(t)
+        eps_d = (x_t - alpha_t * data_estimate) / sigma_t  # the ε for which DDIM's x̂0 is D
+        self.last_x0 = x0_pred
+        return self.ddim_fn(self.schedule, x_t, eps_d, t, self.t_prev(i), eta=0.0), x0_pred
+
+    def _row(self, i):
+        _, ddim_coefficients = _step_coefficients()
+        c = ddim_coefficients(self.schedule, self.timesteps[i], self.t_prev(i), 0.0)
+        return [c.x0_coef_xt, c.x0_coef_eps, c.out_coef_x0, 0.0, c.out_coef_rest, 0.0, self._correction(i)]
+
+
+def make_sampler(schedule: NoiseSchedule, opts: SamplerOptions, timesteps: Sequence[int] | None = None) -> Sampler:
+    """The sampler opts asks for, visiting `timesteps` (default: sampler_timesteps of opts)."""
+    opts.check()
+    if timesteps is None:
+        timesteps = sampler_timesteps(opts.sampler, schedule.num_timesteps, opts.num_steps, opts.spacing)
+    full_chain = list(timesteps) == list(range(schedule.num_timesteps - 1, -1, -1))
+    if opts.sampler == "ddpm":  # respaced DDPM is DDIM with η = 1 (Song et al. 2021, Sec. 4.3)
+        return DDPMSampler(schedule, timesteps, opts) if full_chain else DDIMSampler(schedule, timesteps, opts, 1.0)
+    if opts.sampler == "ddim":
+        return DDIMSampler(schedule, timesteps, opts, opts.eta)
+    return DPMSolverPP2M(schedule, timesteps, opts)
+
+
+def affine_step(row: torch.Tensor, x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None,
+                x0_last: torch.Tensor, clip_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Any sampler's step from its coefficient row [7] (module docstring), all on x_t's device.
+
+    row: (a, b, c, d, e, σ, w) in x_t's dtype; x_t, eps, noise, x0_last: [N x C x H x W]. Returns
+    (x_prev, x̂0). Reads no host value, so a CUDA graph can replay it with a new row each step.
+    """
+    a, b, c, d, e, sigma, w = row.unbind()
+    x0_pred = a * x_t - b * eps
+    if clip_x0:
+        x0_pred = x0_pred.clamp(-1.0, 1.0)
+    data_estimate = x0_pred + w * (x0_pred - x0_last)
+    eps_d = (a * x_t - data_estimate) / b
+    x_prev = c * data_estimate + d * x_t + e * eps_d
+    if noise is not None:
+        x_prev = x_prev + sigma * noise
+    return x_prev, x0_pred
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+def sample_batch(model: torch.nn.Module, sampler: Sampler, seeds: torch.Tensor, labels: torch.Tensor | None,
+                 callback: Callback | None = None, bar=None, max_steps: int | None = None) -> torch.Tensor:
+    """One batch through the whole chain: x_T from each seed, then every step of `sampler`.
+
+    seeds: int64 [N] on the sampling device; labels: int64 [N] there, or None. max_steps stops after
+    that many steps (benchmarks time a prefix of a long chain). Returns x at the last step, float32.
+    """
+    opts = sampler.opts
     shape_chw = (model.in_channels, model.image_size, model.image_size)
-    x = per_sample_noise(seeds, shape_chw, device, torch.float32, X_T_STREAM)
-    full_chain = sampler == "ddpm" and len(timesteps) == schedule.num_timesteps
-    stochastic = sampler == "ddpm" or (sampler == "ddim" and eta > 0)
-    last_x0: tuple[int, torch.Tensor] | None = None  # dpmpp: the previous step's (t, x̂0)
-
-    for i, t in enumerate(timesteps):
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        eps, eps_uncond = model_eps(model, x, t, labels, guidance_scale, precision)
-        # Deterministic updates (DDIM η = 0, DPM-Solver++) use no noise: skip drawing it. Stream i + 1
-        # stays step i's either way, so the stochastic samplers' images do not depend on this.
-        noise = per_sample_noise(seeds, shape_chw, device, torch.float32, i + 1) if stochastic else None
-        # Guidance: the fused op combines in-kernel; the eager path combines here, before the step, and
-        # so does dpmpp, whose 2M correction needs ε̃ itself.
-        guided = {}
-        if eps_uncond is not None:
-            if fused_step and sampler != "dpmpp":
-                guided = dict(eps_uncond=eps_uncond, guidance_scale=guidance_scale)
-            else:
-                eps = cfg_combine(eps, eps_uncond, guidance_scale)
-
-        if full_chain:
-            x_next, x0_pred = ddpm_fn(schedule, x, eps, t, noise=noise, clip_x0=clip_x0, variance=variance,
-                                      return_x0=True, **guided)
-        elif sampler in ("ddpm", "ddim"):
-            step_eta = 1.0 if sampler == "ddpm" else eta
-            x_next, x0_pred = ddim_fn(schedule, x, eps, t, t_prev, eta=step_eta, noise=noise, clip_x0=clip_x0,
-                                      return_x0=True, **guided)
-        else:
-            x_next, x0_pred = _dpmpp_step(ddim_fn, schedule, x, eps, t, t_prev, clip_x0, last_x0)
-            last_x0 = (t, x0_pred)
+    x = per_sample_noise(seeds, shape_chw, seeds.device, torch.float32, X_T_STREAM)
+    sampler.reset()
+    for i, t in enumerate(sampler.timesteps[:max_steps]):
+        eps, eps_uncond = model_eps(model, x, t, labels, opts.guidance_scale, opts.precision)
+        noise = per_sample_noise(seeds, shape_chw, seeds.device, torch.float32, i + 1) if sampler.stochastic else None
+        x_next, x0_pred = sampler.step(i, x, eps, noise, eps_uncond)
         if callback is not None:
             callback(i, t, x, x0_pred)
         x = x_next
-        bar.update(1)
+        if bar is not None:
+            bar.update(1)
     return x
-
-
-def _log_snr_half(schedule: NoiseSchedule, t: int) -> float:
-    """λ_t = log(α_t / σ_t) (half the log-SNR), in float64."""
-    alpha, sigma = _alpha_sigma(schedule, t)
-    return math.log(alpha / sigma)
-
-
-def _dpmpp_step(ddim_fn, schedule, x, eps, t, t_prev, clip_x0, last_x0):
-    """One DPM-Solver++(2M) step, through ddim_fn (see the module docstring); returns (x_prev, x̂0).
-
-    last_x0: the previous step's (t, x̂0), None on the first step.
-    """
-    x0_pred = predict_x0_from_eps(schedule, x, eps, t)  # x̂0_i
-    if clip_x0:
-        x0_pred = x0_pred.clamp(-1.0, 1.0)
-    data_estimate = x0_pred
-    if last_x0 is not None and t_prev >= 0:  # second order, except first and final (σ_prev = 0) steps
-        t_last, x0_last = last_x0
-        lam_last, lam_t, lam_prev = (_log_snr_half(schedule, s) for s in (t_last, t, t_prev))
-        r = (lam_t - lam_last) / (lam_prev - lam_t)  # r_i = h_{i−1} / h_i
-        data_estimate = (1 + 1 / (2 * r)) * x0_pred - (1 / (2 * r)) * x0_last
-    alpha_t, sigma_t = _alpha_sigma(schedule, t)
-    eps_d = (x - alpha_t * data_estimate) / sigma_t  # the ε for which DDIM's x̂0 is D
-    return ddim_fn(schedule, x, eps_d, t, t_prev, eta=0.0), x0_pred
 
 
 @torch.no_grad()
@@ -152,38 +314,118 @@ def sample(model: torch.nn.Module, schedule: NoiseSchedule, seeds: Sequence[int]
            num_steps: int | None = None, eta: float = 0.0, spacing: str = "trailing", clip_x0: bool = False,
            guidance_scale: float = 1.0, variance: str = "fixed_small", batch_size: int = 64,
            device: torch.device | str | None = None, precision: str = "fp32", fused_step: bool = False,
-           callback: Callback | None = None, progress: bool = True) -> torch.Tensor:
+           cuda_graphs: bool = False, callback: Callback | None = None, progress: bool = True) -> torch.Tensor:
     """Draws len(seeds) samples; returns float32 [N x C x H x W] on `device` (not clipped).
 
     seeds: one int per sample (image i depends on seeds[i] only, not on batch_size).
     labels: [N] class indices for a class-conditional model (None: unconditional, ε_θ(x, ∅)).
     num_steps: steps S (default: T for ddpm, 50 for ddim/dpmpp).  guidance_scale: w of
     ε̃ = ε_u + w(ε_c − ε_u).  callback(step_index, t, x_t, x̂0) sees every step of every batch.
-    fused_step: use kernels.ddpm_step / kernels.ddim_step (issue 6) for the update.
+    fused_step: use kernels.ddpm_step / kernels.ddim_step for the update. cuda_graphs: capture the
+    U-Net + step once per batch shape and replay it (CUDA only; `GraphedSampling`).
     """
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if variance not in VARIANCES:
-        raise UserError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
-    check_precision(precision)
-    if not eta >= 0 or not guidance_scale >= 0 or batch_size < 1:
-        raise UserError(f"need eta >= 0, guidance_scale >= 0, batch_size >= 1 "
-                        f"(got {eta}, {guidance_scale}, {batch_size})")
+    opts = SamplerOptions(sampler=sampler, num_steps=num_steps, eta=eta, spacing=spacing, clip_x0=clip_x0,
+                          guidance_scale=guidance_scale, variance=variance, precision=precision,
+                          fused_step=fused_step, cuda_graphs=cuda_graphs)
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise UserError("no seeds given: nothing to sample")
-    timesteps = sampler_timesteps(sampler, schedule.num_timesteps, num_steps, spacing)
+    solver = make_sampler(schedule, opts)
     labels = check_labels(labels, len(seeds), getattr(model, "num_classes", 0))
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if cuda_graphs and device.type != "cuda":
+        raise UserError(f"CUDA graphs need a CUDA device, but sampling runs on {device}; drop --cuda-graphs")
+    all_seeds = seeds_tensor(seeds, device)
+    run_batch = (GraphedSampling(model, solver, callback).run if cuda_graphs
+                 else functools.partial(sample_batch, model, solver, callback=callback))
 
     out = []
-    n_batches = math.ceil(len(seeds) / batch_size)
-    with tqdm(total=n_batches * len(timesteps), desc=f"{sampler} {len(timesteps)} steps", disable=not progress,
-              leave=False) as bar:
+    steps = len(solver.timesteps)
+    with tqdm(total=math.ceil(len(seeds) / batch_size) * steps, desc=f"{opts.sampler} {steps} steps",
+              disable=not progress, leave=False) as bar:
         for start in range(0, len(seeds), batch_size):
             chunk = slice(start, start + batch_size)
             batch_labels = labels[chunk].to(device) if labels is not None else None
-            out.append(_sample_batch(model, schedule, seeds[chunk], batch_labels, timesteps, sampler, eta,
-                                     clip_x0, guidance_scale, variance, device, precision, fused_step,
-                                     callback, bar))
+            out.append(run_batch(all_seeds[chunk], batch_labels, bar=bar))
     return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA graphs
+
+
+class GraphedSampling:
+    """One sampler iteration (U-Net + step + noise) captured as a CUDA graph per batch shape, replayed.
+
+    The graph reads everything that changes between steps from device tensors it owns: the step
+    index (filled from a Python int before each replay), the timestep and coefficient tables indexed
+    by it, the noise stream (index + 1), and x_t / x̂0 of the previous step. Guidance w, clip_x0 and
+    the labels are fixed for one `sample` call, as is the sampler. Captured on first use of a shape,
+    after two warm-up iterations on a side stream (Triton autotuning and allocator growth must happen
+    before capture). The update is `affine_step`, the eager steps' math in one form (tested equal).
+    """
+
+    WARMUP_ITERATIONS = 2
+
+    def __init__(self, model: torch.nn.Module, sampler: Sampler, callback: Callback | None = None):
+        if sampler.opts.fused_step:
+            raise UserError("CUDA graphs replay the eager step; use them without the fused sampling step")
+        self.model, self.sampler, self.callback = model, sampler, callback
+        self.graphs: dict[tuple, tuple] = {}
+
+    def _iteration(self, io: dict) -> None:
+        """The captured work: reads io's input tensors, writes io["x_next"] and io["x0"]."""
+        opts, x = self.sampler.opts, io["x"]
+        row = io["coefs"][io["index"]]                                        # [7]
+        t = io["timesteps"][io["index"]].expand(x.shape[0])                   # [N]
+        eps, eps_uncond = model_eps(self.model, x, t, io["labels"], opts.guidance_scale, opts.precision)
+        if eps_uncond is not None:
+            eps = cfg_combine(eps, eps_uncond, opts.guidance_scale)
+        noise = (per_sample_noise(io["seeds"], x.shape[1:], x.device, x.dtype, io["index"] + 1)
+                 if self.sampler.stochastic else None)
+        x_next, x0 = affine_step(row, x, eps, noise, io["x0_last"], opts.clip_x0)
+        io["x_next"], io["x0"] = x_next, x0
+
+    def _capture(self, seeds: torch.Tensor, labels: torch.Tensor | None, shape: tuple) -> tuple:
+        device = seeds.device
+        io = dict(x=torch.zeros(shape, device=device), x0_last=torch.zeros(shape, device=device),
+                  seeds=seeds.clone(), labels=None if labels is None else labels.clone(),
+                  index=torch.zeros((), dtype=torch.int64, device=device),
+                  coefs=self.sampler.coefficients().to(device=device, dtype=torch.float32),
+                  timesteps=torch.tensor(self.sampler.timesteps, dtype=torch.int64, device=device))
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP_ITERATIONS):
+                self._iteration(io)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._iteration(io)
+        return graph, io
+
+    def run(self, seeds: torch.Tensor, labels: torch.Tensor | None, bar=None) -> torch.Tensor:
+        """The whole chain for one batch, as `sample_batch` returns it."""
+        model = self.model
+        shape = (seeds.shape[0], model.in_channels, model.image_size, model.image_size)
+        key = (shape, labels is None)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(seeds, labels, shape)
+        graph, io = self.graphs[key]
+        io["seeds"].copy_(seeds)
+        if labels is not None:
+            io["labels"].copy_(labels)
+        io["x"].copy_(per_sample_noise(seeds, shape[1:], seeds.device, torch.float32, X_T_STREAM))
+        io["x0_last"].zero_()
+        for i, t in enumerate(self.sampler.timesteps):
+            io["index"].fill_(i)
+            graph.replay()
+            if self.callback is not None:
+                self.callback(i, t, io["x"], io["x0"])
+            io["x"].copy_(io["x_next"])
+            io["x0_last"].copy_(io["x0"])
+            if bar is not None:
+                bar.update(1)
+        return io["x"].clone()

@@ -21,7 +21,8 @@ import time
 import torch
 
 from shared.errors import USER_ERRORS, UserError
-from shared.diffusion.guidance import MAX_GUIDANCE, parse_prompt
+from shared.diffusion.guidance import MAX_GUIDANCE
+from shared.interface.prompts import parse_prompt
 from shared.records.images import grid_image
 from shared.diffusion.samplers import SAMPLERS, default_steps, sample
 

@@ -7,6 +7,8 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+PICTURE_SCALE = 3  # 28-pixel digits are enlarged (nearest) to be visible in the stage pictures
+
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Maps [-1, 1] to uint8 [0, 255] (values outside are clipped), keeping the shape."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Sequence
 
 import matplotlib
@@ -45,6 +46,22 @@ def plot_noising_grid(images: torch.Tensor, timesteps: Sequence[int], path: str,
                 ax.set_title(f"t={timesteps[c]}", fontsize=8)
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
+
+
+def plot_quality_vs_steps(rows: list[dict], path: Path) -> Path:
+    """quality.png: mean class accuracy and Fréchet distance (with its real floor) against step count."""
+    steps = [r["steps"] for r in rows]
+    fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax_fd.plot(steps, [r["frechet_distance"] for r in rows], "o-", label="generated vs held-out")
+    ax_fd.axhline(rows[0]["real_floor"], color="gray", ls="--", label="real vs real floor")
+    ax_fd.set(xscale="log", yscale="log", xlabel="sampling steps", ylabel="Fréchet distance (classifier features)")
+    ax_fd.legend(fontsize=8)
+    if all(r.get("mean_class_accuracy") is not None for r in rows):
+        ax_acc.plot(steps, [100 * r["mean_class_accuracy"] for r in rows], "o-")
+    ax_acc.set(xscale="log", xlabel="sampling steps", ylabel="samples classified as asked (%)", ylim=(0, 101))
+    fig.suptitle(f"{rows[0]['sampler']}: quality against step count", fontsize=10)
+    _save(fig, path)
+    return path
 
 
 def _save(fig, path: str) -> None:
