@@ -1,1 +1,2 @@
-"""The noise-prediction network ε_θ: the U-Net, its blocks, the EMA of its weights, a summary."""
+"""The noise-prediction network ε_θ: the U-Net, its blocks, the EMA of its weights, the autocast
+precisions, a per-block summary and a diagram drawn from the module tree."""
