@@ -1,116 +1,342 @@
-"""The HTTP API of stage 5: a FastAPI app that samples from one model loaded at start-up.
+"""The HTTP API of stage 5: a FastAPI app that samples from one model loaded at start-up, and a web page
+over that API.
 
-    POST /generate  {"label": 7 | "prompt": "seven", "guidance_scale": 3, "sampler": "ddim", "steps": 50,
-                     "seed": 0, "n": 4}
+    GET  /             the web page (shared/interface/static/: plain HTML, CSS and JavaScript, offline)
+    GET  /health       → {"status": "ok", "num_classes", "image_shape", "num_timesteps", "device", "dataset"}
+    GET  /limits       → every limit below, the samplers with their default steps, the class names
+    POST /generate     {"label": 7 | "prompt": "seven", "guidance_scale": 3, "sampler": "ddim", "steps": 50,
+                        "seed": 0, "n": 4, "eta": 0, "clip_x0": true}
         → {"images": [base64 PNG, …], "parameters": {resolved request}, "timing": {"seconds", "images_per_s"}}
-    GET  /health    → {"status": "ok", "num_classes", "image_shape", "num_timesteps", "device"}
+    POST /trajectory   the same fields without n: one sample (the seed's), recorded at every step
+        → {"frames": [{"step", "t", "alpha_bar", "x_t", "x0"}, …], "final", "parameters", "timing"}
 
-Validation (pydantic, then the model's own limits): steps 1-1000 and ≤ T, n 1-64, guidance 0-20, label
-in range, prompt readable, not both label and prompt. Any bad request is a 422 with a message. A
-request that fails inside the sampler is a 500 with a message; the server keeps serving. fastapi and
-pydantic are imported lazily, inside create_app: the rest of the repo runs without them.
+Limits: steps 1-1000 and ≤ T; n 1-64; n × steps ≤ 6,400 per request; guidance 0-20; η 0-1; every float
+finite; request bodies ≤ 16 KiB (413 beyond); at most 4 requests holding or waiting for the model (a
+503 with Retry-After beyond, or after 120 s of waiting). A bad request is a 422 whose body names the
+field: {"detail": [{"loc", "msg", "type"}], "field", "message"}. A request that fails inside the
+sampler is a 500 with a message; the server keeps serving. fastapi and pydantic are imported lazily,
+inside create_app: the rest of the repo runs without them.
 """
-# No `from __future__ import annotations` here: FastAPI must see the request model class itself, and
-# GenerateRequest is local to create_app, so a string annotation could not be resolved.
+# No `from __future__ import annotations` here: FastAPI must see the request model classes themselves,
+# and they are local to create_app, so string annotations could not be resolved.
 
 import base64
+import contextlib
 import io
 import threading
 import time
+from pathlib import Path
 
 import torch
 
-from shared.errors import USER_ERRORS, UserError
 from shared.diffusion.guidance import MAX_GUIDANCE
-from shared.interface.prompts import parse_prompt
-from shared.records.images import grid_image
 from shared.diffusion.samplers import SAMPLERS, default_steps, sample
+from shared.errors import USER_ERRORS, UserError
+from shared.interface.prompts import CLASS_NAMES, NUMBER_WORDS, parse_prompt
+from shared.records.trajectory import TrajectoryRecorder
+from shared.records.images import grid_image
 
 MAX_STEPS, MAX_N, MAX_SEED = 1000, 64, 2**63 - 1
+MAX_IMAGE_STEPS = 6400           # n × steps of one request: 64 images × 100 steps, or 6 × 1000
+MAX_BODY_BYTES = 16 * 1024       # a valid request is under 300 bytes
+MAX_PENDING = 4                  # requests running or waiting for the model
+QUEUE_WAIT_S = 120.0             # a request waits this long for the model before a 503
+RETRY_AFTER_S = 5
+MAX_TRAJECTORY_FRAMES = 60       # /trajectory returns at most this many evenly spaced steps
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 def png_base64(image: torch.Tensor) -> str:
-    """One image [C x H x W] in [−1, 1] as a base64 PNG."""
+    """One image [C x H x W] in [−1, 1] as a base64 PNG (values outside are clipped)."""
     buf = io.BytesIO()
     grid_image(image[None], nrow=1, padding=0).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def create_app(model: torch.nn.Module, schedule, meta: dict, device: torch.device, *, precision: str = "fp32",
-               fused_step: bool = False):
-    """The FastAPI app serving `model` (already loaded, in eval mode, on `device`)."""
-    from typing import Literal, Optional
+class Busy(Exception):
+    """The model is taken and the queue is full (or the wait ran out)."""
 
-    from fastapi import FastAPI, HTTPException
-    from pydantic import BaseModel, ConfigDict, Field
 
-    num_classes, num_timesteps = int(model.num_classes), int(schedule.num_timesteps)
-    lock = threading.Lock()  # one sampling job at a time: the model and device are shared
+class JobQueue:
+    """One sampling job at a time on the shared model; at most `capacity` requests running or waiting,
+    each waiting at most `wait_s`."""
 
-    class GenerateRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        label: Optional[int] = Field(None, ge=0, description="class index")
-        prompt: Optional[str] = Field(None, max_length=100, description="class as text: 'seven', '7'")
-        guidance_scale: float = Field(3.0, ge=0.0, le=MAX_GUIDANCE)
-        sampler: Literal[SAMPLERS] = "ddim"  # type: ignore[valid-type]
-        steps: Optional[int] = Field(None, ge=1, le=MAX_STEPS)
-        seed: int = Field(0, ge=0, le=MAX_SEED)
-        n: int = Field(4, ge=1, le=MAX_N)
-        eta: float = Field(0.0, ge=0.0, le=1.0)
-        clip_x0: bool = True
+    def __init__(self, capacity: int = MAX_PENDING, wait_s: float = QUEUE_WAIT_S):
+        self.capacity, self.wait_s, self.pending = capacity, wait_s, 0
+        self._model = threading.Lock()
+        self._count = threading.Lock()
 
-    app = FastAPI(title="ddpm-from-scratch", description=__doc__)
+    @contextlib.contextmanager
+    def slot(self):
+        with self._count:
+            if self.pending >= self.capacity:
+                raise Busy(f"{self.pending} requests are running or waiting")
+            self.pending += 1
+        try:
+            if not self._model.acquire(timeout=self.wait_s):
+                raise Busy(f"waited {self.wait_s:g} s for the model")
+            try:
+                yield
+            finally:
+                self._model.release()
+        finally:
+            with self._count:
+                self.pending -= 1
 
-    def reject(message: str):
-        raise HTTPException(status_code=422, detail=message)
 
-    def resolve(req: GenerateRequest) -> dict:
-        """The request with the model's limits applied and defaults filled in; 422 on a mismatch."""
+class LimitBody:
+    """ASGI middleware: a request body over `limit` bytes is a 413 before the app reads any of it
+    (declared Content-Length) or as soon as the running total passes the limit (chunked bodies)."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def _reject(self, send) -> None:
+        body = (f'{{"detail": "request body over {self.limit} bytes", "field": null, '
+                f'"message": "request body over {self.limit} bytes"}}').encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._reject(send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                return await self._reject(send)
+        replayed = False
+
+        async def replay():  # the body once, then whatever the client sends next (a disconnect)
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+def invalid_body(errors: list[tuple[str | None, str, str]]) -> dict:
+    """The 422 body: JSON-safe (no echoed input, which may be NaN or huge), naming each field."""
+    detail = [{"loc": ["body"] + ([field] if field else []), "msg": msg, "type": kind} for field, msg, kind in errors]
+    message = "; ".join(f"{field}: {msg}" if field else msg for field, msg, _ in errors)
+    return {"detail": detail, "field": errors[0][0] if errors else None, "message": message}
+
+
+def pydantic_errors(errors) -> list[tuple[str | None, str, str]]:
+    """(field, message, type) of each pydantic error; the field is the body key the error is about."""
+    out = []
+    for err in errors:
+        keys = [str(part) for part in err.get("loc", ()) if part != "body"]
+        out.append((keys[0] if keys else None, str(err.get("msg", "invalid")), str(err.get("type", "value_error"))))
+    return out
+
+
+def class_names(num_classes: int, dataset: str | None) -> list[str]:
+    """What the page labels class k with: the dataset's class name, else the number word, else k."""
+    names = CLASS_NAMES.get(dataset or "", NUMBER_WORDS)
+    return [names[k] if k < len(names) else str(k) for k in range(num_classes)]
+
+
+def probe_fused(model: torch.nn.Module, schedule, device: torch.device, precision: str = "fp32") -> None:
+    """One 1-step, 1-image sample through the fused U-Net ops and the fused step, at start-up: a server
+    that cannot run them stops with one line instead of failing every request."""
+    labels = None if not model.num_classes else torch.zeros(1, dtype=torch.long)
+    try:
+        sample(model, schedule, [0], labels=labels, sampler="ddim", num_steps=1, device=device,
+               precision=precision, fused_step=True, progress=False)
+    except USER_ERRORS as err:
+        raise UserError(f"--fused-kernels cannot run here: {err}") from None
+    except Exception as err:  # noqa: BLE001 - a driver or compiler failure is the same verdict
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise UserError(f"--fused-kernels cannot run here: {type(err).__name__}: {reason}") from None
+
+
+class Invalid(Exception):
+    """A request the model cannot serve: a 422 naming `field` (None: the request as a whole)."""
+
+    def __init__(self, field: str | None, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+class SamplingFailed(Exception):
+    """A fault inside the sampler (not the request's): a 500 with the reason."""
+
+
+class Service:
+    """What the endpoints do, apart from HTTP: resolve a request against the model's limits, sample
+    under the queue, and state the limits."""
+
+    def __init__(self, model: torch.nn.Module, schedule, meta: dict, device: torch.device, precision: str,
+                 fused_step: bool, queue: JobQueue):
+        self.model, self.schedule, self.meta, self.device = model, schedule, meta, device
+        self.precision, self.fused_step, self.queue = precision, fused_step, queue
+        self.num_classes, self.num_timesteps = int(model.num_classes), int(schedule.num_timesteps)
+
+    def resolve(self, req, n: int) -> dict:
+        """The request with the model's limits applied and defaults filled in; Invalid on a mismatch."""
+        num_classes = self.num_classes
         if req.label is not None and req.prompt is not None:
-            reject("give either label or prompt, not both")
+            raise Invalid("prompt", "give either label or prompt, not both")
         label = req.label
         if req.prompt is not None:
             try:
-                label = parse_prompt(req.prompt, num_classes, meta.get("dataset"))
+                label = parse_prompt(req.prompt, num_classes, self.meta.get("dataset"))
             except UserError as err:
-                reject(str(err))
+                raise Invalid("prompt", str(err)) from None
         if num_classes == 0 and label is not None:
-            reject("this model is unconditional: it takes no label or prompt")
+            raise Invalid("label", "this model is unconditional: it takes no label or prompt")
         if num_classes > 0 and label is None:
-            reject(f"give a label in [0, {num_classes - 1}] or a prompt")
+            raise Invalid("prompt", f"give a label in [0, {num_classes - 1}] or a prompt")
         if label is not None and label >= num_classes:
-            reject(f"label must lie in [0, {num_classes - 1}], got {label}")
-        steps = default_steps(req.sampler, req.steps, num_timesteps)
-        if steps > num_timesteps:
-            reject(f"steps must lie in [1, {num_timesteps}] for this model, got {steps}")
+            raise Invalid("label", f"label must lie in [0, {num_classes - 1}], got {label}")
+        steps = default_steps(req.sampler, req.steps, self.num_timesteps)
+        if steps > self.num_timesteps:
+            raise Invalid("steps", f"steps must lie in [1, {self.num_timesteps}] for this model, got {steps}")
+        if n * steps > MAX_IMAGE_STEPS:
+            raise Invalid("n", f"n × steps = {n} × {steps} = {n * steps} exceeds {MAX_IMAGE_STEPS} per request; "
+                               f"lower n or steps")
+        if req.seed + n - 1 > MAX_SEED:
+            raise Invalid("seed", f"seed + n − 1 must be <= {MAX_SEED}")
         return {"label": label, "guidance_scale": req.guidance_scale if num_classes else None,
-                "sampler": req.sampler, "steps": steps, "seed": req.seed, "n": req.n, "eta": req.eta,
-                "clip_x0": req.clip_x0, "seeds": [req.seed + i for i in range(req.n)]}
+                "sampler": req.sampler, "steps": steps, "seed": req.seed, "n": n, "eta": req.eta,
+                "clip_x0": req.clip_x0, "seeds": [req.seed + i for i in range(n)]}
 
-    @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok", "num_classes": num_classes, "image_shape": list(meta.get("image_shape") or []),
-                "num_timesteps": num_timesteps, "device": str(device), "dataset": meta.get("dataset")}
+    def run(self, params: dict, callback=None) -> tuple[torch.Tensor, float]:
+        """Samples under the queue: (images [n x C x H x W] float32 on the CPU, seconds).
+        Raises Busy, Invalid or SamplingFailed."""
+        labels = None if params["label"] is None else torch.full((params["n"],), params["label"])
+        try:
+            with self.queue.slot():
+                start = time.perf_counter()
+                images = sample(self.model, self.schedule, params["seeds"], labels=labels,
+                                sampler=params["sampler"], num_steps=params["steps"], eta=params["eta"],
+                                clip_x0=params["clip_x0"], guidance_scale=params["guidance_scale"] or 1.0,
+                                device=self.device, precision=self.precision, fused_step=self.fused_step,
+                                callback=callback, progress=False)
+                images = images.float().cpu()  # waits for the device, so the time below is the sampling's
+                seconds = time.perf_counter() - start
+        except Busy:
+            raise
+        except UserError as err:
+            raise Invalid(None, str(err)) from None
+        except Exception as err:  # noqa: BLE001 - one failed request must not take the server down
+            raise SamplingFailed(f"sampling failed: {type(err).__name__}: {err}") from None
+        if not bool(torch.isfinite(images).all()):
+            raise SamplingFailed("sampling failed: the model produced NaN or infinite values (a diverged checkpoint?)")
+        return images, seconds
+
+    def trajectory(self, params: dict) -> dict:
+        """One sample with x_t and x̂0 at up to MAX_TRAJECTORY_FRAMES evenly spaced steps, with t and ᾱ_t."""
+        recorder = TrajectoryRecorder()
+        images, seconds = self.run(params, callback=recorder)
+        count = len(recorder.timesteps)
+        picks = sorted({round(i * (count - 1) / max(MAX_TRAJECTORY_FRAMES - 1, 1))
+                        for i in range(min(count, MAX_TRAJECTORY_FRAMES))})
+        abar = self.schedule.alphas_cumprod
+        frames = [{"step": i, "t": int(recorder.timesteps[i]), "alpha_bar": float(abar[recorder.timesteps[i]]),
+                   "x_t": png_base64(recorder.x_t[i][0]), "x0": png_base64(recorder.x0[i][0])} for i in picks]
+        return {"frames": frames, "final": png_base64(images[0]), "parameters": params,
+                "timing": {"seconds": seconds, "steps": count}}
+
+    def health(self) -> dict:
+        return {"status": "ok", "num_classes": self.num_classes, "image_shape": list(self.meta.get("image_shape") or []),
+                "num_timesteps": self.num_timesteps, "device": str(self.device), "dataset": self.meta.get("dataset")}
+
+    def limits(self) -> dict:
+        T = self.num_timesteps
+        return {"max_steps": min(MAX_STEPS, T), "num_timesteps": T, "max_n": MAX_N,
+                "max_image_steps": MAX_IMAGE_STEPS, "max_guidance": MAX_GUIDANCE, "max_seed": MAX_SEED,
+                "max_eta": 1.0, "max_body_bytes": MAX_BODY_BYTES, "max_pending": self.queue.capacity,
+                "queue_wait_s": self.queue.wait_s, "max_trajectory_frames": MAX_TRAJECTORY_FRAMES,
+                "samplers": {s: default_steps(s, None, T) for s in SAMPLERS}, "num_classes": self.num_classes,
+                "class_names": class_names(self.num_classes, self.meta.get("dataset")),
+                "dataset": self.meta.get("dataset")}
+
+
+def create_app(model: torch.nn.Module, schedule, meta: dict, device: torch.device, *, precision: str = "fp32",
+               fused_step: bool = False, queue: JobQueue | None = None):
+    """The FastAPI app serving `model` (already loaded, in eval mode, on `device`)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.staticfiles import StaticFiles
+
+    service = Service(model, schedule, meta, device, precision, fused_step, queue or JobQueue())
+    GenerateRequest, TrajectoryRequest = request_models()
+    app = FastAPI(title="ddpm-from-scratch", description=__doc__)
+    app.add_middleware(LimitBody, limit=MAX_BODY_BYTES)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        return JSONResponse(invalid_body(pydantic_errors(exc.errors())), status_code=422)
+
+    @app.exception_handler(Invalid)
+    async def on_invalid(request: Request, exc: Invalid):
+        return JSONResponse(invalid_body([(exc.field, exc.message, "value_error")]), status_code=422)
+
+    @app.exception_handler(Busy)
+    async def on_busy(request: Request, exc: Busy):
+        message = f"busy ({exc}); retry in {RETRY_AFTER_S} s"
+        return JSONResponse({"detail": message, "field": None, "message": message}, status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.exception_handler(SamplingFailed)
+    async def on_failure(request: Request, exc: SamplingFailed):
+        return JSONResponse({"detail": str(exc), "field": None, "message": str(exc)}, status_code=500)
+
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.get("/health")(service.health)
+    app.get("/limits")(service.limits)
 
     @app.post("/generate")
     def generate(req: GenerateRequest) -> dict:
-        params = resolve(req)
-        labels = None if params["label"] is None else torch.full((params["n"],), params["label"])
-        try:
-            with lock:
-                start = time.perf_counter()
-                images = sample(model, schedule, params["seeds"], labels=labels, sampler=params["sampler"],
-                                num_steps=params["steps"], eta=params["eta"], clip_x0=params["clip_x0"],
-                                guidance_scale=params["guidance_scale"] or 1.0, device=device,
-                                precision=precision, fused_step=fused_step, progress=False)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                seconds = time.perf_counter() - start
-        except USER_ERRORS as err:
-            raise HTTPException(status_code=422, detail=str(err)) from None
-        except Exception as err:  # noqa: BLE001 - one failed request must not take the server down
-            raise HTTPException(status_code=500, detail=f"sampling failed: {type(err).__name__}: {err}") from None
-        return {"images": [png_base64(img) for img in images.float().cpu()], "parameters": params,
+        params = service.resolve(req, req.n)
+        images, seconds = service.run(params)
+        return {"images": [png_base64(img) for img in images], "parameters": params,
                 "timing": {"seconds": seconds, "images_per_s": params["n"] / seconds}}
 
+    @app.post("/trajectory")
+    def trajectory(req: TrajectoryRequest) -> dict:
+        return service.trajectory(service.resolve(req, 1))
+
     return app
+
+
+def request_models():
+    """(GenerateRequest, TrajectoryRequest): the pydantic request bodies; every float must be finite."""
+    from typing import Literal, Optional
+
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class TrajectoryRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        label: Optional[int] = Field(None, ge=0, description="class index")
+        prompt: Optional[str] = Field(None, max_length=100, description="class as text: 'seven', '7'")
+        guidance_scale: float = Field(3.0, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
+        sampler: Literal[SAMPLERS] = "ddim"  # type: ignore[valid-type]
+        steps: Optional[int] = Field(None, ge=1, le=MAX_STEPS)
+        seed: int = Field(0, ge=0, le=MAX_SEED)
+        eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+        clip_x0: bool = True
+
+    class GenerateRequest(TrajectoryRequest):
+        n: int = Field(4, ge=1, le=MAX_N)
+
+    return GenerateRequest, TrajectoryRequest
