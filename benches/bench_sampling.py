@@ -1,21 +1,22 @@
-"""Sampling throughput: images/s of DDPM-1000 and DDIM-50 (η = 0) with the `mnist` preset, fp32.
+"""Sampling throughput: images/s of DDPM-1000 and DDIM-50 (η = 0), and the cost of per-sample noise.
 
-The loop is the samplers' update (shared/samplers.py) with the noise drawn on the device: per step
-ε̂ = model(x_t, t), then one DDPM step (with fresh noise z) or one DDIM step. Variants:
-    eager         eager U-Net, eager step (shared.ddpm_step / ddim_step)
+Every variant runs the samplers' own loop (`shared.diffusion.samplers.sample_batch`, or its CUDA-graph
+form `GraphedSampling`): per step ε̂ = model(x_t, t), then the sampler's update, with each sample's
+noise from its seed (Philox on the device). Variants:
+    eager         eager U-Net, eager step (shared.diffusion.steps)
     fused step    eager U-Net, fused step (kernels.ddpm_step / ddim_step)
     fused         fused U-Net kernels + fused step: what `sample.py --fused-kernels` runs
-    fused+graphs  `fused`, the timed steps captured once in one CUDA graph and replayed
-    sample() ...  shared.diffusion.samplers.sample itself, as stage 4 calls it (DDIM only), eager or fused
-                  (CUDA: fused kernels + fused step; CPU: fused step). It also draws each sample's
-                  noise on the CPU from its own generator every step (per-sample seeds), which the
-                  loop above does not; compare it with `sample() eager`, not with `eager`.
+    graphs        fused U-Net kernels, the U-Net + on-device step of one iteration captured once as a
+                  CUDA graph and replayed: what `sample.py --fused-kernels --cuda-graphs` runs
 The zero-initialised layers get small random weights (a fresh U-Net outputs exactly 0).
 
 Every step of a sampler costs the same (same shapes), so a run is timed over its first `steps_timed`
 steps and scaled: images/s = batch / (time of steps_timed steps × total steps / steps_timed). Both
-step counts are in extra_info. This keeps DDPM-1000 at batch 1024 inside the GPU script's budget.
-CUDA: batches 1, 64, 1024. CPU: the `tiny` preset at batches 1 and 16, eager and fused step.
+step counts are in extra_info. CUDA: the `mnist` preset at batches 1, 64, 1024. CPU: the `tiny` preset
+at batches 1 and 16, eager and fused step.
+
+Noise: per_sample_noise for 1024 × 3 × 32 × 32 (eager tensor ops and the torch.compile kernel) against
+one torch.randn of that size on the same device; `ratio_to_randn` is measured in the same run.
 """
 from __future__ import annotations
 
@@ -23,98 +24,51 @@ import pytest
 import torch
 
 import kernels
-from benches.measure import budget_skip_reason, module_missing, on_cuda, randomise_zero_init, record, time_call
+from benches.measure import budget_skip_reason, on_cuda, randomise_zero_init, record, time_call
 from shared import NoiseSchedule, UNet
-from shared.diffusion.steps import ddim_step, ddim_timesteps, ddpm_step
+from shared.diffusion.noise import per_sample_noise, seeds_tensor
+from shared.diffusion.samplers import GraphedSampling, SamplerOptions, make_sampler, sample_batch
 
 NUM_TIMESTEPS = 1000
-SAMPLERS = {"DDPM-1000": NUM_TIMESTEPS, "DDIM-50": 50}
+SAMPLERS = {"DDPM-1000": ("ddpm", NUM_TIMESTEPS), "DDIM-50": ("ddim", 50)}
 PRESET = "mnist" if on_cuda() else "tiny"
 BATCHES = (1, 64, 1024) if on_cuda() else (1, 16)
-VARIANTS = (["eager", "fused step", "fused", "fused+graphs", "sample() eager", "sample() fused"] if on_cuda()
-            else ["eager", "fused step", "sample() eager", "sample() fused step"])
+VARIANTS = ["eager", "fused step", "fused", "graphs"] if on_cuda() else ["eager", "fused step"]
 # Steps timed per run: the whole DDIM-50 where it is cheap; 20 steps of DDPM-1000 (scaled ×50).
-# CPU (tiny preset, batches 1 and 16): 5 steps of each, so `pytest benches` stays quick on 2 cores.
+# CPU (tiny preset, batches 1 and 16): 5 steps of each, so a CPU run stays quick on 2 cores.
 STEPS_TIMED = {("DDIM-50", 1): 50 if on_cuda() else 5, ("DDIM-50", 64): 50, ("DDIM-50", 1024): 10,
                ("DDPM-1000", 1): 20 if on_cuda() else 5, ("DDPM-1000", 64): 20, ("DDPM-1000", 1024): 10,
                ("DDIM-50", 16): 5, ("DDPM-1000", 16): 5}
 # Seconds of warm-up + timing (graph capture included) per case; skipped when the budget is short.
 ESTIMATE_S = 15
-
-
-def _timesteps(sampler: str, steps_timed: int) -> list[tuple[int, int]]:
-    """(t, t_prev) pairs of the first steps_timed steps of the sampler."""
-    ts = list(range(NUM_TIMESTEPS - 1, -1, -1)) if sampler == "DDPM-1000" else ddim_timesteps(NUM_TIMESTEPS, 50)
-    pairs = [(t, ts[i + 1] if i + 1 < len(ts) else -1) for i, t in enumerate(ts)]
-    return pairs[:steps_timed]
+NOISE_SHAPE = (1024, 3, 32, 32)
 
 
 def _build(variant: str, sampler: str, batch: int, steps_timed: int, device: torch.device):
     torch.manual_seed(0)
     model = randomise_zero_init(UNet.from_preset(PRESET)).to(device).eval()
-    if variant.startswith("sample()") and sampler != "DDIM-50":
-        pytest.skip("shared.diffusion.samplers.sample is timed for DDIM only: its DDPM-1000 chain cannot be "
-                    "shortened to a few timed steps without switching to the respaced update")
-    fused_step = "fused" in variant
-    if variant in ("fused", "fused+graphs", "sample() fused"):
+    if variant in ("fused", "graphs"):
         try:
             model.set_fused_kernels(True)
         except kernels.FusedKernelsUnavailable as err:
             pytest.skip(f"fused kernels unavailable: {err}")
-    step_ddpm, step_ddim = ddpm_step, ddim_step
-    if fused_step:
-        reason = module_missing("kernels/sampling_step.py")
-        if reason:
-            pytest.skip(reason)
-        try:
-            step_ddpm, step_ddim = kernels.load("ddpm_step"), kernels.load("ddim_step")
-        except kernels.FusedKernelsUnavailable as err:
-            pytest.skip(f"fused sampling step unavailable: {err}")
-    schedule = NoiseSchedule("linear", NUM_TIMESTEPS)
-    pairs = _timesteps(sampler, steps_timed)
-    gen = torch.Generator(device=device).manual_seed(0)
-    x_T = torch.randn(batch, model.in_channels, model.image_size, model.image_size, device=device, generator=gen)
-
-    if variant.startswith("sample()"):
-        from shared.diffusion.samplers import sample
-        seeds = list(range(batch))
-        # num_steps = steps_timed: the same per-step work as DDIM-50, on fewer (respaced) timesteps.
-        return lambda: sample(model, schedule, seeds, sampler="ddim", num_steps=steps_timed, batch_size=batch,
-                              device=device, precision="fp32", fused_step=fused_step, progress=False)
-
-    @torch.no_grad()
-    def run(x: torch.Tensor) -> torch.Tensor:
-        for t, t_prev in pairs:
-            eps = model(x, t)
-            if sampler == "DDPM-1000":
-                x = step_ddpm(schedule, x, eps, t, noise=torch.randn_like(x))
-            else:
-                x = step_ddim(schedule, x, eps, t, t_prev)
-        return x
-
-    if variant != "fused+graphs":
-        return lambda: run(x_T)
-    # Warm up on a side stream (Triton autotuning and allocator growth must happen before capture).
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run(x_T)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
+    name, steps = SAMPLERS[sampler]
+    opts = SamplerOptions(sampler=name, num_steps=steps, fused_step=variant in ("fused step", "fused"))
     try:
-        with torch.cuda.graph(graph):
-            run(x_T)
-    except Exception as err:  # a capture failure is a finding, recorded as the skip reason
-        pytest.skip(f"CUDA graph capture of the fused sampler failed: {type(err).__name__}: {err}")
-    return graph.replay
+        solver = make_sampler(NoiseSchedule("linear", NUM_TIMESTEPS), opts)
+    except kernels.FusedKernelsUnavailable as err:
+        pytest.skip(f"fused sampling step unavailable: {err}")
+    seeds = seeds_tensor(range(batch), device)
+    if variant == "graphs":
+        graphed = GraphedSampling(model, solver)
+        return lambda: graphed.run(seeds, None, max_steps=steps_timed)
+    return lambda: sample_batch(model, solver, seeds, None, max_steps=steps_timed)
 
 
 def _cases():
     for sampler in SAMPLERS:
         for batch in BATCHES:
             for variant in VARIANTS:
-                if variant.startswith("sample()") and sampler != "DDIM-50":
-                    continue  # see _build: the shipped sampler is timed for DDIM only
                 # The bar (DDIM-50, batch 64, fused vs eager) first.
                 prio = 25 if (sampler, batch) == ("DDIM-50", 64) else 40
                 yield pytest.param(sampler, batch, variant, marks=[pytest.mark.priority(prio)],
@@ -127,12 +81,45 @@ def test_sampling(benchmark, device, sampler, batch, variant):
     if reason:
         pytest.skip(reason)
     steps_timed = STEPS_TIMED[(sampler, batch)]
-    fn = _build(variant, sampler, batch, steps_timed, device)
-    fn()  # warm-up: kernels compiled and autotuned, allocator grown
+    fn = torch.no_grad()(_build(variant, sampler, batch, steps_timed, device))
+    fn()  # warm-up: kernels compiled and autotuned, allocator grown, graph captured
     rounds = 3 if device.type == "cuda" else 2
     seconds = time_call(benchmark, fn, device, rounds=rounds, warmup_rounds=1)
-    total_steps = SAMPLERS[sampler]
+    total_steps = SAMPLERS[sampler][1]
     record(benchmark, family="sampling", case=f"{sampler} {PRESET} fp32 batch {batch}", impl=variant,
            sampler=sampler, batch=batch, preset=PRESET, steps_timed=steps_timed, steps_total=total_steps)
     if seconds:
         benchmark.extra_info["images_per_s"] = batch / (seconds * total_steps / steps_timed)
+
+
+_RANDN_SECONDS: dict[str, float] = {}  # the reference, measured first in the same run
+
+
+@pytest.mark.parametrize("impl", ["torch.randn", "philox eager", "philox compiled"])
+def test_per_sample_noise(benchmark, device, impl):
+    reason = budget_skip_reason(ESTIMATE_S * 4 if impl == "philox compiled" else ESTIMATE_S)
+    if reason:
+        pytest.skip(reason)
+    n, *chw = NOISE_SHAPE
+    seeds = seeds_tensor(range(n), device)
+    if impl == "torch.randn":
+        def fn():
+            return torch.randn(NOISE_SHAPE, device=device)
+    else:
+        compiled = impl == "philox compiled"
+
+        def fn():
+            return per_sample_noise(seeds, chw, device, torch.float32, 7, compiled=compiled)
+        if compiled:  # the fused kernel makes the eager function's values
+            sub = seeds[:64]
+            torch.testing.assert_close(per_sample_noise(sub, chw, device, stream=7, compiled=True),
+                                       per_sample_noise(sub, chw, device, stream=7), rtol=4e-7, atol=4e-7)
+    fn()  # warm-up (and, compiled, the compilation)
+    seconds = time_call(benchmark, fn, device, rounds=5 if device.type == "cuda" else 3, warmup_rounds=1)
+    record(benchmark, family="noise", case=f"per-sample noise {'x'.join(map(str, NOISE_SHAPE))} fp32", impl=impl,
+           elements=torch.Size(NOISE_SHAPE).numel())
+    if seconds:
+        if impl == "torch.randn":
+            _RANDN_SECONDS[str(device)] = seconds
+        elif str(device) in _RANDN_SECONDS:
+            benchmark.extra_info["ratio_to_randn"] = seconds / _RANDN_SECONDS[str(device)]

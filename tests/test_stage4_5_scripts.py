@@ -122,6 +122,15 @@ BAD_INPUT = [
     (GUIDE, ["--checkpoint", "{ckpt}", "--digit", "12"], "--digit must lie in [0, 9]"),
     (GUIDE, ["--checkpoint", "{ckpt}"], "one of the arguments"),
     (EVALUATE, ["--checkpoint", "{ckpt}", "--runs", "euler:5"], "unknown sampler 'euler'"),
+    (SAMPLE, ["--checkpoint", "{ckpt}", "--eta", "inf"], "--eta"),
+    (SAMPLE, ["--checkpoint", "{ckpt}", "--eta", "nan"], "--eta"),
+    (SAMPLE, ["--checkpoint", "{ckpt}", "--label", "11"], "--label must lie in [0, 9]"),
+    (SAMPLE, ["--checkpoint", "{ckpt}", "--seed", "99999999999999999999999"], "--seed"),
+    (SAMPLE, ["--checkpoint", "{ckpt}", "--seed", str(2**63 - 2), "--n", "4"], "largest seed"),
+    (SAMPLE, ["--checkpoint", "{ckpt}", "--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
+    (SAMPLE, ["--checkpoint", "{ckpt}", "--compare-steps", "2", "--classifier", "{dir}"], "is a directory"),
+    (GUIDE, ["--checkpoint", "{ckpt}", "--sweep", "1,2", "--sweep-label", "11"], "--sweep-label must lie in [0, 9]"),
+    (GUIDE, ["--checkpoint", "{ckpt}", "--digit", "3", "--eta", "inf"], "--eta"),
 ]
 
 
@@ -132,7 +141,8 @@ def test_bad_input_is_one_error_line_and_exit_2(assets, tmp_path, capsys, script
 
     ckpt, _, _ = assets
     module = _load(script)
-    argv = [a.replace("{ckpt}", str(ckpt)) for a in args] + ["--out", str(tmp_path / "out")]
+    argv = [a.replace("{ckpt}", str(ckpt)).replace("{dir}", str(tmp_path)) for a in args]
+    argv += ["--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exit_info:
         cli.run_main(module.main, argv)
     assert exit_info.value.code == 2
@@ -165,3 +175,82 @@ def test_fused_kernels_flag(assets, tmp_path):
         pytest.skip(f"fused kernels unavailable here; the clear error was checked: {err}")
     assert result.returncode == 0, result.stderr
     assert "images/s" in result.stdout
+
+
+def _one_error_line(capsys, module, argv) -> str:
+    """Runs module.main through cli.run_main; asserts exit 2 and one 'error:' line, returns it."""
+    from shared.interface import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_main(module.main, argv)
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def nan_checkpoint(tmp_path_factory):
+    """The tiny checkpoint with one weight set to NaN: every sample it makes is NaN."""
+    from shared.records.checkpoint import EMA_NAME, atomic_save, ema_file
+    from tests.tiny_trained import trained_tiny_model
+
+    model, schedule = trained_tiny_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["out_conv.weight"][0, 0, 0, 0] = float("nan")
+    folder = tmp_path_factory.mktemp("nan_ckpt")
+    meta = {"dataset": "mnist", "num_classes": NUM_CLASSES, "image_shape": [1, model.image_size, model.image_size],
+            "schedule": schedule.to_dict()}
+    atomic_save(ema_file(model.config, state, schedule.to_dict(), meta), folder / EMA_NAME)
+    return folder
+
+
+@pytest.mark.parametrize("script,extra", [(SAMPLE, []), (GUIDE, ["--digit", "3"])])
+def test_non_finite_samples_write_nothing(nan_checkpoint, tmp_path, capsys, script, extra):
+    out = tmp_path / "out"
+    line = _one_error_line(capsys, _load(script), ["--checkpoint", str(nan_checkpoint), "--n", "2", "--steps", "3",
+                                                   "--out", str(out), "--no-progress", *extra])
+    assert "NaN" in line or "non-finite" in line, line
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("script,extra,fits", [(SAMPLE, ["--trajectory"], 1), (GUIDE, ["--grid"], 0)])
+def test_a_full_disk_leaves_no_output_folder(assets, tmp_path, capsys, monkeypatch, script, extra, fits):
+    """ENOSPC while writing the PNGs (after `fits` pictures went through): one line, and the
+    half-written run folder is removed."""
+    import errno
+
+    from PIL import Image
+
+    ckpt, _, _ = assets
+    written = []
+
+    def full_disk(self, fp, *args, **kwargs):
+        if len(written) >= fits:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(fp)
+        return original(self, fp, *args, **kwargs)
+
+    original = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    out = tmp_path / "out"
+    line = _one_error_line(capsys, _load(script), ["--checkpoint", str(ckpt), "--n", "2", "--steps", "2",
+                                                   "--out", str(out), "--no-progress", *extra])
+    assert "No space left on device" in line and len(written) == fits
+    assert out.is_dir() and not any(out.iterdir())
+
+
+def test_unavailable_fused_kernels_create_no_folder(assets, tmp_path, capsys, monkeypatch):
+    import kernels
+
+    def refuse(name):
+        raise kernels.FusedKernelsUnavailable(f"fused kernel {name!r} is unavailable: test")
+
+    monkeypatch.setattr(kernels, "load", refuse)
+    ckpt, _, _ = assets
+    out = tmp_path / "out"
+    for script, extra in ((SAMPLE, []), (GUIDE, ["--interactive"])):
+        line = _one_error_line(capsys, _load(script), ["--checkpoint", str(ckpt), "--fused-kernels", "--out", str(out),
+                                                       *extra])
+        assert "unavailable" in line
+    assert not out.exists() or not any(out.iterdir())

@@ -91,31 +91,43 @@ def _box_muller(w0: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, torch
     return radius * angle.cos(), radius * angle.sin()
 
 
-def philox_normal(seeds: torch.Tensor, stream: int | torch.Tensor, numel: int) -> torch.Tensor:
+def _philox_normal_blocks(seeds: torch.Tensor, stream: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """float32 [N x B x 4]: the 4 normals of Philox block block[j] of (seeds[i], stream).
+
+    seeds: int64 [N]; stream: int64 0-d; block: int64 [B] = arange(B). Every tensor comes in as an
+    argument (torch.compile turns an arange made inside into index arithmetic with integer divisions,
+    several times slower).
+    """
+    key0 = (seeds & MASK32).unsqueeze(1)                                   # [N, 1]
+    key1 = ((seeds >> 32) & MASK32).unsqueeze(1)                           # [N, 1]
+    words = philox4x32((block.unsqueeze(0), 0, stream & MASK32, 0), (key0, key1))  # 4 × [N, B]
+    z0, z1 = _box_muller(words[0], words[1])
+    z2, z3 = _box_muller(words[2], words[3])
+    return torch.stack((z0, z1, z2, z3), dim=-1).to(torch.float32)         # [N, B, 4]
+
+
+@functools.cache
+def _compiled_blocks():
+    """_philox_normal_blocks fused into one kernel by torch.compile (instead of ~150 tensor ops)."""
+    return torch.compile(_philox_normal_blocks, dynamic=True, fullgraph=True)
+
+
+def philox_normal(seeds: torch.Tensor, stream: int | torch.Tensor, numel: int, compiled: bool = False) -> torch.Tensor:
     """Standard normals [N x numel] in float32 on seeds' device: row i from (seeds[i], stream) alone.
 
-    seeds: int64 [N] in [0, 2⁶³). stream: an int in [0, 2³²) or an int64 0-d tensor on seeds' device
-    (so a captured CUDA graph can read it). Element e of row i is normal e mod 4 of Philox block
-    e // 4 (module docstring).
+    seeds: int64 [N] in [0, 2⁶³). stream: an int in [0, 2³²), or an int64 0-d tensor on seeds' device
+    (what a captured CUDA graph reads). Element e of row i is normal e mod 4 of Philox block e // 4
+    (module docstring). compiled: run the fused torch.compile kernel instead of eager tensor ops.
     """
     blocks = -(-numel // 4)
     if blocks > MAX_BLOCKS:
         raise ValueError(f"{numel} elements per sample exceed the generator's 2^34 per stream")
-    key0 = (seeds & MASK32).unsqueeze(1)                                   # [N, 1]
-    key1 = ((seeds >> 32) & MASK32).unsqueeze(1)                           # [N, 1]
-    block = torch.arange(blocks, dtype=torch.int64, device=seeds.device).unsqueeze(0)  # [1, B]
-    stream = torch.as_tensor(stream, dtype=torch.int64, device=seeds.device) & MASK32
-    words = philox4x32((block, 0, stream, 0), (key0, key1))                # 4 × [N, B]
-    z0, z1 = _box_muller(words[0], words[1])
-    z2, z3 = _box_muller(words[2], words[3])
-    out = torch.stack((z0, z1, z2, z3), dim=-1).to(torch.float32)           # [N, B, 4]
-    return out.reshape(seeds.shape[0], blocks * 4)[:, :numel]
-
-
-@functools.cache
-def _compiled_philox_normal():
-    """philox_normal fused into one kernel by torch.compile (one pass instead of ~150 tensor ops)."""
-    return torch.compile(philox_normal, dynamic=True, fullgraph=True)
+    device = seeds.device
+    if not torch.is_tensor(stream):  # a fill from the Python int: no host-to-device copy
+        stream = torch.full((), int(stream), dtype=torch.int64, device=device)
+    block = torch.arange(blocks, dtype=torch.int64, device=device)
+    make = _compiled_blocks() if compiled else _philox_normal_blocks
+    return make(seeds, stream, block).reshape(seeds.shape[0], blocks * 4)[:, :numel]
 
 
 def seeds_tensor(seeds: Sequence[int] | torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -141,5 +153,4 @@ def per_sample_noise(seeds: Sequence[int] | torch.Tensor, shape_chw: Sequence[in
     """
     seeds = seeds_tensor(seeds, device)
     numel = math.prod(int(d) for d in shape_chw)
-    make = _compiled_philox_normal() if compiled else philox_normal
-    return make(seeds, stream, numel).reshape(seeds.shape[0], *shape_chw).to(dtype)
+    return philox_normal(seeds, stream, numel, compiled).reshape(seeds.shape[0], *shape_chw).to(dtype)

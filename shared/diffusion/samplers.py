@@ -369,10 +369,13 @@ class GraphedSampling:
 
     WARMUP_ITERATIONS = 2
 
-    def __init__(self, model: torch.nn.Module, sampler: Sampler, callback: Callback | None = None):
+    def __init__(self, model: torch.nn.Module, sampler: Sampler, callback: Callback | None = None,
+                 capture: bool = True):
+        """capture=False runs the same iteration uncaptured, every step (on any device: how the CPU
+        tests check the graph's math)."""
         if sampler.opts.fused_step:
-            raise UserError("CUDA graphs replay the eager step; use them without the fused sampling step")
-        self.model, self.sampler, self.callback = model, sampler, callback
+            raise UserError("CUDA graphs replay their own on-device step; use them without the fused sampling step")
+        self.model, self.sampler, self.callback, self.capture = model, sampler, callback, capture
         self.graphs: dict[tuple, tuple] = {}
 
     def _iteration(self, io: dict) -> None:
@@ -395,6 +398,8 @@ class GraphedSampling:
                   index=torch.zeros((), dtype=torch.int64, device=device),
                   coefs=self.sampler.coefficients().to(device=device, dtype=torch.float32),
                   timesteps=torch.tensor(self.sampler.timesteps, dtype=torch.int64, device=device))
+        if not self.capture:
+            return None, io
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -406,8 +411,9 @@ class GraphedSampling:
             self._iteration(io)
         return graph, io
 
-    def run(self, seeds: torch.Tensor, labels: torch.Tensor | None, bar=None) -> torch.Tensor:
-        """The whole chain for one batch, as `sample_batch` returns it."""
+    def run(self, seeds: torch.Tensor, labels: torch.Tensor | None, bar=None,
+            max_steps: int | None = None) -> torch.Tensor:
+        """The whole chain for one batch (or its first max_steps steps), as `sample_batch` returns it."""
         model = self.model
         shape = (seeds.shape[0], model.in_channels, model.image_size, model.image_size)
         key = (shape, labels is None)
@@ -419,9 +425,12 @@ class GraphedSampling:
             io["labels"].copy_(labels)
         io["x"].copy_(per_sample_noise(seeds, shape[1:], seeds.device, torch.float32, X_T_STREAM))
         io["x0_last"].zero_()
-        for i, t in enumerate(self.sampler.timesteps):
+        for i, t in enumerate(self.sampler.timesteps[:max_steps]):
             io["index"].fill_(i)
-            graph.replay()
+            if graph is not None:
+                graph.replay()
+            else:
+                self._iteration(io)
             if self.callback is not None:
                 self.callback(i, t, io["x"], io["x0"])
             io["x"].copy_(io["x_next"])

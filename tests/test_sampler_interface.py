@@ -1,0 +1,107 @@
+"""The sampler interface: the affine on-device step (what a CUDA graph replays) equals the eager
+samplers, the loop reads nothing back from tensors per step, and CUDA graphs are refused without CUDA
+and equal eager sampling where CUDA is present."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from shared.diffusion.noise import seeds_tensor
+from shared.diffusion.samplers import GraphedSampling, SamplerOptions, make_sampler, sample, sample_batch
+from shared.diffusion.schedule import NoiseSchedule
+from shared.errors import UserError
+from shared.model.unet import UNet
+from tests.tiny_trained import one_thread  # noqa: F401 (fixture)
+
+aten = torch.ops.aten
+# Ops that copy a tensor value to the host: on a GPU each one waits for the device.
+HOST_READS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.item.default, aten.equal.default,
+              aten.nonzero.default, aten.masked_select.default}
+
+CASES = {  # name: SamplerOptions fields
+    "ddpm": dict(sampler="ddpm", guidance_scale=2.5, clip_x0=True),
+    "ddpm-respaced": dict(sampler="ddpm", num_steps=5, variance="fixed_large"),
+    "ddim-eta": dict(sampler="ddim", num_steps=6, eta=0.6, guidance_scale=3.0),
+    "ddim-clip": dict(sampler="ddim", num_steps=6, clip_x0=True),
+    "dpmpp": dict(sampler="dpmpp", num_steps=6, guidance_scale=2.0, clip_x0=True),
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    net = UNet.from_preset("tiny", image_size=8, attention_resolutions=(4,), num_classes=3)
+    torch.nn.init.normal_(net.out_conv.weight, std=0.1)  # a zero output layer would make ε ≡ 0
+    return net.eval()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_affine_device_step_equals_the_eager_sampler(model, case):
+    """GraphedSampling without capture runs the exact iteration a graph replays, from the coefficient table."""
+    schedule = NoiseSchedule("linear", 20)
+    solver = make_sampler(schedule, SamplerOptions(**CASES[case]))
+    seeds, labels = seeds_tensor([4, 5, 6], "cpu"), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        eager = sample_batch(model, solver, seeds, labels)
+        table = GraphedSampling(model, solver, capture=False).run(seeds, labels)
+    torch.testing.assert_close(table, eager, rtol=1e-4, atol=1e-4)  # float32 rounding in another order
+
+
+class HostReads(TorchDispatchMode):
+    """Records every op that reads a tensor's value back to the host, except reads of the noise
+    schedule's own float64 tables (host constants by design: gathering a coefficient reads host memory
+    and never waits for a device)."""
+
+    def __init__(self, schedule: NoiseSchedule):
+        super().__init__()
+        self.allowed = {t.untyped_storage().data_ptr() for t in vars(schedule).values() if torch.is_tensor(t)}
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            tensors = [a for a in args if torch.is_tensor(a)]
+            if any(t.untyped_storage().data_ptr() not in self.allowed for t in tensors):
+                self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sampler_steps_read_nothing_back_from_the_device(model, case):
+    schedule = NoiseSchedule("linear", 20)
+    solver = make_sampler(schedule, SamplerOptions(**CASES[case]))
+    seeds, labels = seeds_tensor([1, 2], "cpu"), torch.tensor([0, 2])
+    counter = HostReads(schedule)
+    with torch.no_grad(), counter:
+        sample_batch(model, solver, seeds, labels)
+    assert counter.reads == [], f"{len(counter.reads)} host reads over {len(solver.timesteps)} steps: {counter.reads[:5]}"
+
+
+def test_the_counter_sees_a_host_read(model):
+    """The check above can fail: a .item() on a sampled tensor is counted."""
+    schedule = NoiseSchedule("linear", 20)
+    counter = HostReads(schedule)
+    with counter:
+        torch.randn(3).sum().item()
+        float(schedule.alphas_cumprod[3])  # a schedule constant: allowed
+    assert counter.reads == [str(aten._local_scalar_dense.default)]
+
+
+def test_cuda_graphs_are_refused_without_cuda(model):
+    with pytest.raises(UserError, match="CUDA graphs need a CUDA device"):
+        sample(model, NoiseSchedule("linear", 10), [0], labels=[0], device="cpu", cuda_graphs=True, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_graph_sampling_equals_eager_sampling(model, case):
+    schedule = NoiseSchedule("linear", 20)
+    net = model.to("cuda")
+    kw = dict(labels=[0, 1, 2, 1], device="cuda", batch_size=3, progress=False, **CASES[case])
+    seen = []
+    eager = sample(net, schedule, [3, 4, 5, 6], **kw)
+    graphed = sample(net, schedule, [3, 4, 5, 6], cuda_graphs=True, callback=lambda i, t, x, x0: seen.append(t),
+                     **kw)
+    torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)
+    assert len(seen) == 2 * len(make_sampler(schedule, SamplerOptions(**CASES[case])).timesteps)  # 2 batches
+    net.to("cpu")
