@@ -6,8 +6,9 @@
     python stage4_sampling/sample.py --checkpoint C --compare-steps 10,50,200 --classifier runs/classifier.pt \\
         --data-dir ../shared/data/mnist                                                 # + quality vs steps
 
-Each run writes runs/samples/NNNNN-<sampler>-<steps>/ with samples.png, results.json (options,
-images/s) and the pictures asked for. The math lives in shared.diffusion.steps / shared.diffusion.samplers.
+Each run writes runs/samples/NNNNN-<sampler>-<steps>/ with every sample as images/NNNNNN.png and in
+samples.npz (uint8 images N x H x W x C, labels, seeds), samples.png (the first 100), results.json
+(images/s), options.json and the pictures asked for. The math lives in shared.diffusion.steps / shared.diffusion.samplers.
 """
 from __future__ import annotations
 
@@ -26,13 +27,14 @@ from shared.errors import UserError  # noqa: E402
 from shared.interface import cli  # noqa: E402
 from shared.interface.sampling_args import (add_sampler_args, check_seeds, default_labels, load_model,  # noqa: E402
                                             output_run_dir, sampler_kwargs, timed_sample)
-from shared.records.images import PICTURE_SCALE, save_grid  # noqa: E402
+from shared.records.images import PICTURE_SCALE, SampleWriter, save_grid  # noqa: E402
 from shared.records.plots import plot_quality_vs_steps  # noqa: E402
 from shared.records.runs import check_writable_dir, write_options  # noqa: E402
 from shared.records.trajectory import TrajectoryRecorder  # noqa: E402
 from shared.training.data import JUDGE_HELDOUT  # noqa: E402
 
-COMPARE_COLUMNS = 10  # images per row of compare.png
+COMPARE_COLUMNS = 10  # images per row of compare.png and samples.png
+GRID_IMAGES = 100  # samples.png shows the first 100 samples; images/ and samples.npz hold every one
 
 
 def build_parser():
@@ -52,6 +54,26 @@ def build_parser():
     cli.add_dataset_args(e)
     e.add_argument("--heldout", type=cli.positive_int, default=JUDGE_HELDOUT, help="real images held out for the FD")
     return parser
+
+
+def _draw_all(args, model, schedule, seeds, labels, device, run_dir, recorder) -> tuple[torch.Tensor, float]:
+    """Samples batch by batch, each batch written as it comes (bounded memory at any --n).
+
+    Returns (the first GRID_IMAGES samples, images/s of the sampling alone)."""
+    writer = SampleWriter(run_dir, len(seeds), (model.in_channels, model.image_size, model.image_size))
+    shown, kept, seconds = [], 0, 0.0
+    for start in range(0, len(seeds), args.batch_size):
+        chunk = slice(start, start + args.batch_size)
+        batch_labels = labels[chunk] if labels is not None else None
+        images, rate = timed_sample(model, schedule, seeds[chunk], device, labels=batch_labels,
+                                    **sampler_kwargs(args, callback=recorder if start == 0 else None))
+        seconds += images.shape[0] / rate
+        writer.add(images, batch_labels, seeds[chunk])
+        if kept < GRID_IMAGES:
+            shown.append(images[:GRID_IMAGES - kept].cpu())
+            kept += shown[-1].shape[0]
+    writer.close()
+    return torch.cat(shown), len(seeds) / seconds
 
 
 def _compare(args, model, schedule, seeds, labels, device, judge) -> tuple[list[dict], torch.Tensor]:
@@ -97,26 +119,21 @@ def main(argv=None) -> dict:
     steps_name = default_steps(args.sampler, args.steps, schedule.num_timesteps)
     results: dict = {"checkpoint": meta.get("checkpoint"), "seeds": [seeds[0], seeds[-1]], "runs": []}
     recorder = TrajectoryRecorder() if args.trajectory else None
-    images, rate = timed_sample(model, schedule, seeds, device, labels=labels,
-                                **sampler_kwargs(args, callback=recorder))
-    results["runs"].append({"sampler": args.sampler, "steps": steps_name, "images_per_s": rate})
-    print(f"{args.sampler}-{steps_name}: {args.n} images at {rate:.2f} images/s on {device}")
-    compare = None
-    if args.compare_steps:
-        quality, compare = _compare(args, model, schedule, seeds, labels, device, judge)
-        results["runs"].extend(quality)
-        if judge is not None:
-            results["classifier_accuracy"] = judge.accuracy
-
     with output_run_dir(args.out, f"{args.sampler}-{steps_name}") as run_dir:
+        shown, rate = _draw_all(args, model, schedule, seeds, labels, device, run_dir, recorder)
+        results["runs"].append({"sampler": args.sampler, "steps": steps_name, "images_per_s": rate})
+        print(f"{args.sampler}-{steps_name}: {args.n} images at {rate:.2f} images/s on {device}")
         nrow = min(args.n, COMPARE_COLUMNS)
-        save_grid(images.clamp(-1, 1), run_dir / "samples.png", nrow=nrow, scale=PICTURE_SCALE)
+        save_grid(shown.clamp(-1, 1), run_dir / "samples.png", nrow=nrow, scale=PICTURE_SCALE)
         if recorder is not None:
-            recorder.save(images, run_dir)
-        if compare is not None:
+            recorder.save(shown, run_dir)
+        if args.compare_steps:
+            quality, compare = _compare(args, model, schedule, seeds, labels, device, judge)
+            results["runs"].extend(quality)
             save_grid(compare.clamp(-1, 1), run_dir / "compare.png", nrow=nrow, scale=PICTURE_SCALE)
             if judge is not None:
-                plot_quality_vs_steps(results["runs"][1:], run_dir / "quality.png")
+                results["classifier_accuracy"] = judge.accuracy
+                plot_quality_vs_steps(quality, run_dir / "quality.png")
         write_options(run_dir, vars(args), device)
         (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {run_dir}")

@@ -7,7 +7,8 @@
     python stage5_guidance/guide.py --checkpoint C --interactive           # a digit, a word, grid, quit
 
 ε̃ = ε_u + w·(ε_c − ε_u): w = 0 unconditional, 1 conditional, > 1 guided (shared/diffusion/guidance.py). Each run
-writes runs/guide/NNNNN-<mode>/ with the pictures and results.json (options, images/s).
+writes runs/guide/NNNNN-<mode>/ with the pictures, every image as images/NNNNNN.png and in samples.npz
+(uint8 images, labels, seeds; not in --interactive), results.json (images/s) and options.json.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from shared.interface import cli  # noqa: E402
 from shared.interface.prompts import parse_prompt, prompt_loop  # noqa: E402
 from shared.interface.sampling_args import (add_sampler_args, check_seeds, load_model, output_run_dir,  # noqa: E402
                                             sampler_kwargs, timed_sample)
-from shared.records.images import PICTURE_SCALE, save_grid  # noqa: E402
+from shared.records.images import PICTURE_SCALE, SampleWriter, save_grid  # noqa: E402
 from shared.records.runs import check_writable_dir, write_options  # noqa: E402
 
 
@@ -55,13 +56,14 @@ class Drawer:
         self.args, self.model, self.schedule, self.device = args, model, schedule, device
         self.seeds = check_seeds(args.seed, args.n)
         self.results: list[dict] = []
-        self.pending: list[tuple[str, torch.Tensor, int]] = []  # (file name, images, images per row)
+        # (file name, images, images per row, labels, seeds) of the pictures drawn and not yet written
+        self.pending: list[tuple[str, torch.Tensor, int, torch.Tensor, list[int]]] = []
 
     def _draw(self, labels: torch.Tensor, name: str, nrow: int) -> str:
         seeds = (self.seeds * (labels.numel() // len(self.seeds)))[:labels.numel()]
         images, rate = timed_sample(self.model, self.schedule, seeds, self.device, labels=labels,
                                     **sampler_kwargs(self.args))
-        self.pending.append((f"{name}.png", images, nrow))
+        self.pending.append((f"{name}.png", images, nrow, labels, seeds))
         self.results.append({"picture": f"{name}.png", "images": labels.numel(), "images_per_s": rate,
                              "guidance_scale": self.args.guidance_scale})
         return f"{name}.png: {labels.numel()} images, {rate:.2f} images/s"
@@ -78,22 +80,30 @@ class Drawer:
     def sweep(self, scales: list[float]) -> str:
         row = (torch.full((self.args.n,), self.args.sweep_label) if self.args.sweep_label is not None
                else torch.arange(self.args.n) % self.model.num_classes)
-        rows = []
+        rows, seeds = [], []
         for w in scales:  # same seeds and labels in every row: only w changes
             kw = sampler_kwargs(self.args, guidance_scale=w)
             images, rate = timed_sample(self.model, self.schedule, self.seeds, self.device, labels=row, **kw)
             rows.append(images)
+            seeds += self.seeds
             self.results.append({"guidance_scale": w, "images": self.args.n, "images_per_s": rate})
             print(f"  w = {w:g}: {rate:.2f} images/s")
-        self.pending.append(("sweep.png", torch.cat(rows), self.args.n))
+        self.pending.append(("sweep.png", torch.cat(rows), self.args.n, row.repeat(len(scales)), seeds))
         return f"sweep.png: rows w = {', '.join(f'{w:g}' for w in scales)}"
 
-    def save(self, run_dir: Path) -> list[Path]:
-        """Writes the pending pictures into run_dir (and forgets them)."""
+    def save(self, run_dir: Path, every_image: bool = True) -> list[Path]:
+        """Writes the pending pictures into run_dir (and forgets them); every_image also writes each
+        image as images/NNNNNN.png and all of them in samples.npz, in the order of the pictures."""
         paths = []
-        for name, images, nrow in self.pending:
+        for name, images, nrow, _, _ in self.pending:
             save_grid(images.clamp(-1, 1), run_dir / name, nrow=nrow, scale=PICTURE_SCALE)
             paths.append(run_dir / name)
+        if every_image:
+            count = sum(images.shape[0] for _, images, _, _, _ in self.pending)
+            writer = SampleWriter(run_dir, count, tuple(self.pending[0][1].shape[1:]))
+            for _, images, _, labels, seeds in self.pending:
+                writer.add(images, labels, seeds)
+            paths.append(writer.close())
         self.pending.clear()
         return paths
 
@@ -118,7 +128,7 @@ def _interactive(args, drawer: Drawer, meta: dict) -> None:
     with output_run_dir(args.out, "interactive") as run_dir:
         def written(message: str) -> str:
             try:
-                drawer.save(run_dir)
+                drawer.save(run_dir, every_image=False)
             except OSError as err:
                 drawer.pending.clear()
                 raise UserError(f"cannot write into {str(run_dir)!r} ({err.strerror or err})") from None

@@ -63,10 +63,27 @@ def test_sample_py_trajectory_compare_and_quality(assets, tmp_path):
     assert saved == json.loads(json.dumps(results))
     assert [r["steps"] for r in saved["runs"]] == [5, 2, 5] and all(r["images_per_s"] > 0 for r in saved["runs"])
     assert all("frechet_distance" in r for r in saved["runs"][1:])
+    _check_every_image(run, seeds=[0, 1, 2, 3], labels=[0, 1, 2, 3])
     # a second run gets a new directory; the first is left as it was
     before = sorted(p.name for p in run.iterdir())
     sample.main(["--checkpoint", str(ckpt), "--n", "2", "--sampler", "ddpm", "--out", str(tmp_path), "--no-progress"])
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2 and sorted(p.name for p in run.iterdir()) == before
+
+
+def _check_every_image(run: Path, seeds: list[int], labels: list[int]) -> None:
+    """images/NNNNNN.png and samples.npz hold every sample, the same pixels, with their labels and seeds."""
+    import numpy as np
+    from PIL import Image
+
+    archive = np.load(run / "samples.npz")
+    images = archive["images"]
+    assert images.dtype == np.uint8 and images.shape[0] == len(seeds) and images.shape[-1] == 1
+    assert archive["seeds"].tolist() == seeds and archive["labels"].tolist() == labels
+    pngs = sorted((run / "images").iterdir())
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(len(seeds))]
+    for png, image in zip(pngs, images):
+        assert np.array_equal(np.asarray(Image.open(png)), image[..., 0])
+    assert not any(p.name.startswith(".") for p in run.iterdir())  # no pending file left
 
 
 def test_guide_py_modes(assets, tmp_path, monkeypatch):
@@ -74,6 +91,8 @@ def test_guide_py_modes(assets, tmp_path, monkeypatch):
     guide = _load(GUIDE)
     common = ["--checkpoint", str(ckpt), "--steps", "3", "--out", str(tmp_path), "--no-progress"]
     assert guide.main(common + ["--grid", "--n", "2"])[0]["images"] == 2 * NUM_CLASSES
+    _check_every_image(_only_dir(tmp_path), seeds=[0, 1] * NUM_CLASSES,
+                       labels=[k for k in range(NUM_CLASSES) for _ in range(2)])
     sweep = guide.main(common + ["--sweep", "0,1,4", "--n", "3"])
     assert [r["guidance_scale"] for r in sweep] == [0.0, 1.0, 4.0]
     assert guide.main(common + ["--prompt", " Seven ", "--n", "2"])[0]["picture"].startswith("class-7")

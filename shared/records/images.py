@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -30,3 +31,53 @@ def save_grid(x: torch.Tensor, path: str | os.PathLike, nrow: int = 8, scale: in
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     image.save(path)
+
+
+class SampleWriter:
+    """Every sample as its own PNG (images/000000.png …) and, on `close`, one samples.npz, batch by batch.
+
+    samples.npz holds `images` uint8 [N x H x W x C], `labels` int64 [N] (−1: unconditional) and `seeds`
+    int64 [N], the layout FID tools read (clean-fid, torch-fidelity). The uint8 images wait in a
+    memory-mapped .npy beside it, so memory stays one batch whatever N is; numpy copies them into the
+    archive in buffered chunks.
+    """
+
+    IMAGES_DIR, ARCHIVE, PENDING = "images", "samples.npz", ".samples-images.npy"
+
+    def __init__(self, run_dir: str | os.PathLike, n: int, shape_chw: tuple[int, int, int]):
+        import numpy as np
+
+        self.run_dir, self.n, self.count = Path(run_dir), n, 0
+        (self.run_dir / self.IMAGES_DIR).mkdir()
+        channels, height, width = shape_chw
+        self.pending = np.lib.format.open_memmap(self.run_dir / self.PENDING, mode="w+", dtype=np.uint8,
+                                                 shape=(n, height, width, channels))
+        self.labels = np.full(n, -1, dtype=np.int64)
+        self.seeds = np.zeros(n, dtype=np.int64)
+
+    def add(self, images: torch.Tensor, labels: torch.Tensor | None, seeds) -> None:
+        """images: [B x C x H x W] in [−1, 1]; labels: [B] or None; seeds: B ints."""
+        batch = to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy()          # (B, H, W, C)
+        end = self.count + batch.shape[0]
+        if end > self.n:
+            raise ValueError(f"{end} samples added to a writer for {self.n}")
+        for i, image in enumerate(batch, start=self.count):
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
+                self.run_dir / self.IMAGES_DIR / f"{i:06d}.png")
+        self.pending[self.count:end] = batch
+        if labels is not None:
+            self.labels[self.count:end] = labels.cpu().numpy()
+        self.seeds[self.count:end] = list(seeds)
+        self.count = end
+
+    def close(self) -> Path:
+        """Writes samples.npz from everything added and removes the pending file."""
+        import numpy as np
+
+        path = self.run_dir / self.ARCHIVE
+        np.savez(path, images=self.pending[:self.count], labels=self.labels[:self.count],
+                 seeds=self.seeds[:self.count])
+        self.pending.flush()
+        del self.pending
+        (self.run_dir / self.PENDING).unlink()
+        return path
