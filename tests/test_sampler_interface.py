@@ -77,6 +77,17 @@ def test_sampler_steps_read_nothing_back_from_the_device(model, case):
     assert counter.reads == [], f"{len(counter.reads)} host reads over {len(solver.timesteps)} steps: {counter.reads[:5]}"
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_graph_iteration_reads_nothing_back_either(model, case):
+    """What a CUDA graph captures must not read the device: run uncaptured under the counter."""
+    schedule = NoiseSchedule("linear", 20)
+    solver = make_sampler(schedule, SamplerOptions(**CASES[case]))
+    counter = HostReads(schedule)
+    with torch.no_grad(), counter:
+        GraphedSampling(model, solver, capture=False).run(seeds_tensor([1, 2], "cpu"), torch.tensor([0, 2]))
+    assert counter.reads == [], counter.reads[:5]
+
+
 def test_the_counter_sees_a_host_read(model):
     """The check above can fail: a .item() on a sampled tensor is counted."""
     schedule = NoiseSchedule("linear", 20)

@@ -94,7 +94,7 @@ def _box_muller(w0: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, torch
 def _philox_normal_blocks(seeds: torch.Tensor, stream: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """float32 [N x B x 4]: the 4 normals of Philox block block[j] of (seeds[i], stream).
 
-    seeds: int64 [N]; stream: int64 0-d; block: int64 [B] = arange(B). Every tensor comes in as an
+    seeds: int64 [N]; stream: int64, one element (0-d or [1]); block: int64 [B] = arange(B). Every tensor comes in as an
     argument (torch.compile turns an arange made inside into index arithmetic with integer divisions,
     several times slower).
     """
@@ -115,8 +115,8 @@ def _compiled_blocks():
 def philox_normal(seeds: torch.Tensor, stream: int | torch.Tensor, numel: int, compiled: bool = False) -> torch.Tensor:
     """Standard normals [N x numel] in float32 on seeds' device: row i from (seeds[i], stream) alone.
 
-    seeds: int64 [N] in [0, 2⁶³). stream: an int in [0, 2³²), or an int64 0-d tensor on seeds' device
-    (what a captured CUDA graph reads). Element e of row i is normal e mod 4 of Philox block e // 4
+    seeds: int64 [N] in [0, 2⁶³). stream: an int in [0, 2³²), or an int64 tensor of one element (0-d
+    or [1]) on seeds' device (what a captured CUDA graph reads). Element e of row i is normal e mod 4 of Philox block e // 4
     (module docstring). compiled: run the fused torch.compile kernel instead of eager tensor ops.
     """
     blocks = -(-numel // 4)

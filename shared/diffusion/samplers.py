@@ -381,8 +381,9 @@ class GraphedSampling:
     def _iteration(self, io: dict) -> None:
         """The captured work: reads io's input tensors, writes io["x_next"] and io["x0"]."""
         opts, x = self.sampler.opts, io["x"]
-        row = io["coefs"][io["index"]]                                        # [7]
-        t = io["timesteps"][io["index"]].expand(x.shape[0])                   # [N]
+        # index_select with a [1] tensor: indexing with a 0-d tensor would read it back to the host.
+        row = io["coefs"].index_select(0, io["index"]).squeeze(0)             # [7]
+        t = io["timesteps"].index_select(0, io["index"]).expand(x.shape[0])   # [N]
         eps, eps_uncond = model_eps(self.model, x, t, io["labels"], opts.guidance_scale, opts.precision)
         if eps_uncond is not None:
             eps = cfg_combine(eps, eps_uncond, opts.guidance_scale)
@@ -395,7 +396,7 @@ class GraphedSampling:
         device = seeds.device
         io = dict(x=torch.zeros(shape, device=device), x0_last=torch.zeros(shape, device=device),
                   seeds=seeds.clone(), labels=None if labels is None else labels.clone(),
-                  index=torch.zeros((), dtype=torch.int64, device=device),
+                  index=torch.zeros(1, dtype=torch.int64, device=device),
                   coefs=self.sampler.coefficients().to(device=device, dtype=torch.float32),
                   timesteps=torch.tensor(self.sampler.timesteps, dtype=torch.int64, device=device))
         if not self.capture:
