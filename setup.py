@@ -31,11 +31,11 @@ extras_require = {
 
 
 def kernel_extension_args() -> dict:
-    """ext_modules/cmdclass for the fused sampling-step op (kernels/csrc), from kernels/build.py.
+    """ext_modules/cmdclass for the fused sampling-step op (kernels/sampling_step/csrc), from kernels/build.py.
 
     CUDAExtension when a CUDA toolkit is found (CUDA_HOME, or beside nvcc on PATH), CppExtension
     otherwise; KERNELS_EXT=cpu|cuda|off overrides. Where torch is not importable at build time (pip's
-    build isolation) nothing is built here and kernels/sampling_step.py builds it on first use;
+    build isolation) nothing is built here and kernels/sampling_step/op.py builds it on first use;
     `pip install --no-build-isolation -e .` builds it ahead of time.
     """
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "build.py")
@@ -57,7 +57,8 @@ setup(
     description="Denoising diffusion from scratch in five stages, with fused, verified GPU kernels.",
     python_requires=">=3.10",
     packages=find_packages(include=["shared", "shared.*", "kernels", "kernels.*"]),
-    package_data={"kernels": ["csrc/*.cpp", "csrc/*.h", "csrc/cuda/*.cu", "csrc/cuda/*.cuh"]},
+    package_data={"kernels": ["sampling_step/csrc/*.cpp", "sampling_step/csrc/*.h",
+                              "sampling_step/csrc/cuda/*.cu", "sampling_step/csrc/cuda/*.cuh"]},
     install_requires=install_requires,
     extras_require=extras_require,
     **kernel_extension_args(),

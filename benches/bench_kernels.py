@@ -1,4 +1,4 @@
-"""Fused Triton kernels (issue 5) against eager PyTorch, torch.compile of the eager expression and,
+"""Fused Triton kernels against eager PyTorch, torch.compile of the eager expression and,
 for attention, F.scaled_dot_product_attention. CUDA only: Triton's CPU interpreter checks correctness,
 its speed means nothing.
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from benches.measure import budget_skip_reason, module_missing, record, record_bandwidth, record_flops, time_call
 from kernels import reference
-from kernels._triton_costs import attention_flops
+from kernels.costs import attention_flops
 
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(),
                                reason="Triton kernels are timed on CUDA only (the CPU interpreter is a "
@@ -96,7 +96,7 @@ def _gn_cases():
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 def test_group_norm_film_silu(benchmark, device, ceilings, shape, dtype_name, impl, pass_):
     _maybe_skip_compile(impl)
-    fn = _impl(impl, reference.group_norm_film_silu, "kernels/triton_group_norm.py", "group_norm_film_silu")
+    fn = _impl(impl, reference.group_norm_film_silu, "kernels/group_norm/op.py", "group_norm_film_silu")
     dtype = DTYPES[dtype_name]
     gen = torch.Generator(device=device).manual_seed(0)
     x, weight, bias, scale, shift = _gn_params(shape, dtype, device, gen)
@@ -134,7 +134,7 @@ def _attn_cases():
 def test_attention(benchmark, device, ceilings, shape, impl, pass_):
     _maybe_skip_compile(impl)
     fn = (F.scaled_dot_product_attention if impl == "sdpa"
-          else _impl(impl, reference.attention, "kernels/triton_attention.py", "attention"))
+          else _impl(impl, reference.attention, "kernels/flash_attention/op.py", "attention"))
     label, n, heads, length, d = shape
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(n, heads, length, d, device=device, dtype=torch.bfloat16, generator=gen)

@@ -1,14 +1,18 @@
-"""The fused sampler update (issue 6, kernels.ddpm_step / ddim_step, C++ on CPU, CUDA on GPU) against
-the eager step of shared.diffusion.steps and torch.compile of that eager step.
+"""The fused sampler update (kernels.ddpm_step / ddim_step, C++ on CPU, CUDA on GPU) against the eager
+step of shared.diffusion.steps and torch.compile of that eager step.
 
-Runs on CPU (the C++ op on 2 cores: issue 6 wants ≥ 2× eager at 256×1×28×28 and larger) and on CUDA
-(≥ 85 % of the copy bandwidth at the large size, ≥ 4× eager at MNIST batches). fp32 storage, as the
-samplers run by default; inputs are random.
+Runs on CPU (the C++ op; the bar: ≥ 2× eager in every variant at 256×1×28×28 and larger on 2 cores) and
+on CUDA (≥ 85 % of the copy bandwidth at the large size, ≥ 4× eager at MNIST batches). fp32 storage, as
+the samplers run by default; inputs are random. The variants are the ones the scripts run: clipping
+x̂0 (training's sample grids, stage 5's commands), classifier-free guidance (stage 5), η > 0.
 
-Modes (bytes per call are the fewest a single pass can move; s = bytes per element):
-    ddim      η = 0, no noise, no guidance       read x_t, ε; write x_prev            3 · numel · s
-    ddpm      fixed_small variance with noise z  read x_t, ε, z; write x_prev         4 · numel · s
-    ddim+cfg  η = 0, guidance w = 3              read x_t, ε_c, ε_u; write x_prev     4 · numel · s
+Variants (bytes per call are the fewest a single pass can move; s = bytes per element):
+    ddim                 η = 0                       read x_t, ε; write x_prev            3 · numel · s
+    ddim+clip            η = 0, x̂0 clipped           read x_t, ε; write x_prev            3 · numel · s
+    ddim+cfg+clip        η = 0, guidance w = 3       read x_t, ε_c, ε_u; write x_prev     4 · numel · s
+    ddim+eta1+cfg+clip   η = 1, guidance, noise z    read x_t, ε_c, ε_u, z; write x_prev  5 · numel · s
+    ddpm                 fixed_small, noise z        read x_t, ε, z; write x_prev         4 · numel · s
+    ddpm+clip            fixed_small, noise, clip    read x_t, ε, z; write x_prev         4 · numel · s
 """
 from __future__ import annotations
 
@@ -34,25 +38,34 @@ CPU_SIZES = [("MNIST b256", (256, 1, 28, 28)), ("CIFAR b1024", (1024, 3, 32, 32)
 GPU_SIZES = [("MNIST b64", (64, 1, 28, 28)), ("MNIST b256", (256, 1, 28, 28)),
              ("CIFAR b1024", (1024, 3, 32, 32)), ("large", (4096, 3, 64, 64))]
 SIZES = GPU_SIZES if on_cuda() else CPU_SIZES
-MODES = {"ddim": 3, "ddpm": 4, "ddim+cfg": 4}  # mode -> tensors read or written per element
+# variant -> (sampler, η, guided, clip, tensors read or written per element)
+MODES = {
+    "ddim": ("ddim", 0.0, False, False, 3),
+    "ddim+clip": ("ddim", 0.0, False, True, 3),
+    "ddim+cfg+clip": ("ddim", 0.0, True, True, 4),
+    "ddim+eta1+cfg+clip": ("ddim", 1.0, True, True, 5),
+    "ddpm": ("ddpm", None, False, False, 4),
+    "ddpm+clip": ("ddpm", None, False, True, 4),
+}
 
 
-def _fused_step(mode: str):
-    reason = module_missing("kernels/sampling_step.py")
+def _fused_step(sampler: str):
+    reason = module_missing("kernels/sampling_step/op.py")
     if reason:
         pytest.skip(reason)
     try:
-        return kernels.load("ddpm_step" if mode == "ddpm" else "ddim_step")
+        return kernels.load(f"{sampler}_step")
     except kernels.FusedKernelsUnavailable as err:
         pytest.skip(f"fused sampling step unavailable: {err}")
 
 
 def _eager_call(mode, schedule, x, eps, eps_u, noise):
-    if mode == "ddpm":
-        return eager_sampling.ddpm_step(schedule, x, eps, T_STEP, noise=noise)
-    if mode == "ddim+cfg":
+    sampler, eta, guided, clip, _ = MODES[mode]
+    if guided:
         eps = eps_u + GUIDANCE_SCALE * (eps - eps_u)  # classifier-free guidance, unfused
-    return eager_sampling.ddim_step(schedule, x, eps, T_STEP, T_PREV)
+    if sampler == "ddpm":
+        return eager_sampling.ddpm_step(schedule, x, eps, T_STEP, noise=noise, clip_x0=clip)
+    return eager_sampling.ddim_step(schedule, x, eps, T_STEP, T_PREV, eta=eta, noise=noise, clip_x0=clip)
 
 
 def _step_fn(impl: str, mode: str, schedule, x, eps, eps_u, noise):
@@ -66,12 +79,12 @@ def _step_fn(impl: str, mode: str, schedule, x, eps, eps_u, noise):
             pytest.skip(reason)
         compiled = torch.compile(_eager_call, dynamic=False)
         return lambda: compiled(mode, schedule, x, eps, eps_u, noise)
-    step = _fused_step(mode)
-    if mode == "ddpm":
-        return lambda: step(schedule, x, eps, T_STEP, noise=noise)
-    if mode == "ddim+cfg":
-        return lambda: step(schedule, x, eps, T_STEP, T_PREV, eps_uncond=eps_u, guidance_scale=GUIDANCE_SCALE)
-    return lambda: step(schedule, x, eps, T_STEP, T_PREV)
+    sampler, eta, guided, clip, _ = MODES[mode]
+    step = _fused_step(sampler)
+    cfg = dict(eps_uncond=eps_u, guidance_scale=GUIDANCE_SCALE) if guided else {}
+    if sampler == "ddpm":
+        return lambda: step(schedule, x, eps, T_STEP, noise=noise, clip_x0=clip, **cfg)
+    return lambda: step(schedule, x, eps, T_STEP, T_PREV, eta=eta, noise=noise, clip_x0=clip, **cfg)
 
 
 # Eager and fused first; compile variants after every other kernel figure (they cost a compile each).
@@ -95,5 +108,6 @@ def test_sampling_step(benchmark, device, ceilings, size, mode, impl):
     seconds = time_call(benchmark, fn, device, rounds=rounds, warmup_rounds=3, kernel=True)
     record(benchmark, family="step", case=f"{mode} step fp32 {label} ({'×'.join(map(str, shape))})",
            impl=impl, op=f"step_{mode}", dtype="fp32", size=label, numel=numel)
-    record_bandwidth(benchmark, seconds, MODES[mode] * numel * x.element_size(),
-                     f"{MODES[mode]} · numel · 4 (see module docstring)", ceilings)
+    tensors = MODES[mode][4]
+    record_bandwidth(benchmark, seconds, tensors * numel * x.element_size(),
+                     f"{tensors} · numel · 4 (see module docstring)", ceilings)

@@ -51,7 +51,7 @@ def bench_device() -> torch.device:
 
 
 def module_missing(relpath: str) -> str | None:
-    """A skip reason when `relpath` (a file of this repository, e.g. kernels/triton_attention.py) is absent."""
+    """A skip reason when `relpath` (a file of this repository, e.g. kernels/flash_attention/op.py) is absent."""
     return None if (REPO_ROOT / relpath).is_file() else f"{relpath} not present"
 
 

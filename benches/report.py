@@ -6,9 +6,9 @@
 Per table row (one `case`), the median time of each implementation, then ratios measured in the same run:
     speed-up fused vs X = time(X) / time(fused) = throughput(fused) / throughput(X)   (> 1: fused faster)
 and the fused version's GB/s or TFLOP/s as a % of the ceiling measured in the same run (copy bandwidth,
-bf16 matmul). The bars of issues 5, 6 and 7 are checked where they apply: MET or MISSED next to the
-figure, and again in a summary; a bar with no figure reads NOT MEASURED. Thresholds are fixed here;
-nothing about a measurement is adjusted to meet them.
+bf16 matmul). The project's performance bars (BARS below: kernels, sampling step, loops) are checked
+where they apply: MET or MISSED next to the figure, and again in a summary; a bar with no figure reads
+NOT MEASURED. Thresholds are fixed here; nothing about a measurement is adjusted to meet them.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ KERNEL_IMPLS = ["eager", "compile", "sdpa", "fused"]
 TRAIN_IMPLS = ["eager", "fused", "compile", "fused+compile"]
 SAMPLING_IMPLS = ["eager", "fused step", "fused", "fused+graphs", "sample() eager", "sample() fused step",
                   "sample() fused"]
-FAMILY_TITLES = {"kernel": "Kernels (Triton, issue 5)", "step": "Fused sampling step (C++/CUDA, issue 6)",
+FAMILY_TITLES = {"kernel": "Kernels (Triton)", "step": "Fused sampling step (C++/CUDA)",
                  "train": "Training step (images/s, peak VRAM)", "sampling": "Sampling (images/s)"}
 
 
@@ -107,7 +107,7 @@ def throughput_ratio(row: Row, a: str, b: str, key: str = "images_per_s") -> flo
 @dataclass(frozen=True)
 class Bar:
     """A fixed target: `value(row)` compared with `threshold` on the rows `applies` selects."""
-    issue: int
+    topic: str                        # what the bar is about: "kernels", "sampling step", "loops"
     text: str
     device: str                       # "cuda" or "cpu": where the bar is stated
     family: str
@@ -139,31 +139,32 @@ def _pct(row: Row) -> float | None:
 
 
 BARS = [
-    Bar(7, "mnist training, fused kernels + bf16 vs eager bf16 (images/s)", "cuda", "train",
+    Bar("loops", "mnist training, fused kernels + bf16 vs eager bf16 (images/s)", "cuda", "train",
         _is(preset="mnist", dtype="bf16"), lambda r: throughput_ratio(r, "fused", "eager"), 1.3),
-    Bar(7, "mnist training, peak VRAM fused bf16 / eager bf16", "cuda", "train",
+    Bar("loops", "mnist training, peak VRAM fused bf16 / eager bf16", "cuda", "train",
         _is(preset="mnist", dtype="bf16"), lambda r: throughput_ratio(r, "fused", "eager", "peak_vram_mib"),
         0.8, at_most=True),
-    Bar(7, "DDIM-50 at batch 64, fused (kernels + step) vs eager (images/s)", "cuda", "sampling",
+    Bar("loops", "DDIM-50 at batch 64, fused (kernels + step) vs eager (images/s)", "cuda", "sampling",
         _is(sampler="DDIM-50", batch=64), lambda r: throughput_ratio(r, "fused", "eager"), 2.0),
-    Bar(5, "GN+FiLM+SiLU forward 256×128×32×32 bf16, fused vs eager", "cuda", "kernel",
+    Bar("kernels", "GN+FiLM+SiLU forward 256×128×32×32 bf16, fused vs eager", "cuda", "kernel",
         _is(op="gn_fwd", dtype="bf16", size="large"), lambda r: speedup(r, "fused", "eager"), 3.0),
-    Bar(5, "GN+FiLM+SiLU forward 256×128×32×32 bf16, fused vs torch.compile", "cuda", "kernel",
+    Bar("kernels", "GN+FiLM+SiLU forward 256×128×32×32 bf16, fused vs torch.compile", "cuda", "kernel",
         _is(op="gn_fwd", dtype="bf16", size="large"), lambda r: speedup(r, "fused", "compile"), 1.2),
-    Bar(5, "GN+FiLM+SiLU forward 256×128×32×32 bf16, % of copy bandwidth", "cuda", "kernel",
+    Bar("kernels", "GN+FiLM+SiLU forward 256×128×32×32 bf16, % of copy bandwidth", "cuda", "kernel",
         _is(op="gn_fwd", dtype="bf16", size="large"), _pct, 75.0, unit=" %"),
-    # Issue 5 states this one without a size: checked at every bf16 size measured.
-    Bar(5, "GN+FiLM+SiLU forward+backward bf16, fused vs eager", "cuda", "kernel",
+    # Stated without a size: checked at every bf16 size measured.
+    Bar("kernels", "GN+FiLM+SiLU forward+backward bf16, fused vs eager", "cuda", "kernel",
         _is(op="gn_fwd+bwd", dtype="bf16"), lambda r: speedup(r, "fused", "eager"), 2.0),
-    Bar(5, "attention forward+backward, fused vs eager", "cuda", "kernel",
+    Bar("kernels", "attention forward+backward, fused vs eager", "cuda", "kernel",
         _is(op="attn_fwd+bwd"), lambda r: speedup(r, "fused", "eager"), 3.0),
-    Bar(5, "attention forward+backward at L = 64–256, fused vs scaled_dot_product_attention", "cuda", "kernel",
+    Bar("kernels", "attention forward+backward at L = 64–256, fused vs scaled_dot_product_attention", "cuda", "kernel",
         _is(op="attn_fwd+bwd", L=[64, 196, 256]), lambda r: speedup(r, "fused", "sdpa"), 1.0),
-    Bar(6, "sampling step on CPU (2 cores), 256×1×28×28 and larger, fused vs eager", "cpu", "step",
+    Bar("sampling step", "sampling step on CPU (2 cores), every variant at 256×1×28×28 and larger, fused vs eager",
+        "cpu", "step",
         lambda info: True, lambda r: speedup(r, "fused", "eager"), 2.0),
-    Bar(6, "sampling step at MNIST batches, fused vs eager", "cuda", "step",
+    Bar("sampling step", "sampling step at MNIST batches, fused vs eager", "cuda", "step",
         _is(size=["MNIST b64", "MNIST b256"]), lambda r: speedup(r, "fused", "eager"), 4.0),
-    Bar(6, "sampling step at the large size, % of copy bandwidth", "cuda", "step",
+    Bar("sampling step", "sampling step at the large size, % of copy bandwidth", "cuda", "step",
         _is(size="large"), _pct, 85.0, unit=" %"),
 ]
 
@@ -263,11 +264,11 @@ def bar_summary(families: dict[str, list[Row]], device: str) -> list[str]:
         results = [(r, *bar.check(r)) for r in rows]
         measured = [(r, v, met) for r, v, met in results if met is not None]
         if not measured:
-            lines.append(f"- NOT MEASURED: issue {bar.issue}: {bar.text} {bar.short()} (no figure in this run; "
+            lines.append(f"- NOT MEASURED: {bar.topic}: {bar.text} {bar.short()} (no figure in this run; "
                          f"see the skipped benchmarks below)")
             continue
         for r, v, met in measured:
-            lines.append(f"- {'MET' if met else 'MISSED'}: issue {bar.issue}: {bar.text} {bar.short()}: "
+            lines.append(f"- {'MET' if met else 'MISSED'}: {bar.topic}: {bar.text} {bar.short()}: "
                          f"**{v:.2f}{bar.unit}** ({r.case})")
     return lines
 
@@ -289,7 +290,7 @@ def render(run: dict, note: str | None = None) -> str:
         out += [note, ""]
     out += ["Speed-ups are time(other) / time(fused) measured in the same run (> 1: fused is faster). "
             "Medians after warm-up; the timer of each figure is in the JSON (`extra_info.timer`). "
-            "Bars come from issues 5, 6 and 7 and are checked as stated, never adjusted.", ""]
+            "Bars are the project's fixed targets (benches/report.py), checked as stated, never adjusted.", ""]
     if any((f.get("pct_of_ceiling") or 0) > 100 for rows in families.values() for r in rows for f in r.impls.values()):
         out += ["A % of ceiling above 100 means the inputs fit in a cache: the copy ceiling is measured on "
                 "a buffer several times the last-level cache.", ""]

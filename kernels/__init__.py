@@ -1,28 +1,41 @@
-"""Fused GPU kernels and their eager PyTorch references.
+"""Fused kernels for the diffusion model, each beside its eager PyTorch reference.
 
-    kernels.reference.group_norm_film_silu / kernels.reference.attention   eager ground truth
-    kernels.group_norm_film_silu   Triton GroupNorm + FiLM + SiLU            (kernels/triton_group_norm.py)
-    kernels.attention              Triton flash attention                    (kernels/triton_attention.py)
-    kernels.ddpm_step / ddim_step  C++/CUDA fused sampler update             (kernels/sampling_step.py)
+One folder per op, each holding the kernel, the torch.library op and the eager reference:
+
+    kernels/group_norm/        GroupNorm + FiLM + SiLU   kernel.py (Triton), op.py, reference.py
+    kernels/flash_attention/   softmax(q kᵀ/√d) v        kernel.py (Triton), op.py, reference.py
+    kernels/sampling_step/     DDPM / DDIM update        csrc/ (C++ and CUDA), op.py, coefficients.py,
+                                                         reference.py
+    kernels/triton_common.py   what the Triton ops share (device guard, dtype checks, interpreter flag,
+                               buffers, the dot helper, the pinned launch configurations)
+
+The entry points:
+
+    kernels.group_norm_film_silu   fused GroupNorm + FiLM + SiLU      (kernels.reference has the eager one)
+    kernels.attention              fused flash attention              (kernels.reference has the eager one)
+    kernels.ddpm_step / ddim_step  fused sampler update
 
 The fused entry points load lazily on first use, so `import kernels` never imports Triton or builds the
 C++ extension (Triton's CPU interpreter must be chosen, with TRITON_INTERPRET=1, before Triton is first
 imported). When one cannot be loaded, FusedKernelsUnavailable says why; nothing falls back silently.
+Every custom op lives in the torch.library namespace OP_NAMESPACE. This package imports torch and
+Triton only, never the `shared` core that uses it.
 """
 from __future__ import annotations
 
 import importlib
 
 from kernels import reference
+from kernels.build import OP_NAMESPACE
 
-__all__ = ["reference", "FusedKernelsUnavailable", "group_norm_film_silu", "attention",
+__all__ = ["reference", "FusedKernelsUnavailable", "OP_NAMESPACE", "group_norm_film_silu", "attention",
            "ddpm_step", "ddim_step", "load"]
 
 _FUSED = {
-    "group_norm_film_silu": "kernels.triton_group_norm",
-    "attention": "kernels.triton_attention",
-    "ddpm_step": "kernels.sampling_step",
-    "ddim_step": "kernels.sampling_step",
+    "group_norm_film_silu": "kernels.group_norm.op",
+    "attention": "kernels.flash_attention.op",
+    "ddpm_step": "kernels.sampling_step.op",
+    "ddim_step": "kernels.sampling_step.op",
 }
 
 

@@ -53,8 +53,8 @@ class Variant:
 
 
 def _kernel_fns():
-    from kernels import _triton_attention_kernels as attn
-    from kernels import _triton_group_norm_kernels as gn
+    from kernels.flash_attention import kernel as attn
+    from kernels.group_norm import kernel as gn
     return {
         "gn_forward_kernel": gn.gn_forward_kernel,
         "gn_backward_kernel": gn.gn_backward_kernel,
@@ -109,13 +109,13 @@ GN_SHAPE_SMALL = (16, 64, False)
 
 
 def group_norm_variants(quick: bool, arch: int) -> list[Variant]:
-    """GN forward/backward: dtype x HAS_FILM x SILU x autotune config x tile shape; dγ/dβ reduction.
+    """GN forward/backward: dtype x HAS_FILM x SILU x GPU config x tile shape; dγ/dβ reduction.
 
     quick: every (dtype, HAS_FILM, SILU) combination in the largest config, every config in the
     combination with the most code (bf16, FiLM, SiLU), and the small unaligned tile; on sm_86/sm_89,
     whose code generation is sm_80's, only the bf16 FiLM+SiLU variants.
     """
-    from kernels.triton_group_norm import GN_GPU_CONFIGS, PARAM_GRAD_BLOCK
+    from kernels.group_norm.op import GN_GPU_CONFIGS, PARAM_GRAD_BLOCK
     fns = _kernel_fns()
     variants = []
     largest = GN_GPU_CONFIGS[-1]
@@ -144,12 +144,12 @@ def group_norm_variants(quick: bool, arch: int) -> list[Variant]:
 
 
 def attention_variants(quick: bool, arch: int) -> list[Variant]:
-    """Attention: dtype x head dim x every autotune config of the forward, dK/dV and dQ kernels.
+    """Attention: dtype x head dim x every GPU config of the forward, dK/dV and dQ kernels.
 
     quick: every config of each dtype's list at the largest head dim (the resource worst case); the
     smaller head dims in the first config; on sm_86/sm_89 only the half-precision largest head dim.
     """
-    from kernels import triton_attention as ta
+    from kernels.flash_attention import op as ta
     fns = _kernel_fns()
     variants = []
     lists = {False: [("attn_forward_kernel", ta.ATTN_FWD_GPU_CONFIGS),

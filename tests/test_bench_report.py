@@ -28,7 +28,7 @@ def _run() -> dict:
                batch=128, images_per_s=1000.0, peak_vram_mib=2000.0),
         _bench("tr-fused", "train", "train mnist bf16 b128", "fused", 8.0, preset="mnist", dtype="bf16",
                batch=128, images_per_s=1200.0, peak_vram_mib=1000.0),
-        # A CPU row: checked inline against issue 6's CPU bar (the row's device decides), but that bar
+        # A CPU row: checked inline against the sampling step's CPU bar (the row's device decides), but that bar
         # is not in the summary of a CUDA report.
         _bench("st-eager", "step", "ddim b256", "eager", 2.0, device="cpu", size="MNIST b256"),
         _bench("st-fused", "step", "ddim b256", "fused", 0.5, device="cpu", size="MNIST b256"),
@@ -45,7 +45,7 @@ def _run() -> dict:
     return {"benchmarks": benches, "datetime": "2026-01-01T00:00:00",
             "machine_info": {"ddpm_bench": {"gpu": "Test GPU", "torch": "9.9", "triton": "9.9", "cuda": "99",
                                             "date": "2026-01-01", "ceilings": {}}},
-            "ddpm_bench_skipped": [{"test": "x", "reason": "kernels/triton_attention.py not present"}]}
+            "ddpm_bench_skipped": [{"test": "x", "reason": "kernels/flash_attention/op.py not present"}]}
 
 
 def _rows(run):
@@ -75,18 +75,18 @@ def test_bars_show_met_and_missed_next_to_figures():
     assert "≥ 1.3×: 1.20× MISSED" in train_line
     assert "≤ 0.8×: 0.50× MET" in train_line
     summary = text.split("## Bars")[1].split("##")[0]
-    assert "MISSED: issue 7: mnist training, fused kernels + bf16 vs eager bf16 (images/s) ≥ 1.3×: **1.20×**" in summary
-    assert "MET: issue 7: DDIM-50 at batch 64, fused (kernels + step) vs eager (images/s) ≥ 2×: **2.50×**" in summary
+    assert "MISSED: loops: mnist training, fused kernels + bf16 vs eager bf16 (images/s) ≥ 1.3×: **1.20×**" in summary
+    assert "MET: loops: DDIM-50 at batch 64, fused (kernels + step) vs eager (images/s) ≥ 2×: **2.50×**" in summary
     sampling_lines = text.split("## Sampling")[1].splitlines()
     header = sampling_lines[2]
     assert "sample() fused vs sample() eager" in header and "sample() eager vs" not in header
     row = next(line for line in sampling_lines if line.startswith("| DDIM-50 b64"))
     assert "| 2.50× |" in row and "| 1.50× |" in row  # fused vs eager; sample() fused vs sample() eager
     # Bars of this device with no figure in the run are listed, never silently dropped.
-    assert "NOT MEASURED: issue 5: attention forward+backward, fused vs eager" in summary
-    # The CPU bar of issue 6 is not a bar of this (CUDA) report.
+    assert "NOT MEASURED: kernels: attention forward+backward, fused vs eager" in summary
+    # The sampling step's CPU bar is not a bar of this (CUDA) report.
     assert "on CPU (2 cores)" not in summary
-    assert "1 × kernels/triton_attention.py not present" in text
+    assert "1 × kernels/flash_attention/op.py not present" in text
     assert "Test GPU" in text and "torch 9.9" in text
 
 

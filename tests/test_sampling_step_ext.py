@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import sampling_step
+from kernels.sampling_step import op as sampling_step
 from shared import NoiseSchedule
 from shared.diffusion.steps import ddim_step as eager_ddim_step
 from shared.diffusion.steps import ddpm_step as eager_ddpm_step
@@ -101,7 +101,7 @@ def test_matches_eager(schedule, device, dtype, kind, clip, guided, t):
     torch.testing.assert_close(x_prev.double(), ref_prev, **tol)
     torch.testing.assert_close(x0_pred.double(), ref_x0, **tol)
     if dtype == torch.float32:
-        # The eager step in fp32 itself: the issue's "within 1e-6 of eager".
+        # The eager step in fp32 itself: the fused op is within 1e-6 of it.
         eager_prev, eager_x0 = run_eager(kind, schedule, t, inp, clip, guided)
         torch.testing.assert_close(x_prev, eager_prev, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(x0_pred, eager_x0, atol=1e-6, rtol=1e-6)
@@ -200,10 +200,10 @@ def test_non_contiguous_inputs(schedule, device):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
     # The op itself refuses them with a clear message.
     with pytest.raises(RuntimeError, match="x_t must be contiguous"):
-        torch.ops.sampling_step.ddim_step(strided["x_t"], inp["eps"].transpose(2, 3).contiguous(), None,
+        torch.ops.diffusion_kernels.ddim_step(strided["x_t"], inp["eps"].transpose(2, 3).contiguous(), None,
                                           None, 1.0, 2.0, 1.0, 0.5, 0.5, 0.0, False, False)
     with pytest.raises(RuntimeError, match="eps must be contiguous"):
-        torch.ops.sampling_step.ddpm_step(inp["x_t"], inp["eps"].transpose(2, 3).contiguous().transpose(2, 3),
+        torch.ops.diffusion_kernels.ddpm_step(inp["x_t"], inp["eps"].transpose(2, 3).contiguous().transpose(2, 3),
                                           None, None, 1.0, 2.0, 1.0, 0.5, 0.5, 0.0, False, False)
 
 
@@ -214,7 +214,7 @@ def _op_args(x_t, eps, eps_uncond=None, noise=None, sigma=0.0):
 @pytest.mark.parametrize("device", DEVICES)
 def test_op_rejects_bad_tensors(device):
     x = torch.randn(2, 1, 4, 4, device=device)
-    op = torch.ops.sampling_step.ddpm_step
+    op = torch.ops.diffusion_kernels.ddpm_step
     with pytest.raises(RuntimeError, match=r"eps has shape \[2, 1, 4, 3\] but x_t has shape"):
         op(*_op_args(x, torch.randn(2, 1, 4, 3, device=device)))
     with pytest.raises(RuntimeError, match="eps has dtype Half but x_t has dtype Float"):
@@ -233,9 +233,9 @@ def test_op_rejects_bad_tensors(device):
 def test_op_rejects_mixed_devices_cuda():
     x = torch.randn(2, 1, 4, 4, device="cuda")
     with pytest.raises(RuntimeError, match="eps is on cpu but x_t is on cuda"):
-        torch.ops.sampling_step.ddpm_step(*_op_args(x, x.cpu()))
+        torch.ops.diffusion_kernels.ddpm_step(*_op_args(x, x.cpu()))
     with pytest.raises(RuntimeError, match="noise is on cpu but x_t is on cuda"):
-        torch.ops.sampling_step.ddim_step(*_op_args(x, x, noise=x.cpu(), sigma=0.5))
+        torch.ops.diffusion_kernels.ddim_step(*_op_args(x, x, noise=x.cpu(), sigma=0.5))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -249,7 +249,7 @@ def test_wrappers_reject_bad_arguments(schedule, device):
         kernels.ddim_step(schedule, x, x, torch.tensor([5, 6]), 2)
     with pytest.raises(ValueError, match="t_prev=5 must be smaller than t=5"):
         kernels.ddim_step(schedule, x, x, 5, 5)
-    with pytest.raises(ValueError, match=r"t=1000 is out of range"):
+    with pytest.raises(ValueError, match=r"t=1000 is outside \[0, 1000\)"):
         kernels.ddpm_step(schedule, x, x, 1000, noise=x)
     with pytest.raises(ValueError, match="eta must be"):
         kernels.ddim_step(schedule, x, x, 5, 2, eta=-0.5)
@@ -266,11 +266,11 @@ def test_wrappers_reject_bad_arguments(schedule, device):
 
 def _opcheck_cases(device):
     x, eps, eps_u, z = make_inputs((2, 3, 5, 7), torch.float32, device).values()
-    yield torch.ops.sampling_step.ddpm_step.default, (x, eps, None, z, 1.0, 3.0, 2.5, 0.2, 0.7, 0.1, False, False)
-    yield torch.ops.sampling_step.ddpm_step.default, (x, eps, eps_u, None, 3.0, 3.0, 2.5, 0.2, 0.7, 0.0, True, True)
-    yield torch.ops.sampling_step.ddim_step.default, (x.half(), eps.half(), eps_u.half(), z.half(), 2.0,
+    yield torch.ops.diffusion_kernels.ddpm_step.default, (x, eps, None, z, 1.0, 3.0, 2.5, 0.2, 0.7, 0.1, False, False)
+    yield torch.ops.diffusion_kernels.ddpm_step.default, (x, eps, eps_u, None, 3.0, 3.0, 2.5, 0.2, 0.7, 0.0, True, True)
+    yield torch.ops.diffusion_kernels.ddim_step.default, (x.half(), eps.half(), eps_u.half(), z.half(), 2.0,
                                                       3.0, 2.5, 0.4, 0.6, 0.3, True, True)
-    yield torch.ops.sampling_step.ddim_step.default, (x.bfloat16(), eps.bfloat16(), None, None, 1.0,
+    yield torch.ops.diffusion_kernels.ddim_step.default, (x.bfloat16(), eps.bfloat16(), None, None, 1.0,
                                                       3.0, 2.5, 0.4, 0.6, 0.0, False, False)
 
 
@@ -283,11 +283,11 @@ def test_opcheck(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(schedule, device):
     """The fake kernel lets dynamo trace the op without a graph break (fullgraph=True)."""
-    coefs = sampling_step.ddim_coefs(schedule, 600, 500, eta=1.0)
+    coefs = sampling_step.ddim_op_coefficients(schedule, 600, 500, 1.0, batch_size=2)
 
     def two_steps(x, eps, eps_u, z):
-        x1, x0 = torch.ops.sampling_step.ddim_step(x, eps, eps_u, z, 3.0, *coefs.values(), True, True)
-        x2, _ = torch.ops.sampling_step.ddim_step(x1 * 0.5, eps, None, z, 1.0, *coefs.values(), False, False)
+        x1, x0 = torch.ops.diffusion_kernels.ddim_step(x, eps, eps_u, z, 3.0, *coefs, True, True)
+        x2, _ = torch.ops.diffusion_kernels.ddim_step(x1 * 0.5, eps, None, z, 1.0, *coefs, False, False)
         return x2 + x0
 
     inp = make_inputs((2, 1, 6, 5), torch.float32, device)

@@ -1,9 +1,11 @@
 """One reverse step of DDPM and of DDIM, and the timestep lists of respaced samplers.
 
 These are the eager PyTorch ground truth for every sampler in the repo; the fused C++/CUDA update of
-`kernels.ddpm_step` / `kernels.ddim_step` (issue 6) is tested against them. Both steps are pure
-functions: the caller passes the fresh noise z in (the samplers own the random generators), so the
-same inputs always give the same output.
+`kernels.ddpm_step` / `kernels.ddim_step` is tested against them. Both steps are pure functions: the
+caller passes the fresh noise z in (the samplers own the random generators), so the same inputs always
+give the same output. The per-step scalars (float64 from the schedule), the timestep checks and the
+element-wise update are the ones the fused op uses, from kernels/sampling_step/ (coefficients.py and
+reference.py): the eager and the fused step share their math.
 
 Notation (Ho et al. 2020 "DDPM"; Song et al. 2021 "DDIM"), index t = 0 … T−1:
 
@@ -26,32 +28,14 @@ from __future__ import annotations
 
 import torch
 
-from kernels.sampling_step import VARIANCES
+from kernels.sampling_step import reference
+from kernels.sampling_step.coefficients import (VARIANCES, check_eta, check_timestep, check_timestep_order,
+                                                check_variance, ddim_coefficients, ddpm_coefficients)
 from shared.diffusion.schedule import NoiseSchedule, extract
 
+__all__ = ["ddpm_step", "ddim_step", "ddim_timesteps", "predict_x0_from_eps", "SPACINGS", "VARIANCES"]
+
 SPACINGS = ("trailing", "leading", "linspace")
-
-
-# --------------------------------------------------------------------------------------------------
-# checks shared by both steps
-
-
-def _check_t(t: int | torch.Tensor, x_t: torch.Tensor, num_timesteps: int, name: str, lo: int) -> None:
-    """t: an int or a 1-D integer tensor [N] of timesteps in [lo, T)."""
-    if isinstance(t, bool):
-        raise ValueError(f"{name} must be an int or a 1-D integer tensor, got a bool")
-    if isinstance(t, int):
-        if not lo <= t < num_timesteps:
-            raise ValueError(f"{name}={t} is outside [{lo}, {num_timesteps})")
-        return
-    if not torch.is_tensor(t) or t.dtype not in (torch.int64, torch.int32) or t.ndim != 1:
-        raise ValueError(f"{name} must be an int or a 1-D integer tensor, got {type(t).__name__} "
-                         f"{getattr(t, 'dtype', '')} {tuple(getattr(t, 'shape', ()))}")
-    if t.shape[0] != x_t.shape[0]:
-        raise ValueError(f"{name} has {t.shape[0]} entries for a batch of {x_t.shape[0]}")
-    if t.numel() and (int(t.min()) < lo or int(t.max()) >= num_timesteps):
-        raise ValueError(f"{name} values must lie in [{lo}, {num_timesteps}), got "
-                         f"[{int(t.min())}, {int(t.max())}]")
 
 
 def _check_tensors(x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None) -> None:
@@ -63,19 +47,6 @@ def _check_tensors(x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | N
         raise ValueError(f"eps shape {tuple(eps.shape)} does not match x_t shape {tuple(x_t.shape)}")
     if noise is not None and noise.shape != x_t.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} does not match x_t shape {tuple(x_t.shape)}")
-
-
-def _gather64(coef: torch.Tensor, t: int | torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-    """coef[t] in float64 on x_t's device, shaped [N or 1, 1, 1, …] to broadcast against x_t."""
-    like64 = torch.empty((x_t.shape[0],) + (1,) * (x_t.ndim - 1), dtype=torch.float64, device=x_t.device)
-    return extract(coef, t, like64)
-
-
-def _nonzero_mask(t: int | torch.Tensor, x_t: torch.Tensor) -> torch.Tensor | float:
-    """1 where t > 0 and 0 where t = 0 (no noise is added on the last step, DDPM Alg. 2 line 3)."""
-    if isinstance(t, int):
-        return 1.0 if t > 0 else 0.0
-    return (t != 0).to(device=x_t.device, dtype=x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))
 
 
 def predict_x0_from_eps(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor,
@@ -113,21 +84,11 @@ def ddpm_step(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: 
 
     Returns x_{t−1} [N x C x H x W] in x_t's dtype, or (x_{t−1}, x̂0) when return_x0.
     """
-    if variance not in VARIANCES:
-        raise ValueError(f"variance must be one of {', '.join(VARIANCES)}, got {variance!r}")
+    check_variance(variance)
     _check_tensors(x_t, eps, noise)
-    _check_t(t, x_t, schedule.num_timesteps, "t", 0)
-
-    x0_pred = predict_x0_from_eps(schedule, x_t, eps, t)
-    if clip_x0:
-        x0_pred = x0_pred.clamp(-1.0, 1.0)
-    mean = (extract(schedule.posterior_mean_coef1, t, x_t) * x0_pred
-            + extract(schedule.posterior_mean_coef2, t, x_t) * x_t)
-    x_prev = mean
-    if noise is not None:
-        var = schedule.posterior_variance if variance == "fixed_small" else schedule.betas
-        sigma = _gather64(var, t, x_t).sqrt().to(x_t.dtype)
-        x_prev = mean + _nonzero_mask(t, x_t) * sigma * noise.to(x_t.dtype)
+    check_timestep(t, "t", schedule.num_timesteps, 0, x_t.shape[0])
+    coefs = ddpm_coefficients(schedule, t, variance)
+    x_prev, x0_pred = reference.step("ddpm", x_t, eps, coefs, noise=noise, clip_x0=clip_x0)
     return (x_prev, x0_pred) if return_x0 else x_prev
 
 
@@ -161,43 +122,13 @@ def ddim_step(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: 
 
     Returns x_{t_prev} [N x C x H x W] in x_t's dtype, or (x_{t_prev}, x̂0) when return_x0.
     """
-    if not eta >= 0.0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    check_eta(eta)
     _check_tensors(x_t, eps, noise)
-    T = schedule.num_timesteps
-    _check_t(t, x_t, T, "t", 0)
-    _check_t(t_prev, x_t, T, "t_prev", -1)
-    if isinstance(t, int) and isinstance(t_prev, int):
-        if t_prev >= t:
-            raise ValueError(f"t_prev={t_prev} must be smaller than t={t}")
-    elif bool((torch.as_tensor(t_prev, device=x_t.device) >= torch.as_tensor(t, device=x_t.device)).any()):
-        raise ValueError("every t_prev must be smaller than its t")
-
-    # Stage 1-2, in x_t's dtype.
-    x0_pred = predict_x0_from_eps(schedule, x_t, eps, t)
-    eps = eps.to(x_t.dtype)
-    if clip_x0:
-        x0_pred = x0_pred.clamp(-1.0, 1.0)
-        eps = ((extract(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0_pred)
-               / extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t))
-
-    # Stage 3, coefficients in float64.  ᾱ_{-1} = 1: gather at max(t_prev, 0), then overwrite.
-    alpha_bar_t = _gather64(schedule.alphas_cumprod, t, x_t)
-    if isinstance(t_prev, int):
-        alpha_bar_prev = (_gather64(schedule.alphas_cumprod, t_prev, x_t) if t_prev >= 0
-                          else torch.ones_like(alpha_bar_t))
-    else:
-        gathered = _gather64(schedule.alphas_cumprod, t_prev.clamp(min=0), x_t)
-        is_final = (t_prev < 0).to(x_t.device).reshape(gathered.shape)
-        alpha_bar_prev = torch.where(is_final, torch.ones_like(gathered), gathered)
-    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).sqrt()
-    # 1 − ᾱ_prev − σ² ≥ 0 in exact arithmetic for η ≤ 1; clamp the rounding (and η > 1) at 0.
-    dir_coef = (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt()
-
-    # Stage 4.
-    x_prev = alpha_bar_prev.sqrt().to(x_t.dtype) * x0_pred + dir_coef.to(x_t.dtype) * eps
-    if noise is not None and eta > 0:
-        x_prev = x_prev + sigma.to(x_t.dtype) * noise.to(x_t.dtype)
+    check_timestep(t, "t", schedule.num_timesteps, 0, x_t.shape[0])
+    check_timestep(t_prev, "t_prev", schedule.num_timesteps, -1, x_t.shape[0])
+    check_timestep_order(t, t_prev)
+    coefs = ddim_coefficients(schedule, t, t_prev, float(eta))
+    x_prev, x0_pred = reference.step("ddim", x_t, eps, coefs, noise=noise, clip_x0=clip_x0)
     return (x_prev, x0_pred) if return_x0 else x_prev
 
 

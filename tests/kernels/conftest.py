@@ -11,4 +11,4 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ["KERNELS_POISON_OUTPUTS"] = "1"  # = kernels._triton_common.POISON_ENV (not imported: Triton)
+os.environ["KERNELS_POISON_OUTPUTS"] = "1"  # = kernels.triton_common.POISON_ENV (not imported: Triton)

@@ -1,4 +1,4 @@
-"""Flash attention (kernels/triton_attention.py) against the materialised softmax in float64.
+"""Flash attention (kernels/flash_attention/) against the materialised softmax in float64.
 
 Checks the output and the gradients of q, k and v with the per-dtype table of
 tests/kernels/tolerances.py, on fresh random inputs, with every op buffer poisoned with NaN (conftest).
@@ -11,7 +11,7 @@ import torch
 from tests.kernels.tolerances import (DEVICES, DTYPE_IDS, DTYPES, REL_TOL, assert_close, float64_leaf,
                                       leaf)
 
-ta = pytest.importorskip("kernels.triton_attention", reason="Triton is not installed")
+ta = pytest.importorskip("kernels.flash_attention.op", reason="Triton is not installed")
 
 
 def attention_float64(q, k, v):
@@ -99,9 +99,9 @@ def test_non_contiguous_inputs(device, dtype):
 def test_opcheck(device):
     """torch.library.opcheck: schema, fake (meta) kernels, autograd registration, AOT dispatch."""
     q, k, v = qkv(1, 2, 20, 32, torch.float32, device)
-    torch.library.opcheck(torch.ops.ddpm_kernels.flash_attention_fwd.default, [leaf(q), leaf(k), leaf(v)])
-    o, lse2 = torch.ops.ddpm_kernels.flash_attention_fwd(q, k, v)
-    torch.library.opcheck(torch.ops.ddpm_kernels.flash_attention_bwd.default,
+    torch.library.opcheck(torch.ops.diffusion_kernels.flash_attention_fwd.default, [leaf(q), leaf(k), leaf(v)])
+    o, lse2 = torch.ops.diffusion_kernels.flash_attention_fwd(q, k, v)
+    torch.library.opcheck(torch.ops.diffusion_kernels.flash_attention_bwd.default,
                           [torch.randn_like(o), q, k, v, o, lse2])
 
 
@@ -145,3 +145,52 @@ def test_bad_inputs_raise_clear_errors(device):
         ta.attention(q[0], k[0], v[0])
     with pytest.raises(ValueError, match="unsupported device meta"):
         ta.attention(q.to("meta"), k.to("meta"), v.to("meta"))
+
+
+# --------------------------------------------------------------------------------------------------
+# launch grid and pinned configurations
+
+
+def test_launch_grid_stays_within_cuda_limits_at_any_batch():
+    """Batch x heads x blocks is one axis-0 grid (limit 2^31 − 1); axis 1 (limit 65,535) is unused,
+    so guided sampling of an 8,192 batch (16,384 rows for the U-Net) with 8 heads launches."""
+    from kernels.triton_common import MAX_GRID
+
+    for batch_heads, seq, block in ((2 * 8192 * 8, 1024, 32), (2 * 8192 * 8, 64, 128), (1, 17, 64),
+                                    (65_536 * 16, 256, 64)):
+        grid = ta.attention_grid(batch_heads, seq, block)
+        assert len(grid) == 1 and grid[0] <= MAX_GRID[0]
+        assert grid[0] == batch_heads * -(-seq // block)  # every (head, block) gets one program
+    with pytest.raises(ValueError, match="launch-grid axis 0.*split the batch"):
+        ta.attention_grid(2 ** 26, 1024, 16)  # 2^32 programs
+
+
+def test_pinned_configs_are_compiled_ones(monkeypatch):
+    """Every (dtype, head dim) pins one forward, dK/dV and dQ config from the lists compile_check
+    builds; the choice is a pure function (no timing), so every process runs the same tiles."""
+    from kernels.triton_common import GPU_CONFIGS_ENV
+
+    monkeypatch.setenv(GPU_CONFIGS_ENV, "1")
+    for dtype in DTYPES:
+        half = dtype != torch.float32
+        lists = ((ta.ATTN_FWD_GPU_CONFIGS, ta.ATTN_DKDV_GPU_CONFIGS, ta.ATTN_DQ_GPU_CONFIGS) if half else
+                 (ta.ATTN_FWD_FP32_CONFIGS, ta.ATTN_DKDV_FP32_CONFIGS, ta.ATTN_DQ_FP32_CONFIGS))
+        for d in ta.SUPPORTED_HEAD_DIMS:
+            chosen = ta.attention_configs(dtype, d)
+            assert chosen == ta.attention_configs(dtype, d)
+            for cfg, candidates in zip(chosen, lists):
+                assert any(cfg is c for c in candidates)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,seq,d", [(torch.float16, 80, 32), (torch.bfloat16, 70, 128)],
+                         ids=["fp16-L80-d32", "bf16-L70-d128"])
+def test_gpu_block_sizes(device, dtype, seq, d, monkeypatch):
+    """The GPU tiles (64 x 64 and 128 x 64 forward, 32 x 64 dK/dV, 64 x 32 dQ), run by the interpreter
+    when forced: a partial last block at each of them, forward and backward."""
+    from kernels.triton_common import GPU_CONFIGS_ENV
+
+    monkeypatch.setenv(GPU_CONFIGS_ENV, "1")
+    forward = ta.attention_configs(dtype, d)[0]
+    assert forward.kwargs["BLOCK_M"] >= 64 and seq % forward.kwargs["BLOCK_M"] != 0
+    check_against_float64(*qkv(1, 2, seq, d, dtype, device), dtype)

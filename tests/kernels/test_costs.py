@@ -2,8 +2,8 @@
 
 
 def test_cost_formulas_for_the_benchmark_shapes():
-    """The formulas kernels/README.md gives, at the issue's benchmark shapes (hand-computed here)."""
-    from kernels._triton_costs import attention_bytes, attention_flops, group_norm_bytes
+    """The formulas kernels/README.md gives, at the benchmark shapes (hand-computed here)."""
+    from kernels.costs import attention_bytes, attention_flops, group_norm_bytes
 
     numel = 256 * 128 * 32 * 32
     assert group_norm_bytes(256, 128, 32, 32, 32, 2, 4) == 2 * numel * 2 + 2 * 128 * 4 + 2 * 256 * 128 * 2 \

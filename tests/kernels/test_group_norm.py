@@ -1,4 +1,4 @@
-"""Fused GroupNorm + FiLM + SiLU (kernels/triton_group_norm.py) against a float64 eager expression.
+"""Fused GroupNorm + FiLM + SiLU (kernels/group_norm/) against a float64 eager expression.
 
 Checks the output and every gradient (x, γ, β, scale, shift) with the per-dtype table of
 tests/kernels/tolerances.py, on fresh random inputs, with every op buffer poisoned with NaN (conftest).
@@ -15,7 +15,7 @@ import torch
 from tests.kernels.tolerances import (DEVICES, DTYPE_IDS, DTYPES, REL_TOL, assert_close, float64_leaf,
                                       leaf)
 
-gn = pytest.importorskip("kernels.triton_group_norm", reason="Triton is not installed")
+gn = pytest.importorskip("kernels.group_norm.op", reason="Triton is not installed")
 
 
 def gn_film_silu_float64(x, num_groups, weight, bias, scale, shift, eps, silu):
@@ -128,11 +128,11 @@ def test_opcheck(device):
     """torch.library.opcheck: schema, fake (meta) kernels, autograd registration, AOT dispatch."""
     x, weight, bias, scale, shift = make_inputs(2, 8, 4, 4, "both", torch.float32, device)
     args = [leaf(x), 4, leaf(weight), leaf(bias), leaf(scale), leaf(shift), 1e-5, True]
-    torch.library.opcheck(torch.ops.ddpm_kernels.group_norm_film_silu_fwd.default, args)
-    torch.library.opcheck(torch.ops.ddpm_kernels.group_norm_film_silu_fwd.default,
+    torch.library.opcheck(torch.ops.diffusion_kernels.group_norm_film_silu_fwd.default, args)
+    torch.library.opcheck(torch.ops.diffusion_kernels.group_norm_film_silu_fwd.default,
                           [x, 4, weight, bias, None, None, 1e-5, False])
-    _, mean, rstd = torch.ops.ddpm_kernels.group_norm_film_silu_fwd(x, 4, weight, bias, scale, shift, 1e-5, True)
-    torch.library.opcheck(torch.ops.ddpm_kernels.group_norm_film_silu_bwd.default,
+    _, mean, rstd = torch.ops.diffusion_kernels.group_norm_film_silu_fwd(x, 4, weight, bias, scale, shift, 1e-5, True)
+    torch.library.opcheck(torch.ops.diffusion_kernels.group_norm_film_silu_bwd.default,
                           [torch.randn_like(x), x, weight, bias, scale, shift, mean, rstd, 4, True])
 
 
@@ -167,7 +167,7 @@ def test_torch_compile_fullgraph(device):
 
 def test_poisoned_buffers_are_nan():
     """The NaN poisoning the other tests rely on is active: op buffers start as NaN, not zeros."""
-    from kernels._triton_common import POISON_ENV, new_buffer
+    from kernels.triton_common import POISON_ENV, new_buffer
     assert os.environ.get(POISON_ENV) == "1"
     assert torch.isnan(new_buffer((3, 5), torch.bfloat16, torch.device("cpu"))).all()
 
@@ -216,3 +216,49 @@ def test_cpu_tensor_without_interpreter_says_what_is_needed():
     assert [line.split()[0] for line in lines] == ["gn", "attention"], out.stdout + out.stderr
     for line in lines:
         assert "need a CUDA GPU" in line and "TRITON_INTERPRET=1" in line, line
+
+
+# --------------------------------------------------------------------------------------------------
+# several tiles per group, and the pinned GPU configurations
+
+
+# Groups larger than one tile: 8 channels per group at 32×32 (8,192 elements) and 64 at 14×14
+# (12,544): the statistics merge tiles (Chan's update) and both passes loop. Under the interpreter's
+# 4,096-element tile that is 2 and 4 tiles; with the GPU configurations (forced below), 2 and 4 too.
+MULTI_TILE = [pytest.param(1, 16, 32, 32, 2, id="8-per-group-32x32"),
+              pytest.param(1, 64, 14, 14, 1, id="64-per-group-14x14")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gpu_configs", [False, True], ids=["interpreter-tile", "gpu-tile"])
+@pytest.mark.parametrize("n,c,h,w,groups", MULTI_TILE)
+def test_groups_spanning_several_tiles(device, gpu_configs, n, c, h, w, groups, monkeypatch):
+    from kernels.triton_common import GPU_CONFIGS_ENV
+
+    if gpu_configs:
+        monkeypatch.setenv(GPU_CONFIGS_ENV, "1")
+    _, block_c, hw_pow2 = gn._block_sizes(c, h * w, groups)
+    tile = gn.group_norm_config(block_c, hw_pow2).kwargs["TILE"]
+    assert block_c * hw_pow2 > tile, "the case must not fit one tile"
+    x, weight, bias, scale, shift = make_inputs(n, c, h, w, "both", torch.float32, device)
+    check_against_float64(x, groups, weight, bias, scale, shift, True, torch.float32)
+
+
+def test_pinned_config_is_a_compiled_one_and_fits(monkeypatch):
+    """The launch configuration is a fixed function of the group's shape (no timing, so every process
+    picks the same), one of the GPU configurations compile_check builds, and holds a group's channels."""
+    from kernels.triton_common import GPU_CONFIGS_ENV
+
+    monkeypatch.setenv(GPU_CONFIGS_ENV, "1")
+    for block_c in (1, 2, 4, 8, 16, 64, 256, 1024):
+        for hw_pow2 in (16, 64, 256, 1024, 4096):
+            cfg = gn.group_norm_config(block_c, hw_pow2)
+            assert any(cfg is c for c in gn.GN_GPU_CONFIGS)
+            assert cfg is gn.group_norm_config(block_c, hw_pow2)
+            assert cfg.kwargs["TILE"] >= block_c
+    assert gn.group_norm_config(4, 256).kwargs["TILE"] == 1024   # a small group: one 1,024 tile
+    assert gn.group_norm_config(8, 1024).kwargs["TILE"] == 4096  # 8,192 elements: two 4,096 tiles
+    monkeypatch.delenv(GPU_CONFIGS_ENV)
+    from kernels.triton_common import INTERPRET
+    if INTERPRET:
+        assert gn.group_norm_config(8, 1024) is gn.GN_INTERPRET_CONFIG

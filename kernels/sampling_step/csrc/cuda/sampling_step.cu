@@ -166,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cuda(
   const StepCoefs coefs = make_coefs(guidance_scale, sqrt_recip_alphas_cumprod,
                                      sqrt_recipm1_alphas_cumprod, posterior_mean_coef1,
                                      posterior_mean_coef2, sigma);
-  return step_cuda<Mode::kDDPM>("sampling_step::ddpm_step", x_t, eps, eps_uncond, noise, coefs,
+  return step_cuda<Mode::kDDPM>(KERNELS_OP_NAME("ddpm_step"), x_t, eps, eps_uncond, noise, coefs,
                                 clip_x0, return_x0);
 }
 
@@ -178,13 +178,13 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(
   const StepCoefs coefs = make_coefs(guidance_scale, sqrt_recip_alphas_cumprod,
                                      sqrt_recipm1_alphas_cumprod, sqrt_alphas_cumprod_prev,
                                      direction_coef, sigma);
-  return step_cuda<Mode::kDDIM>("sampling_step::ddim_step", x_t, eps, eps_uncond, noise, coefs,
+  return step_cuda<Mode::kDDIM>(KERNELS_OP_NAME("ddim_step"), x_t, eps, eps_uncond, noise, coefs,
                                 clip_x0, return_x0);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sampling_step, CUDA, m) {
+KERNELS_LIBRARY_IMPL(KERNELS_OP_NAMESPACE, CUDA, m) {
   m.impl("ddpm_step", &ddpm_step_cuda);
   m.impl("ddim_step", &ddim_step_cuda);
 }

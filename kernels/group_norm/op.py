@@ -2,10 +2,10 @@
 
     y = act(GN(x; γ, β)·(1 + scale[:, :, None, None]) + shift[:, :, None, None])
 
-`group_norm_film_silu` has the signature of `kernels.reference.group_norm_film_silu`; the kernels and
-their math are in kernels/_triton_group_norm_kernels.py and kernels/README.md. Two custom ops carry it:
-`ddpm_kernels::group_norm_film_silu_fwd` (returns y and the fp32 mean and rstd saved for backward) and
-`ddpm_kernels::group_norm_film_silu_bwd` (returns dx, dγ, dβ, dscale, dshift), tied together with
+`group_norm_film_silu` has the signature of the eager reference (kernels/group_norm/reference.py); the
+kernels and their math are in kernels/group_norm/kernel.py and kernels/README.md. Two custom ops carry it:
+`diffusion_kernels::group_norm_film_silu_fwd` (returns y and the fp32 mean and rstd saved for backward)
+and `diffusion_kernels::group_norm_film_silu_bwd` (returns dx, dγ, dβ, dscale, dshift), tied together with
 register_autograd, each with a fake (meta) implementation so torch.compile traces through them.
 
 No `from __future__ import annotations` here: torch.library infers the op schemas from the annotations.
@@ -15,34 +15,42 @@ from typing import Optional
 import torch
 import triton
 
-from kernels._triton_common import (INTERPRET, OP_NAMESPACE, check_device, check_dtype, device_guard,
-                                    new_buffer)
-from kernels._triton_group_norm_kernels import (gn_backward_kernel, gn_forward_kernel,
-                                                gn_param_grad_kernel)
-from kernels.reference import check_group_norm_args
+from kernels.group_norm.kernel import gn_backward_kernel, gn_forward_kernel, gn_param_grad_kernel
+from kernels.group_norm.reference import check_group_norm_args
+from kernels.triton_common import (OP_NAMESPACE, check_device, check_dtype, check_grid, device_guard,
+                                   launch_options, new_buffer, use_gpu_configs)
 
-__all__ = ["group_norm_film_silu", "GN_GPU_CONFIGS", "GN_INTERPRET_CONFIG", "MAX_CHANNELS_PER_GROUP",
-           "PARAM_GRAD_BLOCK"]
+__all__ = ["group_norm_film_silu", "group_norm_config", "GN_GPU_CONFIGS", "GN_INTERPRET_CONFIG",
+           "MAX_CHANNELS_PER_GROUP", "PARAM_GRAD_BLOCK"]
 
-# Autotuned on a GPU: TILE = elements of one (channels x positions) tile, and warps per program.
+# The GPU configurations: TILE = elements of one (channels x positions) tile, and warps per program.
+# compile_check.py compiles every entry; `group_norm_config` pins the one each launch uses.
 GN_GPU_CONFIGS = [
     triton.Config({"TILE": 1024}, num_warps=4),
     triton.Config({"TILE": 2048}, num_warps=4),
     triton.Config({"TILE": 4096}, num_warps=8),
     triton.Config({"TILE": 8192}, num_warps=8),
 ]
-# The interpreter cannot time configs; one fixed tile, large so that few loop steps run in NumPy.
+# The interpreter's tile: large, so that few loop steps run in NumPy.
 GN_INTERPRET_CONFIG = triton.Config({"TILE": 4096}, num_warps=4)
-_CONFIGS = [GN_INTERPRET_CONFIG] if INTERPRET else GN_GPU_CONFIGS
 
 # One tile holds a whole group's channels (BLOCK_C = next_pow2(C/G) ≤ the smallest TILE).
 MAX_CHANNELS_PER_GROUP = 1024
 # Channels per program in the dγ/dβ reduction over the batch.
 PARAM_GRAD_BLOCK = 128
 
-_TUNE_KEY = ["C", "HW", "CPG", "HAS_FILM", "SILU"]
-_gn_forward = triton.autotune(configs=_CONFIGS, key=_TUNE_KEY)(gn_forward_kernel)
-_gn_backward = triton.autotune(configs=_CONFIGS, key=_TUNE_KEY)(gn_backward_kernel)
+
+def group_norm_config(block_c: int, hw_pow2: int) -> triton.Config:
+    """The pinned configuration for a group of block_c x hw_pow2 (padded) elements: the smallest tile
+    that holds the whole group, at most 4096 elements (8 warps) — larger groups loop over such tiles —
+    and 8192 when a group has 256 or more channels, so a tile still spans ≥ 32 positions. Under the
+    interpreter GN_INTERPRET_CONFIG, unless GPU configurations are asked for."""
+    if not use_gpu_configs():
+        return GN_INTERPRET_CONFIG
+    if block_c >= 256:
+        return GN_GPU_CONFIGS[3]
+    group = block_c * hw_pow2
+    return next((cfg for cfg in GN_GPU_CONFIGS[:3] if cfg.kwargs["TILE"] >= group), GN_GPU_CONFIGS[2])
 
 
 def _block_sizes(c: int, hw: int, num_groups: int) -> tuple[int, int, int]:
@@ -65,11 +73,13 @@ def _gn_fwd_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
     mean = new_buffer((n, num_groups), torch.float32, x.device)
     rstd = new_buffer((n, num_groups), torch.float32, x.device)
     cpg, block_c, hw_pow2 = _block_sizes(c, h * w, num_groups)
+    grid = check_grid("group_norm_film_silu", (n * num_groups,))
     with device_guard(x):
-        _gn_forward[(n * num_groups,)](
+        gn_forward_kernel[grid](
             x, y, weight, bias, scale if has_film else x, shift if has_film else x, mean, rstd,
             c, h * w, cpg, num_groups, eps,
-            HAS_FILM=has_film, SILU=silu, BLOCK_C=block_c, HW_POW2=hw_pow2)
+            HAS_FILM=has_film, SILU=silu, BLOCK_C=block_c, HW_POW2=hw_pow2,
+            **launch_options(group_norm_config(block_c, hw_pow2)))
     return y, mean, rstd
 
 
@@ -105,12 +115,14 @@ def _gn_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: to
     dweight = new_buffer((c,), weight.dtype, x.device)
     dbias = new_buffer((c,), bias.dtype, x.device)
     cpg, block_c, hw_pow2 = _block_sizes(c, h * w, num_groups)
+    grid = check_grid("group_norm_film_silu", (n * num_groups,))
     with device_guard(x):
-        _gn_backward[(n * num_groups,)](
+        gn_backward_kernel[grid](
             x, dy, dx, weight, bias, scale if has_film else x, shift if has_film else x, mean, rstd,
             dscale if has_film else dx, dshift if has_film else dx, dw_part, db_part,
             c, h * w, cpg, num_groups, 1.0 / (cpg * h * w),
-            HAS_FILM=has_film, SILU=silu, BLOCK_C=block_c, HW_POW2=hw_pow2)
+            HAS_FILM=has_film, SILU=silu, BLOCK_C=block_c, HW_POW2=hw_pow2,
+            **launch_options(group_norm_config(block_c, hw_pow2)))
         gn_param_grad_kernel[(triton.cdiv(c, PARAM_GRAD_BLOCK),)](
             dw_part, db_part, dweight, dbias, n, c, BLOCK=PARAM_GRAD_BLOCK)
     return dx, dweight, dbias, dscale, dshift

@@ -2,7 +2,7 @@
 //
 // One pass reads x_t, ε_c (and ε_u, z when given) and writes x_prev (and x̂0 when asked), with fp32
 // arithmetic whatever the storage dtype. The scalar coefficients arrive already gathered from the
-// float64 schedule on the host (kernels/sampling_step.py) and rounded to fp32 once.
+// float64 schedule on the host (kernels/sampling_step/coefficients.py) and rounded to fp32 once.
 //
 // Notation (paper symbol → StepCoefs field), t the current step, s the next one (t−1 or t_prev):
 //
@@ -20,6 +20,17 @@
 #pragma once
 
 #include <c10/macros/Macros.h>
+
+// The torch.library namespace, given by the build (kernels/build.py: OP_NAMESPACE) so that Python
+// and C++ name it once. TORCH_LIBRARY pastes its argument, so it is expanded through one more macro.
+#ifndef KERNELS_OP_NAMESPACE
+#error "KERNELS_OP_NAMESPACE is not defined; build through kernels/build.py (setup.py or the JIT path)"
+#endif
+#define KERNELS_STRINGIFY_(x) #x
+#define KERNELS_STRINGIFY(x) KERNELS_STRINGIFY_(x)
+#define KERNELS_OP_NAME(op) KERNELS_STRINGIFY(KERNELS_OP_NAMESPACE) "::" op
+#define KERNELS_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define KERNELS_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
 #include <type_traits>
 
@@ -45,23 +56,48 @@ inline StepCoefs make_coefs(double guidance_scale, double x0_coef_xt, double x0_
                    static_cast<float>(out_coef_rest),  static_cast<float>(sigma)};
 }
 
-// One element of the update. Every flag is a template parameter so that the inner loops carry no
-// per-element branch on the mode, and absent inputs (ε_u, z) are never read.
-template <Mode MODE, bool GUIDED, bool CLIP, bool NOISE>
-C10_HOST_DEVICE C10_ALWAYS_INLINE void step_element(float x_t, float eps_cond, float eps_uncond,
-                                                    float noise, const StepCoefs& c, float& x_prev,
-                                                    float& x0_pred) {
-  float eps = eps_cond;
+// x̂0 clamped to [−1, 1] as two selects (NaN stays NaN, as torch.clamp): host compilers and nvcc emit
+// min/max instructions for it, never a branch.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float clamp_unit(float x) {
+  x = x < -1.0f ? -1.0f : x;
+  x = x > 1.0f ? 1.0f : x;
+  return x;
+}
+
+#if !defined(__CUDACC__)
+// The CPU loop works on kLanes elements at a time through a GCC/Clang vector type: the compiler lowers
+// each operation to the widest registers the function is compiled for (one zmm with AVX-512, two ymm
+// with AVX2, four xmm with SSE2), and a comparison yields a lane mask, so a select is a blend, never
+// a branch.
+constexpr int kLanes = 16;
+typedef float VecF __attribute__((vector_size(kLanes * sizeof(float))));
+
+C10_ALWAYS_INLINE VecF clamp_unit(VecF x) {
+  const VecF lo = VecF{} - 1.0f;
+  const VecF hi = VecF{} + 1.0f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  return x;
+}
+#endif
+
+// The update for one value (V = float, on the GPU and for the CPU tail) or kLanes values (V = VecF).
+// Every flag is a template parameter so the loops carry no per-element branch on the mode, and absent
+// inputs (ε_u, z) are never read. The operations and their order are those of the eager reference
+// (kernels/sampling_step/reference.py), each rounded separately (no FMA contraction: build flags), so
+// fp32 results equal the eager step's.
+template <Mode MODE, bool GUIDED, bool CLIP, bool NOISE, typename V>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void step_element(V x_t, V eps_cond, V eps_uncond, V noise,
+                                                    const StepCoefs& c, V& x_prev, V& x0_pred) {
+  V eps = eps_cond;
   if constexpr (GUIDED) {
     eps = eps_uncond + c.guidance_scale * (eps_cond - eps_uncond);
   }
-  float x0 = c.x0_coef_xt * x_t - c.x0_coef_eps * eps;
+  V x0 = c.x0_coef_xt * x_t - c.x0_coef_eps * eps;
   if constexpr (CLIP) {
-    // Written as two compares so both the host compiler and nvcc emit plain min/max instructions.
-    x0 = x0 < -1.0f ? -1.0f : x0;
-    x0 = x0 > 1.0f ? 1.0f : x0;
+    x0 = clamp_unit(x0);
   }
-  float out;
+  V out;
   if constexpr (MODE == Mode::kDDPM) {
     out = c.out_coef_x0 * x0 + c.out_coef_rest * x_t;
   } else {
@@ -71,7 +107,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void step_element(float x_t, float eps_cond, f
     out = c.out_coef_x0 * x0 + c.out_coef_rest * eps;
   }
   if constexpr (NOISE) {
-    out += c.sigma * noise;
+    out = out + c.sigma * noise;
   }
   x_prev = out;
   x0_pred = x0;

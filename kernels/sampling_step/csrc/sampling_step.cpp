@@ -2,7 +2,8 @@
 //
 // Schemas are declared once here (TORCH_LIBRARY); each backend registers its implementation with
 // TORCH_LIBRARY_IMPL (CPU below, CUDA in cuda/sampling_step.cu). The Python wrappers, the fake
-// kernels for torch.compile and the float64 coefficient math live in kernels/sampling_step.py.
+// kernels for torch.compile are in kernels/sampling_step/op.py, the float64 coefficient math in
+// kernels/sampling_step/coefficients.py.
 #include "sampling_step.h"
 
 #include <ATen/Dispatch_v2.h>
@@ -15,6 +16,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
 
 namespace sampling_step {
@@ -66,22 +69,116 @@ void check_inputs(const char* op, const at::Tensor& x_t, const at::Tensor& eps,
 
 namespace {
 
-// One contiguous run [begin, end) of the update. Loads convert to float, the math is fp32, stores
-// round once; with every flag a template parameter the body is branch-free, so GCC vectorises it
-// for float storage (and for the conversions where the target has the instructions).
-template <typename scalar_t, Mode MODE, bool GUIDED, bool CLIP, bool NOISE, bool RETURN_X0>
-void cpu_run(const scalar_t* __restrict__ x_t, const scalar_t* __restrict__ eps,
-             const scalar_t* __restrict__ eps_uncond, const scalar_t* __restrict__ noise,
-             scalar_t* __restrict__ x_prev, scalar_t* __restrict__ x0_out, const StepCoefs c,
-             int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
+// Each hot loop is compiled three times, for AVX-512 (x86-64-v4), AVX2 + FMA + F16C (x86-64-v3) and
+// the baseline, and the loader picks the best one the CPU has (GCC function multi-versioning, an ifunc
+// resolved once at load): the module stays portable and uses the wide registers where they exist.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define SAMPLING_STEP_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SAMPLING_STEP_CPU_CLONES
+#endif
+
+// kLanes values of storage type scalar_t to and from a VecF of fp32, without a per-element branch.
+template <typename scalar_t>
+struct Lanes;
+
+template <>
+struct Lanes<float> {
+  static C10_ALWAYS_INLINE VecF load(const float* p) {
+    VecF v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static C10_ALWAYS_INLINE void store(float* p, VecF v) { std::memcpy(p, &v, sizeof(v)); }
+};
+
+typedef uint16_t VecU16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint32_t VecU32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+// bfloat16 is the upper half of an fp32: widening is a shift, narrowing rounds to nearest even with
+// NaN kept quiet, bit for bit as c10::BFloat16(float) does.
+template <>
+struct Lanes<c10::BFloat16> {
+  static C10_ALWAYS_INLINE VecF load(const c10::BFloat16* p) {
+    VecU16 h;
+    std::memcpy(&h, p, sizeof(h));
+    const VecU32 bits = __builtin_convertvector(h, VecU32) << 16;
+    VecF v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+  }
+  static C10_ALWAYS_INLINE void store(c10::BFloat16* p, VecF v) {
+    VecU32 bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const VecU32 rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+    const VecU32 quiet_nan = VecU32{} + 0x7FC0u;
+    const VecU32 out = v != v ? quiet_nan : rounded;
+    const VecU16 h = __builtin_convertvector(out, VecU16);
+    std::memcpy(p, &h, sizeof(h));
+  }
+};
+
+// float16 through the compiler's _Float16, whose vector conversions become vcvtph2ps / vcvtps2ph
+// where F16C exists (the x86-64-v3 and v4 clones) and correctly rounded library calls elsewhere;
+// compilers without _Float16 convert lane by lane through c10::Half (same values).
+template <>
+struct Lanes<c10::Half> {
+#if defined(__FLT16_MAX__)
+  typedef _Float16 VecH __attribute__((vector_size(kLanes * sizeof(_Float16))));
+  static C10_ALWAYS_INLINE VecF load(const c10::Half* p) {
+    VecH h;
+    std::memcpy(&h, p, sizeof(h));
+    return __builtin_convertvector(h, VecF);
+  }
+  static C10_ALWAYS_INLINE void store(c10::Half* p, VecF v) {
+    const VecH h = __builtin_convertvector(v, VecH);
+    std::memcpy(p, &h, sizeof(h));
+  }
+#else
+  static C10_ALWAYS_INLINE VecF load(const c10::Half* p) {
+    VecF v;
+    for (int k = 0; k < kLanes; ++k) v[k] = static_cast<float>(p[k]);
+    return v;
+  }
+  static C10_ALWAYS_INLINE void store(c10::Half* p, VecF v) {
+    for (int k = 0; k < kLanes; ++k) p[k] = static_cast<c10::Half>(v[k]);
+  }
+#endif
+};
+
+// One contiguous run [begin, end) of the update: kLanes elements at a time through VecF, then the
+// last few one by one with the same element function. Loads convert to fp32, the math is fp32,
+// stores round once. x0_out is nullptr unless x̂0 is returned (a branch per kLanes elements that is
+// always taken the same way).
+template <typename scalar_t, Mode MODE, bool GUIDED, bool CLIP, bool NOISE>
+SAMPLING_STEP_CPU_CLONES void cpu_run(const scalar_t* __restrict__ x_t,
+                                      const scalar_t* __restrict__ eps,
+                                      const scalar_t* __restrict__ eps_uncond,
+                                      const scalar_t* __restrict__ noise,
+                                      scalar_t* __restrict__ x_prev, scalar_t* __restrict__ x0_out,
+                                      const StepCoefs c, int64_t begin, int64_t end) {
+  using L = Lanes<scalar_t>;
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    const VecF zero{};
+    VecF out, x0;
+    step_element<MODE, GUIDED, CLIP, NOISE>(L::load(x_t + i), L::load(eps + i),
+                                            GUIDED ? L::load(eps_uncond + i) : zero,
+                                            NOISE ? L::load(noise + i) : zero, c, out, x0);
+    L::store(x_prev + i, out);
+    if (x0_out != nullptr) {
+      L::store(x0_out + i, x0);
+    }
+  }
+  for (; i < end; ++i) {
     float out, x0;
     step_element<MODE, GUIDED, CLIP, NOISE>(
         static_cast<float>(x_t[i]), static_cast<float>(eps[i]),
         GUIDED ? static_cast<float>(eps_uncond[i]) : 0.0f, NOISE ? static_cast<float>(noise[i]) : 0.0f,
         c, out, x0);
     x_prev[i] = static_cast<scalar_t>(out);
-    if constexpr (RETURN_X0) {
+    if (x0_out != nullptr) {
       x0_out[i] = static_cast<scalar_t>(x0);
     }
   }
@@ -111,12 +208,10 @@ std::tuple<at::Tensor, at::Tensor> step_cpu(const char* op, const at::Tensor& x_
     dispatch_bool(eps_uncond.has_value(), [&](auto guided) {
       dispatch_bool(clip_x0, [&](auto clip) {
         dispatch_bool(use_noise, [&](auto with_noise) {
-          dispatch_bool(return_x0, [&](auto with_x0) {
-            at::parallel_for(0, n, kGrainSize, [&](int64_t begin, int64_t end) {
-              cpu_run<scalar_t, MODE, decltype(guided)::value, decltype(clip)::value,
-                      decltype(with_noise)::value, decltype(with_x0)::value>(
-                  x_ptr, eps_ptr, eps_u_ptr, noise_ptr, out_ptr, x0_ptr, coefs, begin, end);
-            });
+          at::parallel_for(0, n, kGrainSize, [&](int64_t begin, int64_t end) {
+            cpu_run<scalar_t, MODE, decltype(guided)::value, decltype(clip)::value,
+                    decltype(with_noise)::value>(x_ptr, eps_ptr, eps_u_ptr, noise_ptr, out_ptr, x0_ptr,
+                                                 coefs, begin, end);
           });
         });
       });
@@ -133,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(
   const StepCoefs coefs = make_coefs(guidance_scale, sqrt_recip_alphas_cumprod,
                                      sqrt_recipm1_alphas_cumprod, posterior_mean_coef1,
                                      posterior_mean_coef2, sigma);
-  return step_cpu<Mode::kDDPM>("sampling_step::ddpm_step", x_t, eps, eps_uncond, noise, coefs,
+  return step_cpu<Mode::kDDPM>(KERNELS_OP_NAME("ddpm_step"), x_t, eps, eps_uncond, noise, coefs,
                                clip_x0, return_x0);
 }
 
@@ -145,13 +240,13 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(
   const StepCoefs coefs = make_coefs(guidance_scale, sqrt_recip_alphas_cumprod,
                                      sqrt_recipm1_alphas_cumprod, sqrt_alphas_cumprod_prev,
                                      direction_coef, sigma);
-  return step_cpu<Mode::kDDIM>("sampling_step::ddim_step", x_t, eps, eps_uncond, noise, coefs,
+  return step_cpu<Mode::kDDIM>(KERNELS_OP_NAME("ddim_step"), x_t, eps, eps_uncond, noise, coefs,
                                clip_x0, return_x0);
 }
 
 }  // namespace
 
-TORCH_LIBRARY(sampling_step, m) {
+KERNELS_LIBRARY(KERNELS_OP_NAMESPACE, m) {
   // Both ops return (x_prev, x0_pred); x0_pred is an empty [0] tensor unless return_x0 is true.
   m.def(
       "ddpm_step(Tensor x_t, Tensor eps, Tensor? eps_uncond, Tensor? noise, float guidance_scale, "
@@ -165,17 +260,17 @@ TORCH_LIBRARY(sampling_step, m) {
       "bool return_x0) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(sampling_step, CPU, m) {
+KERNELS_LIBRARY_IMPL(KERNELS_OP_NAMESPACE, CPU, m) {
   m.impl("ddpm_step", &ddpm_step_cpu);
   m.impl("ddim_step", &ddim_step_cpu);
 }
 
 }  // namespace sampling_step
 
-// Importing the module (kernels._sampling_step_C) loads the library, which runs the registrations
+// Importing the module (kernels.sampling_step._C) loads the library, which runs the registrations
 // above; the module itself only says whether the CUDA kernels were compiled in.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused DDPM/DDIM sampling update; the ops live in torch.ops.sampling_step";
+  m.doc() = "Fused DDPM/DDIM sampling update; the ops live in torch.ops." KERNELS_STRINGIFY(KERNELS_OP_NAMESPACE);
 #ifdef SAMPLING_STEP_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

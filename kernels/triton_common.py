@@ -1,5 +1,10 @@
 """What the Triton ops share: interpreter detection, entry checks, output allocation, the device guard,
-the dot helper.
+the dot helper, the launch-grid limits and the choice between GPU and interpreter configurations.
+
+Launch configurations are pinned, not autotuned: each op picks its configuration from the shape and
+dtype with a fixed rule, so two processes given the same inputs run the same programs in the same order
+and produce the same bits (autotuning by timing can pick a different tile in another process, and a
+different tile sums in a different order).
 
 Triton chooses between compiling for a GPU and interpreting on the CPU when it is first imported
 (TRITON_INTERPRET=1 selects the interpreter), so `INTERPRET` is read once here, from Triton itself.
@@ -13,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import FusedKernelsUnavailable
+from kernels import OP_NAMESPACE, FusedKernelsUnavailable
 
 # True when Triton runs kernels in its NumPy interpreter (CPU tensors, no GPU needed).
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
@@ -24,8 +29,33 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # write then shows up as NaN in the result (or in a gradient) instead of as plausible stale memory.
 POISON_ENV = "KERNELS_POISON_OUTPUTS"
 
-# The Triton ops live in one torch.library namespace.
-OP_NAMESPACE = "ddpm_kernels"
+
+# CUDA's launch-grid limits: 2^31 − 1 programs along axis 0, 65,535 along axes 1 and 2.
+MAX_GRID = (2 ** 31 - 1, 65_535, 65_535)
+
+# Tests set this to "1" so that, under the interpreter, the ops use the tile sizes they use on a GPU
+# (the interpreter otherwise uses small fixed tiles that keep it fast).
+GPU_CONFIGS_ENV = "KERNELS_GPU_CONFIGS"
+
+
+def use_gpu_configs() -> bool:
+    """True on a GPU, and under the interpreter when GPU_CONFIGS_ENV=1 (read at each launch)."""
+    return not INTERPRET or os.environ.get(GPU_CONFIGS_ENV) == "1"
+
+
+def check_grid(name: str, grid: tuple[int, ...]) -> tuple[int, ...]:
+    """Returns grid, or raises ValueError when an axis exceeds its CUDA limit (the interpreter has none,
+    so the same check runs there too)."""
+    for axis, (size, limit) in enumerate(zip(grid, MAX_GRID)):
+        if size > limit:
+            raise ValueError(f"{name}: the input needs {size:,} programs along launch-grid axis {axis}, "
+                             f"over CUDA's limit of {limit:,}; split the batch")
+    return grid
+
+
+def launch_options(config: triton.Config) -> dict:
+    """A pinned config as launch keywords: its block sizes plus num_warps and num_stages."""
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def check_device(name: str, *tensors: torch.Tensor) -> None:

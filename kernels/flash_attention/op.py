@@ -1,9 +1,9 @@
 """Flash attention softmax(q kᵀ/√d) v as a torch.library custom op with Triton forward and backward.
 
-`attention` has the signature of `kernels.reference.attention`; kernels and math are in
-kernels/_triton_attention_kernels.py and kernels/README.md. Two custom ops carry it:
-`ddpm_kernels::flash_attention_fwd` (returns O and the fp32 base-2 log-sum-exp of each row) and
-`ddpm_kernels::flash_attention_bwd` (returns dq, dk, dv), tied together with register_autograd, each
+`attention` has the signature of the eager reference (kernels/flash_attention/reference.py); kernels and
+math are in kernels/flash_attention/kernel.py and kernels/README.md. Two custom ops carry it:
+`diffusion_kernels::flash_attention_fwd` (returns O and the fp32 base-2 log-sum-exp of each row) and
+`diffusion_kernels::flash_attention_bwd` (returns dq, dk, dv), tied together with register_autograd, each
 with a fake (meta) implementation so torch.compile traces through them.
 
 No `from __future__ import annotations` here: torch.library infers the op schemas from the annotations.
@@ -11,27 +11,27 @@ No `from __future__ import annotations` here: torch.library infers the op schema
 import torch
 import triton
 
-from kernels._triton_attention_kernels import (attn_backward_dkdv_kernel, attn_backward_dq_kernel,
-                                               attn_backward_preprocess_kernel, attn_forward_kernel)
-from kernels._triton_common import (INTERPRET, OP_NAMESPACE, check_device, check_dtype, device_guard,
-                                    dot_precision, new_buffer, upcast_dots)
-from kernels.reference import check_attention_args
+from kernels.flash_attention import SUPPORTED_HEAD_DIMS
+from kernels.flash_attention.kernel import (attn_backward_dkdv_kernel, attn_backward_dq_kernel,
+                                            attn_backward_preprocess_kernel, attn_forward_kernel)
+from kernels.flash_attention.reference import check_attention_args
+from kernels.triton_common import (OP_NAMESPACE, check_device, check_dtype, check_grid, device_guard,
+                                   dot_precision, launch_options, new_buffer, upcast_dots, use_gpu_configs)
 
-__all__ = ["attention", "SUPPORTED_HEAD_DIMS", "ATTN_FWD_GPU_CONFIGS", "ATTN_DKDV_GPU_CONFIGS",
-           "ATTN_DQ_GPU_CONFIGS", "ATTN_FWD_FP32_CONFIGS", "ATTN_DKDV_FP32_CONFIGS", "ATTN_DQ_FP32_CONFIGS",
-           "ATTN_INTERPRET_CONFIG", "PREPROCESS_BLOCK_M"]
-
-SUPPORTED_HEAD_DIMS = (32, 64, 128)
+__all__ = ["attention", "attention_configs", "attention_grid", "SUPPORTED_HEAD_DIMS", "ATTN_FWD_GPU_CONFIGS",
+           "ATTN_DKDV_GPU_CONFIGS", "ATTN_DQ_GPU_CONFIGS", "ATTN_FWD_FP32_CONFIGS", "ATTN_DKDV_FP32_CONFIGS",
+           "ATTN_DQ_FP32_CONFIGS", "ATTN_INTERPRET_CONFIG", "PREPROCESS_BLOCK_M"]
 
 
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-# Autotuned on a GPU (query block, key block, warps, pipeline stages); every block is ≥ 16 because
+# The GPU configurations (query block, key block, warps, pipeline stages); every block is ≥ 16 because
 # tl.dot needs each dimension ≥ 16 on tensor cores, and a power of two. Half-precision inputs use
 # tensor-core tiles; fp32 inputs get true fp32 products ("ieee", no TF32), which run on FMA units and
-# need small tiles to stay in registers (kernels/README.md has the compiled figures).
+# need small tiles to stay in registers. compile_check.py compiles every entry of these lists;
+# `attention_configs` pins the one each launch uses (kernels/README.md has the compiled figures).
 ATTN_FWD_GPU_CONFIGS = [_config(64, 64, 4, 2), _config(64, 32, 4, 3), _config(128, 64, 8, 2),
                         _config(128, 32, 4, 3)]
 ATTN_DKDV_GPU_CONFIGS = [_config(32, 64, 4, 2), _config(64, 64, 4, 2), _config(32, 128, 8, 2)]
@@ -39,31 +39,37 @@ ATTN_DQ_GPU_CONFIGS = [_config(64, 32, 4, 2), _config(64, 64, 4, 2), _config(128
 ATTN_FWD_FP32_CONFIGS = [_config(32, 32, 8, 1)]
 ATTN_DKDV_FP32_CONFIGS = [_config(32, 32, 8, 1)]
 ATTN_DQ_FP32_CONFIGS = [_config(32, 32, 8, 1)]
-# The interpreter cannot time configs. 32 x 32 blocks make even L = 49 span two blocks, so the tests
-# exercise the online-softmax rescaling and the masking of a partial block.
+# The interpreter's tiles: 32 x 32 blocks make even L = 49 span two blocks, so the tests exercise the
+# online-softmax rescaling and the masking of a partial block while NumPy stays fast.
 ATTN_INTERPRET_CONFIG = _config(32, 32, 4, 1)
 # Rows per program of the elementwise D_i = Σ dO·O kernel.
 PREPROCESS_BLOCK_M = 64
 
-_KEY = ["L", "HEAD_DIM", "UPCAST", "PRECISION"]
+
+def attention_configs(dtype: torch.dtype, head_dim: int) -> tuple[triton.Config, triton.Config, triton.Config]:
+    """The pinned (forward, dK/dV, dQ) configurations for this dtype and head dim.
+
+    Half precision: 64 x 64 query x key blocks (128 x 64 with 8 warps at d = 128, where a 64-row block
+    leaves the tensor cores half idle), 32 x 64 for dK/dV and 64 x 32 for dQ, the tiles that compile
+    without register spills at every head dim but d = 128 (kernels/README.md). fp32: the one fp32 tile.
+    Under the interpreter, ATTN_INTERPRET_CONFIG unless GPU configurations are asked for.
+    """
+    if not use_gpu_configs():
+        return ATTN_INTERPRET_CONFIG, ATTN_INTERPRET_CONFIG, ATTN_INTERPRET_CONFIG
+    if dtype == torch.float32:
+        return ATTN_FWD_FP32_CONFIGS[0], ATTN_DKDV_FP32_CONFIGS[0], ATTN_DQ_FP32_CONFIGS[0]
+    forward = ATTN_FWD_GPU_CONFIGS[2] if head_dim == 128 else ATTN_FWD_GPU_CONFIGS[0]
+    return forward, ATTN_DKDV_GPU_CONFIGS[0], ATTN_DQ_GPU_CONFIGS[0]
 
 
-def _tuned(kernel, half_configs, fp32_configs):
-    if INTERPRET:
-        return triton.autotune(configs=[ATTN_INTERPRET_CONFIG], key=_KEY)(kernel)
+def attention_grid(batch_heads: int, seq_len: int, block: int) -> tuple[int]:
+    """One program per (batch·head, block of `block` rows), all on grid axis 0 (limit 2^31 − 1).
 
-    def by_precision(configs, named_args, **meta):
-        """fp32 ("ieee") launches try only the fp32 list, half-precision launches only theirs."""
-        wanted = fp32_configs if meta["PRECISION"] == "ieee" else half_configs
-        return [c for c in configs if any(c is w for w in wanted)]
-
-    return triton.autotune(configs=half_configs + fp32_configs, key=_KEY,
-                           prune_configs_by={"early_config_prune": by_precision})(kernel)
-
-
-_attn_fwd = _tuned(attn_forward_kernel, ATTN_FWD_GPU_CONFIGS, ATTN_FWD_FP32_CONFIGS)
-_attn_dkdv = _tuned(attn_backward_dkdv_kernel, ATTN_DKDV_GPU_CONFIGS, ATTN_DKDV_FP32_CONFIGS)
-_attn_dq = _tuned(attn_backward_dq_kernel, ATTN_DQ_GPU_CONFIGS, ATTN_DQ_FP32_CONFIGS)
+    The kernels split the program id back into (batch·head, block), blocks of one head adjacent, so
+    programs that run together share that head's K and V in L2. (Batch·heads on axis 1 would cap it
+    at 65,535: guided sampling of an 8,192 batch with 8 heads is already past that.)
+    """
+    return check_grid("attention", (batch_heads * triton.cdiv(seq_len, block),))
 
 
 def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
@@ -86,10 +92,11 @@ def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[tor
     q, k, v = _unit_stride_last(q), _unit_stride_last(k), _unit_stride_last(v)
     o = new_buffer((z, h, seq, d), q.dtype, q.device)
     lse2 = new_buffer((z * h, seq), torch.float32, q.device)
-    grid = lambda meta: (triton.cdiv(seq, meta["BLOCK_M"]), z * h)  # noqa: E731
+    config, _, _ = attention_configs(q.dtype, d)
+    grid = attention_grid(z * h, seq, config.kwargs["BLOCK_M"])
     with device_guard(q):
-        _attn_fwd[grid](q, k, v, o, lse2, *_strides(q), *_strides(k), *_strides(v), h, seq, d ** -0.5,
-                        **_meta_args(q))
+        attn_forward_kernel[grid](q, k, v, o, lse2, *_strides(q), *_strides(k), *_strides(v), h, seq,
+                                  d ** -0.5, **_meta_args(q), **launch_options(config))
     return o, lse2
 
 
@@ -112,13 +119,16 @@ def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     dv = new_buffer((z, h, seq, d), q.dtype, q.device)
     rows = z * h * seq
     strides = (*_strides(q), *_strides(k), *_strides(v))
+    _, dkdv_config, dq_config = attention_configs(q.dtype, d)
     with device_guard(q):
-        attn_backward_preprocess_kernel[(triton.cdiv(rows, PREPROCESS_BLOCK_M),)](
+        attn_backward_preprocess_kernel[check_grid("attention", (triton.cdiv(rows, PREPROCESS_BLOCK_M),))](
             o, do, delta, rows, HEAD_DIM=d, BLOCK_M=PREPROCESS_BLOCK_M)
-        _attn_dkdv[lambda meta: (triton.cdiv(seq, meta["BLOCK_N"]), z * h)](
-            q, k, v, do, dk, dv, lse2, delta, *strides, h, seq, d ** -0.5, **_meta_args(q))
-        _attn_dq[lambda meta: (triton.cdiv(seq, meta["BLOCK_M"]), z * h)](
-            q, k, v, do, dq, lse2, delta, *strides, h, seq, d ** -0.5, **_meta_args(q))
+        attn_backward_dkdv_kernel[attention_grid(z * h, seq, dkdv_config.kwargs["BLOCK_N"])](
+            q, k, v, do, dk, dv, lse2, delta, *strides, h, seq, d ** -0.5, **_meta_args(q),
+            **launch_options(dkdv_config))
+        attn_backward_dq_kernel[attention_grid(z * h, seq, dq_config.kwargs["BLOCK_M"])](
+            q, k, v, do, dq, lse2, delta, *strides, h, seq, d ** -0.5, **_meta_args(q),
+            **launch_options(dq_config))
     return dq, dk, dv
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels._triton_common import mma
+from kernels.triton_common import mma
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(s) = exp2(s·log2 e)
 
@@ -35,8 +35,10 @@ def attn_forward_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)   # query block
-    pid_zh = tl.program_id(1)  # (batch, head)
+    # Program id → (batch·head, query block), the blocks of one head adjacent (op.attention_grid).
+    num_m_blocks = tl.cdiv(L, BLOCK_M)
+    pid_zh = tl.program_id(0) // num_m_blocks
+    pid_m = tl.program_id(0) % num_m_blocks
     z = pid_zh // H
     h = pid_zh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -112,8 +114,9 @@ def attn_backward_dkdv_kernel(
 ):
     """One program per key block: dV_j = Σ_i P_ij dO_i and dK_j = Σ_i dS_ij q_i / √d, looping over
     query blocks, so each dK, dV row is written once (no atomics)."""
-    pid_n = tl.program_id(0)
-    pid_zh = tl.program_id(1)
+    num_n_blocks = tl.cdiv(L, BLOCK_N)
+    pid_zh = tl.program_id(0) // num_n_blocks  # (batch, head)
+    pid_n = tl.program_id(0) % num_n_blocks    # key block
     z = pid_zh // H
     h = pid_zh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -163,8 +166,9 @@ def attn_backward_dq_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program per query block: dQ_i = Σ_j dS_ij k_j / √d, looping over key blocks."""
-    pid_m = tl.program_id(0)
-    pid_zh = tl.program_id(1)
+    num_m_blocks = tl.cdiv(L, BLOCK_M)
+    pid_zh = tl.program_id(0) // num_m_blocks  # (batch, head)
+    pid_m = tl.program_id(0) % num_m_blocks    # query block
     z = pid_zh // H
     h = pid_zh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
