@@ -1,10 +1,20 @@
-"""One optimisation step of the U-Net: images/s and peak VRAM, eager vs fused kernels vs torch.compile.
+"""Training throughput: one optimisation step of the U-Net (eager vs fused kernels vs torch.compile), and
+the trainer's whole step loop before and after its hot-loop work, in the same run.
 
-A step is what shared/training.py does per batch, minus data loading, EMA and logging (the trainer has no
-separate step function to call): q_sample at uniform t, forward, L_simple = mean ‖ε − ε̂‖² (Ho et al.
-2020, Eq. 14), backward, AdamW step. bf16 means torch.autocast(bfloat16) over fp32 master weights, as
-the trainer's --precision bf16 does. The zero-initialised layers get small random weights, so the
-network computes on real numbers (a fresh U-Net outputs exactly 0).
+A step (test_train_step) is the trainer's step minus data, EMA and logging: shared.training.loss.l_simple
+(q_sample at uniform t, forward, L_simple = mean ‖ε − ε̂‖², Ho et al. 2020, Eq. 14), backward, AdamW
+step. bf16 means torch.autocast(bfloat16) over fp32 master weights, as the trainer's --precision bf16
+does. The zero-initialised layers get small random weights, so the network computes on real numbers (a
+fresh U-Net outputs exactly 0).
+
+The loop (test_train_loop) times STEPS_PER_CALL consecutive training steps including the data, the EMA
+and the skip logic, both ways:
+  before: a DataLoader over the in-memory dataset (per-sample __getitem__ + collate), the loss and the
+          gradient norm read on the host every step to decide a skip (two syncs), foreach AdamW, and
+          AveragedModel's EMA (whose update reads its counter on the host);
+  after:  shared.training: the split gathered on the device by index (batches.Batches), and
+          loop.training_step (no host sync: fused AdamW masked by found_inf, device-masked EMA).
+Both draw from the same data and settings; the `after` row records images/s and its ratio to `before`.
 
 Peak VRAM: torch.cuda.max_memory_allocated over one step after warm-up (optimizer state exists),
 measured after torch.cuda.reset_peak_memory_stats(), less what was allocated before this benchmark built
@@ -20,11 +30,11 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import kernels
 from benches.measure import budget_skip_reason, on_cuda, randomise_zero_init, record, time_call
-from shared import NoiseSchedule, UNet, q_sample
+from shared import NoiseSchedule, UNet
+from shared.training.loss import l_simple
 
 NUM_TIMESTEPS = 1000
 LEARNING_RATE = 2e-4
@@ -56,10 +66,7 @@ def _make_step(preset: str, variant: str, precision: str, batch: int, device: to
     autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
 
     def step():
-        x_t = q_sample(schedule, x0, t, noise)
-        with autocast():
-            eps_pred = forward(x_t, t)
-        loss = F.mse_loss(eps_pred.float(), noise)  # L_simple
+        loss = l_simple(forward, schedule, x0, None, t, noise, autocast=autocast()).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -120,3 +127,110 @@ def test_train_step(benchmark, device, preset, variant, precision, batch):
     if device.type == "cuda":
         del step
         torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer's step loop, before and after (data on the device, no host sync per step)
+
+LOOP_DATASET_SIZE = 2048
+LOOP_BATCH = {"tiny": 128, "mnist": 32 if not on_cuda() else 128}   # CPU: the mnist preset runs ~1 step/s at 32
+STEPS_PER_CALL = {"tiny": 8, "mnist": 2 if not on_cuda() else 20}
+LOOP_RESULTS: dict[str, float] = {}  # preset → images/s of `before`, for the ratio in the `after` row
+
+
+def _loop_parts(preset: str, device: torch.device):
+    """Fresh model, optimizer inputs and data for one loop variant (identical for both)."""
+    from shared.training.data import DatasetInfo, TensorImageDataset
+    torch.manual_seed(0)
+    model = randomise_zero_init(UNet.from_preset(preset, num_classes=10)).to(device).train()
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (LOOP_DATASET_SIZE, 1, 28, 28), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (LOOP_DATASET_SIZE,), generator=gen)
+    data = TensorImageDataset(pixels, labels, DatasetInfo("mnist", "train", 10, (1, 28, 28), "random bytes"))
+    return model, data, NoiseSchedule("linear", NUM_TIMESTEPS)
+
+
+def _before_loop(preset: str, device: torch.device):
+    """The trainer as it was: DataLoader, two host reads per step to decide a skip, AveragedModel EMA."""
+    import math
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torch.utils.data import DataLoader
+    from shared.training.batches import ResumableSampler
+    from shared.training.loss import drop_labels
+
+    model, data, schedule = _loop_parts(preset, device)
+    batch = LOOP_BATCH[preset]
+    sampler = ResumableSampler(data, 1, 0, seed=0)
+    loader = DataLoader(data, batch_size=batch, sampler=sampler, drop_last=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True)
+    noise_gen = torch.Generator(device).manual_seed(0)
+    batches = iter(())
+
+    def steps():
+        nonlocal batches
+        for _ in range(STEPS_PER_CALL[preset]):
+            try:
+                x0, y = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                x0, y = next(batches)
+            x0, y = x0.to(device), drop_labels(y.to(device), 0.1, model.null_class, noise_gen)
+            loss = l_simple(model, schedule, x0, y, generator=noise_gen).mean()
+            if math.isfinite(loss.item()):                                     # host sync 1
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()  # host sync 2
+                if math.isfinite(norm):
+                    optimizer.step()
+                    ema.update_parameters(model)                                # syncs on its counter
+            optimizer.zero_grad(set_to_none=True)
+
+    return steps
+
+
+def _after_loop(preset: str, device: torch.device):
+    """shared.training as it is: device-resident batches and the sync-free training_step."""
+    from contextlib import nullcontext
+    from shared.model.ema import make_ema
+    from shared.training.batches import Batches
+    from shared.training.distributed import DistContext
+    from shared.training.loop import training_step
+    from shared.training.state import TrainState
+
+    model, data, schedule = _loop_parts(preset, device)
+    batches = Batches(data, LOOP_BATCH[preset], 1, 0, 0, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, fused=True)
+    state = TrainState(model, make_ema(model), optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                       torch.amp.GradScaler(device.type, enabled=False), torch.Generator(device).manual_seed(0),
+                       batches.loader_gen, device)
+    epoch, stream = 0, iter(())
+
+    def steps():
+        nonlocal epoch, stream
+        for _ in range(STEPS_PER_CALL[preset]):
+            try:
+                x0, y = next(stream)
+            except StopIteration:
+                stream, epoch = batches.epoch(epoch, 0), epoch + 1
+                x0, y = next(stream)
+            training_step(state, model, schedule, x0, y, nullcontext(), 1.0, 0.1, DistContext())
+        state.skipped_total.item()  # the log-row read that ends a window (once per call, not per step)
+
+    return steps
+
+
+@pytest.mark.parametrize("preset", ["tiny", "mnist"])
+@pytest.mark.parametrize("impl", ["before", "after"])
+def test_train_loop(benchmark, device, preset, impl):
+    steps = (_before_loop if impl == "before" else _after_loop)(preset, device)
+    steps()  # warm-up outside the timing: optimizer state, allocator
+    seconds = time_call(benchmark, steps, device, rounds=3 if device.type == "cpu" else 10, warmup_rounds=0)
+    images = LOOP_BATCH[preset] * STEPS_PER_CALL[preset]
+    record(benchmark, family="train_loop", case=f"train loop {preset} fp32 batch {LOOP_BATCH[preset]}",
+           impl=impl, preset=preset, dtype="fp32", batch=LOOP_BATCH[preset], steps_per_call=STEPS_PER_CALL[preset])
+    if seconds:
+        benchmark.extra_info["images_per_s"] = images / seconds
+        if impl == "before":
+            LOOP_RESULTS[preset] = images / seconds
+        elif preset in LOOP_RESULTS:
+            benchmark.extra_info["after_vs_before"] = images / seconds / LOOP_RESULTS[preset]

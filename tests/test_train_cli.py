@@ -9,12 +9,14 @@ import subprocess
 import sys
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 
 from shared.interface import cli
 from shared.training.config import CPU_RECIPE, DEFAULT_MAX_STEPS, TrainConfig, build_parser, resolve_precision
 from shared.training.loop import train
+from tests.idx_files import write_idx
 from tests.stage3_helpers import TRAIN_SCRIPT, edge_bar_dataset, run_train, single_thread_env, write_edge_bar_idx
 
 
@@ -44,6 +46,11 @@ def workspace(tmp_path_factory):
     good = (run / "last.pt").read_bytes()
     (root / "truncated.pt").write_bytes(good[: len(good) // 3])
     (root / "corrupt.pt").write_bytes(b"\x00garbage" * 100)
+    bad_labels = edge_bar_dataset(64).labels.numpy().astype("uint8")
+    bad_labels[5] = 12  # past the 10 MNIST classes (the data itself has 4)
+    (root / "label12").mkdir()
+    write_idx(root / "label12" / "train-images-idx3-ubyte", np.zeros((64, 8, 8), np.uint8), gz=True)
+    write_idx(root / "label12" / "train-labels-idx1-ubyte", bad_labels, gz=True)
     return root, data, run
 
 
@@ -75,6 +82,8 @@ BAD_INPUTS = {
     "truncated checkpoint": (["--resume", "{root}/truncated.pt"], "corrupt or truncated"),
     "fp16 on cpu": (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
     "other preset on resume": (["--resume", "{run}", "--preset", "mnist"], "--preset mnist does not match"),
+    "label out of range": (["--data-dir", "{root}/label12"], "holds label 12, outside the 10 classes"),
+    "out is a run directory": (["--data-dir", "{data}", "--out", "{run}"], "is a run directory"),
     "batch larger than data": (["--data-dir", "{data}", "--heldout-size", "8", "--batch-size", "4096"],
                                "exceeds the"),
 }
