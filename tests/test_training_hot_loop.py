@@ -143,3 +143,26 @@ def test_cuda_run_keeps_data_and_optimizer_on_the_device(tmp_path):
     assert options["data_on_device"] is True
     assert all(p.is_cuda for p in result.model.parameters())
     assert math.isfinite(result.final_loss)
+
+
+def test_state_from_a_non_fused_optimizer_resumes_with_the_masked_step():
+    """Checkpoints written before the optimizer was fused hold fused=None in their param groups; loading
+    one keeps this run's fused AdamW, whose found_inf masks a skipped step."""
+    old = _state(seed=1)
+    plain = torch.optim.AdamW(old.model.parameters(), lr=1e-2)  # the optimizer older runs saved
+    old.model(torch.zeros(2, 1, SIZE, SIZE), torch.zeros(2, dtype=torch.long)).sum().backward()
+    plain.step()
+    ckpt = {"model": old.model.state_dict(), "ema": old.ema.state_dict(), "optimizer": plain.state_dict(),
+            "lr_scheduler": old.lr_scheduler.state_dict(), "scaler": old.scaler.state_dict(),
+            "progress": {"step": 1}, "rng": []}
+    assert ckpt["optimizer"]["param_groups"][0]["fused"] is None
+    state = _state(seed=2)
+    assert state.load_state_dict(ckpt, rank=0, world_size=1) is False  # no RNG streams in this file
+    assert state.optimizer.param_groups[0]["fused"] is True
+    data = edge_bar_dataset(16)
+    x0 = data.images[:8].float() / 127.5 - 1
+    loss, _, skip = training_step(state, state.model, NoiseSchedule("linear", 50), torch.full_like(x0, math.nan),
+                                  data.labels[:8], nullcontext(), 1.0, 0.1, DistContext())
+    assert bool(skip)
+    for key, value in old.model.state_dict().items():
+        assert torch.equal(state.model.state_dict()[key], value), key

@@ -134,7 +134,12 @@ class TrainState:
         number of processes (then they restart from the seed and the run is not bit-exact)."""
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
+        # the implementation flags are this run's choice, not the file's (an older file says fused=None,
+        # and only fused AdamW can mask a skipped step on the device)
+        flags = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group, own in zip(self.optimizer.param_groups, flags):
+            group.update(own)
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress.from_dict(ckpt["progress"])
