@@ -100,7 +100,10 @@ def write_options(run_dir: Path, options: dict, device: torch.device, extra: dic
     """options.json: {"options": {...}, "environment": {...}, **extra}."""
     record = {"options": options, "environment": environment(device), **(extra or {})}
     path = run_dir / "options.json"
-    path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    try:
+        path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    except OSError as err:
+        raise UserError(f"cannot write {str(path)!r} ({err.strerror or err})") from None
     return path
 
 

@@ -12,11 +12,13 @@ Checkpoints follow two rules:
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from shared.errors import UserError
 from shared.records.checkpoint import (BEST_NAME, EMA_NAME, LAST_NAME, TRAIN_FORMAT, atomic_save, ema_file,
                                        remove_stale_temp_files)
 from shared.records.runs import CsvLog, make_run_dir, plot_loss, read_log, write_options
@@ -107,7 +109,8 @@ class Recorder:
 
     def plot(self, force: bool) -> None:
         if self.run_dir is not None and (force or time.monotonic() - self.last_plot > PLOT_INTERVAL_S):
-            plot_loss(self.run_dir / "log.csv", self.run_dir / "loss.png")
+            with _one_line_write_errors(self.run_dir / "loss.png"):
+                plot_loss(self.run_dir / "log.csv", self.run_dir / "loss.png")
             self.last_plot = time.monotonic()
 
     def checkpoint(self, state: TrainState, schedule, name: str, in_skip_run_ok: bool = False) -> bool:
@@ -152,7 +155,9 @@ class Recorder:
         images = sample(ema_module, schedule, [self.cfg.seed + SAMPLE_SEED_OFFSET + i for i in range(n)],
                         labels=labels, sampler="ddim", num_steps=self.cfg.sample_steps, clip_x0=True,
                         device=self.device, precision=precision, progress=False)
-        save_grid(images.clamp(-1, 1), self.run_dir / f"samples-{step:07d}.png", nrow=columns)
+        path = self.run_dir / f"samples-{step:07d}.png"
+        with _one_line_write_errors(path):
+            save_grid(images.clamp(-1, 1), path, nrow=columns)
 
     def where_saved(self) -> str:
         """'the last finite checkpoint is <dir>/last.pt from step N', or that there is none."""
@@ -164,6 +169,15 @@ class Recorder:
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
+
+
+@contextmanager
+def _one_line_write_errors(path: Path):
+    """A full disk (or any OSError) while writing a record is one UserError line naming the file."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(f"cannot write {str(path)!r} ({err.strerror or err})") from None
 
 
 def agree(flag: bool, ctx, device: torch.device) -> bool:
