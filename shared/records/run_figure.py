@@ -69,7 +69,7 @@ def run_figure(run_dir: str | os.PathLike, out_path: str | os.PathLike, grids: i
         except (UnidentifiedImageError, OSError) as err:
             raise UserError(f"{path} is not a readable PNG ({err})") from None
 
-    fig = plt.figure(figsize=(4.6 + 2.6 * len(images), 3.6))
+    fig = plt.figure(figsize=(4.8 + 3.0 * len(images), 4.0))
     spec = fig.add_gridspec(1, 1 + len(images), width_ratios=[1.7] + [1] * len(images), wspace=0.08)
     ax = fig.add_subplot(spec[0])
     ax.plot(*zip(*train), lw=0.8, color="#4c72b0", label="training loss (L_simple)")
