@@ -318,7 +318,7 @@ def _bookkeeping(cfg, ctx, device, state: TrainState, schedule, heldout, recorde
         improved = agree(improved, ctx, device)  # best.pt saving is collective
         if agree(cfg.early_stop_patience > 0 and progress.evals_since_best >= cfg.early_stop_patience, ctx, device):
             stop, stopped_early = stop or "early", True
-    if due.log or heldout_value is not None or stop:
+    if due.log or (due.evaluate and heldout is not None) or stop:  # the same on every rank (collectives inside)
         if ctx.enabled and distributed.any_rank(signals.received is not None, ctx, device):
             stop = stop or "interrupted"
         row = window.read()
