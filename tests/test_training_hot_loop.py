@@ -134,15 +134,30 @@ def test_device_batches_follow_the_dataloader_order(world_size, rank):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: device-resident data and fused AdamW there")
-def test_cuda_run_keeps_data_and_optimizer_on_the_device(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_run_keeps_data_and_optimizer_on_the_device(tmp_path, precision):
+    """On CUDA: the data on the device, fused AdamW masked by found_inf (with fp16's GradScaler too)."""
     cfg = TrainConfig(preset="tiny", timesteps=50, batch_size=8, heldout_size=16, max_steps=4, sample_steps=2,
-                      device="cuda", out=str(tmp_path / "runs"), judge_heldout=0)
+                      device="cuda", out=str(tmp_path / "runs"), judge_heldout=0, precision=precision)
     result = train(cfg, edge_bar_dataset(64))
     import json
     options = json.loads((result.run_dir / "options.json").read_text())["options"]
     assert options["data_on_device"] is True
     assert all(p.is_cuda for p in result.model.parameters())
     assert math.isfinite(result.final_loss)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: host syncs matter there")
+def test_no_host_sync_between_log_rows_on_cuda(tmp_path):
+    counts = []
+    for steps in (6, 12):
+        cfg = TrainConfig(preset="tiny", timesteps=50, batch_size=8, heldout_size=16, max_steps=steps,
+                          log_every=10_000, eval_every=10_000, ckpt_every=10_000, sample_every=10_000,
+                          sample_steps=2, device="cuda", out=str(tmp_path / f"runs{steps}"), judge_heldout=0)
+        with HostSyncCounter() as counter:
+            train(cfg, edge_bar_dataset(512))
+        counts.append(len(counter.seen))
+    assert counts[0] == counts[1], counts
 
 
 def test_state_from_a_non_fused_optimizer_resumes_with_the_masked_step():
