@@ -150,6 +150,7 @@ BAD_INPUT = [
     (SAMPLE, ["--checkpoint", "{ckpt}", "--compare-steps", "2", "--classifier", "{dir}"], "is a directory"),
     (GUIDE, ["--checkpoint", "{ckpt}", "--sweep", "1,2", "--sweep-label", "11"], "--sweep-label must lie in [0, 9]"),
     (GUIDE, ["--checkpoint", "{ckpt}", "--digit", "3", "--eta", "inf"], "--eta"),
+    (GUIDE, ["--checkpoint", "{ckpt}", "--grid", "--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA"),
 ]
 
 

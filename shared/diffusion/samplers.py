@@ -142,6 +142,7 @@ class Sampler:
     def __init__(self, schedule: NoiseSchedule, timesteps: Sequence[int], opts: SamplerOptions):
         self.schedule, self.timesteps, self.opts = schedule, list(timesteps), opts
         self.ddpm_fn, self.ddim_fn = _step_fns(opts.fused_step)
+        self.reset()
 
     def t_prev(self, i: int) -> int:
         """The timestep step i lands on: the next visited one, −1 (x0) after the last."""
@@ -221,13 +222,18 @@ class DPMSolverPP2M(Sampler):
         return (float(self.schedule.sqrt_alphas_cumprod[t]),
                 float(self.schedule.sqrt_one_minus_alphas_cumprod[t]))
 
+    def _log_snr_half(self, t: int) -> float:
+        """λ_t = log(α_t / σ_t), half the log-SNR, in float64 (t ≥ 0)."""
+        alpha, sigma = self._alpha_sigma(t)
+        return math.log(alpha / sigma)
+
     def _correction(self, i: int) -> float:
-        """w = 1/(2r), r = h_{i−1}/h_i, of D = x̂0_i + w·(x̂0_i − x̂0_{i−1}); 0 on first-order steps."""
+        """w = 1/(2r), r = h_{i−1}/h_i, of D = x̂0_i + w·(x̂0_i − x̂0_{i−1}); 0 on first-order steps
+        (the first step, and the last one onto t = −1 where h = ∞)."""
         if i == 0 or self.t_prev(i) < 0:
             return 0.0
-        lam_last, lam_t, lam_prev = (math.log(a / s) for a, s in
-                                     map(self._alpha_sigma, (self.timesteps[i - 1], self.timesteps[i],
-                                                             self.t_prev(i))))
+        lam_last, lam_t, lam_prev = (self._log_snr_half(s) for s in
+                                     (self.timesteps[i - 1], self.timesteps[i], self.t_prev(i)))
         return (lam_prev - lam_t) / (2 * (lam_t - lam_last))
 
     def step(self, i, x_t, eps, noise=None, eps_uncond=None):
@@ -236,7 +242,7 @@ class DPMSolverPP2M(Sampler):
         x0_pred = predict_x0_from_eps(self.schedule, x_t, eps, t)  # x̂0_i
         if self.opts.clip_x0:
             x0_pred = x0_pred.clamp(-1.0, 1.0)
-        w = self._correction(i) if getattr(self, "last_x0", None) is not None else 0.0
+        w = self._correction(i) if self.last_x0 is not None else 0.0
         data_estimate = x0_pred + w * (x0_pred - self.last_x0) if w else x0_pred
         alpha_t, sigma_t = self._alpha_sigma(t)
         eps_d = (x_t - alpha_t * data_estimate) / sigma_t  # the ε for which DDIM's x̂0 is D
