@@ -187,3 +187,15 @@ def test_help_shows_defaults(capsys):
                  "--channels-last", "--p-uncond", "--dry-run"):
         assert flag in text, flag
     assert "(default: 128)" in text and "(default: 0.0002)" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the default command trains the mnist preset")
+def test_cpu_recipe_is_announced_in_one_line(workspace, capsys, tmp_path):
+    root, data, _ = workspace
+    result = script.main(["--data-dir", str(data), "--out", str(tmp_path / "runs"), "--max-steps", "2",
+                          "--batch-size", "8", "--heldout-size", "8", "--timesteps", "50", "--sample-steps", "2",
+                          "--device", "cpu", "--judge-heldout", "0"])
+    err = capsys.readouterr().err
+    notes = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("note: no CUDA GPU")]
+    assert len(notes) == 1 and "--preset mnist" in notes[0] and "batch 8" in notes[0], err
+    assert result.run_dir.name.split("-")[2] == CPU_RECIPE["preset"] and result.progress.step == 2
