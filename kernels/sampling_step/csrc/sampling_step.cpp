@@ -69,119 +69,171 @@ void check_inputs(const char* op, const at::Tensor& x_t, const at::Tensor& eps,
 
 namespace {
 
-// Each hot loop is compiled three times, for AVX-512 (x86-64-v4), AVX2 + FMA + F16C (x86-64-v3) and
-// the baseline, and the loader picks the best one the CPU has (GCC function multi-versioning, an ifunc
-// resolved once at load): the module stays portable and uses the wide registers where they exist.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define SAMPLING_STEP_CPU_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SAMPLING_STEP_CPU_CLONES
+// W values of storage type scalar_t to and from a vector of W fp32 lanes, without a per-lane branch.
+template <int W>
+struct VecTypes {
+  using F = typename VecOf<W>::type;
+  typedef uint16_t U16 __attribute__((vector_size(W * sizeof(uint16_t))));
+  typedef uint32_t U32 __attribute__((vector_size(W * sizeof(uint32_t))));
+#if defined(__FLT16_MAX__)
+  typedef _Float16 H __attribute__((vector_size(W * sizeof(_Float16))));
 #endif
+};
 
-// kLanes values of storage type scalar_t to and from a VecF of fp32, without a per-element branch.
-template <typename scalar_t>
+template <typename scalar_t, int W>
 struct Lanes;
 
-template <>
-struct Lanes<float> {
-  static C10_ALWAYS_INLINE VecF load(const float* p) {
-    VecF v;
+template <int W>
+struct Lanes<float, W> {
+  using F = typename VecTypes<W>::F;
+  static C10_ALWAYS_INLINE F load(const float* p) {
+    F v;
     std::memcpy(&v, p, sizeof(v));
     return v;
   }
-  static C10_ALWAYS_INLINE void store(float* p, VecF v) { std::memcpy(p, &v, sizeof(v)); }
+  static C10_ALWAYS_INLINE void store(float* p, F v) { std::memcpy(p, &v, sizeof(v)); }
 };
-
-typedef uint16_t VecU16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-typedef uint32_t VecU32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 
 // bfloat16 is the upper half of an fp32: widening is a shift, narrowing rounds to nearest even with
 // NaN kept quiet, bit for bit as c10::BFloat16(float) does.
-template <>
-struct Lanes<c10::BFloat16> {
-  static C10_ALWAYS_INLINE VecF load(const c10::BFloat16* p) {
-    VecU16 h;
+template <int W>
+struct Lanes<c10::BFloat16, W> {
+  using T = VecTypes<W>;
+  static C10_ALWAYS_INLINE typename T::F load(const c10::BFloat16* p) {
+    typename T::U16 h;
     std::memcpy(&h, p, sizeof(h));
-    const VecU32 bits = __builtin_convertvector(h, VecU32) << 16;
-    VecF v;
+    const typename T::U32 bits = __builtin_convertvector(h, typename T::U32) << 16;
+    typename T::F v;
     std::memcpy(&v, &bits, sizeof(v));
     return v;
   }
-  static C10_ALWAYS_INLINE void store(c10::BFloat16* p, VecF v) {
-    VecU32 bits;
+  static C10_ALWAYS_INLINE void store(c10::BFloat16* p, typename T::F v) {
+    typename T::U32 bits;
     std::memcpy(&bits, &v, sizeof(bits));
-    const VecU32 rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
-    const VecU32 quiet_nan = VecU32{} + 0x7FC0u;
-    const VecU32 out = v != v ? quiet_nan : rounded;
-    const VecU16 h = __builtin_convertvector(out, VecU16);
+    const typename T::U32 rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+    const typename T::U32 quiet_nan = typename T::U32{} + 0x7FC0u;
+    const typename T::U32 out = v != v ? quiet_nan : rounded;
+    const typename T::U16 h = __builtin_convertvector(out, typename T::U16);
     std::memcpy(p, &h, sizeof(h));
   }
 };
 
 // float16 through the compiler's _Float16, whose vector conversions become vcvtph2ps / vcvtps2ph
-// where F16C exists (the x86-64-v3 and v4 clones) and correctly rounded library calls elsewhere;
-// compilers without _Float16 convert lane by lane through c10::Half (same values).
-template <>
-struct Lanes<c10::Half> {
+// where F16C exists (x86-64-v3 and v4) and correctly rounded library calls elsewhere; compilers
+// without _Float16 convert lane by lane through c10::Half (same values).
+template <int W>
+struct Lanes<c10::Half, W> {
+  using T = VecTypes<W>;
 #if defined(__FLT16_MAX__)
-  typedef _Float16 VecH __attribute__((vector_size(kLanes * sizeof(_Float16))));
-  static C10_ALWAYS_INLINE VecF load(const c10::Half* p) {
-    VecH h;
+  static C10_ALWAYS_INLINE typename T::F load(const c10::Half* p) {
+    typename T::H h;
     std::memcpy(&h, p, sizeof(h));
-    return __builtin_convertvector(h, VecF);
+    return __builtin_convertvector(h, typename T::F);
   }
-  static C10_ALWAYS_INLINE void store(c10::Half* p, VecF v) {
-    const VecH h = __builtin_convertvector(v, VecH);
+  static C10_ALWAYS_INLINE void store(c10::Half* p, typename T::F v) {
+    const typename T::H h = __builtin_convertvector(v, typename T::H);
     std::memcpy(p, &h, sizeof(h));
   }
 #else
-  static C10_ALWAYS_INLINE VecF load(const c10::Half* p) {
-    VecF v;
-    for (int k = 0; k < kLanes; ++k) v[k] = static_cast<float>(p[k]);
+  static C10_ALWAYS_INLINE typename T::F load(const c10::Half* p) {
+    typename T::F v;
+    for (int k = 0; k < W; ++k) v[k] = static_cast<float>(p[k]);
     return v;
   }
-  static C10_ALWAYS_INLINE void store(c10::Half* p, VecF v) {
-    for (int k = 0; k < kLanes; ++k) p[k] = static_cast<c10::Half>(v[k]);
+  static C10_ALWAYS_INLINE void store(c10::Half* p, typename T::F v) {
+    for (int k = 0; k < W; ++k) p[k] = static_cast<c10::Half>(v[k]);
   }
 #endif
 };
 
-// One contiguous run [begin, end) of the update: kLanes elements at a time through VecF, then the
-// last few one by one with the same element function. Loads convert to fp32, the math is fp32,
-// stores round once. x0_out is nullptr unless x̂0 is returned (a branch per kLanes elements that is
-// always taken the same way).
-template <typename scalar_t, Mode MODE, bool GUIDED, bool CLIP, bool NOISE>
-SAMPLING_STEP_CPU_CLONES void cpu_run(const scalar_t* __restrict__ x_t,
-                                      const scalar_t* __restrict__ eps,
-                                      const scalar_t* __restrict__ eps_uncond,
-                                      const scalar_t* __restrict__ noise,
-                                      scalar_t* __restrict__ x_prev, scalar_t* __restrict__ x0_out,
-                                      const StepCoefs c, int64_t begin, int64_t end) {
-  using L = Lanes<scalar_t>;
+// The tensors of one call; absent ones are nullptr and never touched (x0_out unless x̂0 is returned).
+template <typename scalar_t>
+struct CpuPointers {
+  const scalar_t* __restrict__ x_t;
+  const scalar_t* __restrict__ eps;
+  const scalar_t* __restrict__ eps_uncond;
+  const scalar_t* __restrict__ noise;
+  scalar_t* __restrict__ x_prev;
+  scalar_t* __restrict__ x0_out;
+};
+
+// One contiguous run [begin, end) of the update: W elements at a time, then the last few one by one
+// with the same element function. Loads convert to fp32, the math is fp32, stores round once. The
+// x0_out test is one branch per W elements, always taken the same way.
+template <typename scalar_t, Mode MODE, bool GUIDED, bool CLIP, bool NOISE, int W>
+C10_ALWAYS_INLINE void run_lanes(const CpuPointers<scalar_t>& p, const StepCoefs& c, int64_t begin,
+                                 int64_t end) {
+  using L = Lanes<scalar_t, W>;
+  using F = typename VecTypes<W>::F;
   int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
-    const VecF zero{};
-    VecF out, x0;
-    step_element<MODE, GUIDED, CLIP, NOISE>(L::load(x_t + i), L::load(eps + i),
-                                            GUIDED ? L::load(eps_uncond + i) : zero,
-                                            NOISE ? L::load(noise + i) : zero, c, out, x0);
-    L::store(x_prev + i, out);
-    if (x0_out != nullptr) {
-      L::store(x0_out + i, x0);
+  for (; i + W <= end; i += W) {
+    const F zero{};
+    F out, x0;
+    step_element<MODE, GUIDED, CLIP, NOISE>(L::load(p.x_t + i), L::load(p.eps + i),
+                                            GUIDED ? L::load(p.eps_uncond + i) : zero,
+                                            NOISE ? L::load(p.noise + i) : zero, c, out, x0);
+    L::store(p.x_prev + i, out);
+    if (p.x0_out != nullptr) {
+      L::store(p.x0_out + i, x0);
     }
   }
   for (; i < end; ++i) {
     float out, x0;
     step_element<MODE, GUIDED, CLIP, NOISE>(
-        static_cast<float>(x_t[i]), static_cast<float>(eps[i]),
-        GUIDED ? static_cast<float>(eps_uncond[i]) : 0.0f, NOISE ? static_cast<float>(noise[i]) : 0.0f,
-        c, out, x0);
-    x_prev[i] = static_cast<scalar_t>(out);
-    if (x0_out != nullptr) {
-      x0_out[i] = static_cast<scalar_t>(x0);
+        static_cast<float>(p.x_t[i]), static_cast<float>(p.eps[i]),
+        GUIDED ? static_cast<float>(p.eps_uncond[i]) : 0.0f,
+        NOISE ? static_cast<float>(p.noise[i]) : 0.0f, c, out, x0);
+    p.x_prev[i] = static_cast<scalar_t>(out);
+    if (p.x0_out != nullptr) {
+      p.x0_out[i] = static_cast<scalar_t>(x0);
     }
   }
+}
+
+// The loop is compiled for three x86-64 levels — v4 (AVX-512, 16 lanes), v3 (AVX2, FMA, F16C, 8 lanes)
+// and the baseline (SSE2, 4 lanes) — and the widest the CPU supports runs, so the module stays
+// portable and uses the wide registers where they exist. Other compilers and CPUs get one 8-lane
+// build, which their vector units split as they can.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define SAMPLING_STEP_X86_LEVELS 1
+
+template <typename scalar_t, Mode MODE, bool GUIDED, bool CLIP, bool NOISE>
+__attribute__((target("arch=x86-64-v4"))) void run_x86_64_v4(const CpuPointers<scalar_t>& p,
+                                                               const StepCoefs& c, int64_t begin,
+                                                               int64_t end) {
+  run_lanes<scalar_t, MODE, GUIDED, CLIP, NOISE, 16>(p, c, begin, end);
+}
+
+template <typename scalar_t, Mode MODE, bool GUIDED, bool CLIP, bool NOISE>
+__attribute__((target("arch=x86-64-v3"))) void run_x86_64_v3(const CpuPointers<scalar_t>& p,
+                                                               const StepCoefs& c, int64_t begin,
+                                                               int64_t end) {
+  run_lanes<scalar_t, MODE, GUIDED, CLIP, NOISE, 8>(p, c, begin, end);
+}
+
+// 4, 3 or 1: the x86-64 level of this CPU, asked once.
+int x86_64_level() {
+  static const int level = __builtin_cpu_supports("x86-64-v4")   ? 4
+                           : __builtin_cpu_supports("x86-64-v3") ? 3
+                                                                 : 1;
+  return level;
+}
+#endif
+
+template <typename scalar_t, Mode MODE, bool GUIDED, bool CLIP, bool NOISE>
+void cpu_run(const CpuPointers<scalar_t>& p, const StepCoefs& c, int64_t begin, int64_t end) {
+#ifdef SAMPLING_STEP_X86_LEVELS
+  switch (x86_64_level()) {
+    case 4:
+      return run_x86_64_v4<scalar_t, MODE, GUIDED, CLIP, NOISE>(p, c, begin, end);
+    case 3:
+      return run_x86_64_v3<scalar_t, MODE, GUIDED, CLIP, NOISE>(p, c, begin, end);
+    default:
+      return run_lanes<scalar_t, MODE, GUIDED, CLIP, NOISE, 4>(p, c, begin, end);
+  }
+#else
+  run_lanes<scalar_t, MODE, GUIDED, CLIP, NOISE, 8>(p, c, begin, end);
+#endif
 }
 
 template <Mode MODE>
@@ -199,19 +251,19 @@ std::tuple<at::Tensor, at::Tensor> step_cpu(const char* op, const at::Tensor& x_
   const bool use_noise = noise.has_value() && coefs.sigma != 0.0f;
 
   AT_DISPATCH_V2(x_t.scalar_type(), "sampling_step_cpu", AT_WRAP([&] {
-    const scalar_t* x_ptr = x_t.const_data_ptr<scalar_t>();
-    const scalar_t* eps_ptr = eps.const_data_ptr<scalar_t>();
-    const scalar_t* eps_u_ptr = eps_uncond.has_value() ? eps_uncond->const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* noise_ptr = use_noise ? noise->const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* out_ptr = x_prev.mutable_data_ptr<scalar_t>();
-    scalar_t* x0_ptr = return_x0 ? x0_pred.mutable_data_ptr<scalar_t>() : nullptr;
+    const CpuPointers<scalar_t> ptrs{
+        x_t.const_data_ptr<scalar_t>(),
+        eps.const_data_ptr<scalar_t>(),
+        eps_uncond.has_value() ? eps_uncond->const_data_ptr<scalar_t>() : nullptr,
+        use_noise ? noise->const_data_ptr<scalar_t>() : nullptr,
+        x_prev.mutable_data_ptr<scalar_t>(),
+        return_x0 ? x0_pred.mutable_data_ptr<scalar_t>() : nullptr};
     dispatch_bool(eps_uncond.has_value(), [&](auto guided) {
       dispatch_bool(clip_x0, [&](auto clip) {
         dispatch_bool(use_noise, [&](auto with_noise) {
           at::parallel_for(0, n, kGrainSize, [&](int64_t begin, int64_t end) {
             cpu_run<scalar_t, MODE, decltype(guided)::value, decltype(clip)::value,
-                    decltype(with_noise)::value>(x_ptr, eps_ptr, eps_u_ptr, noise_ptr, out_ptr, x0_ptr,
-                                                 coefs, begin, end);
+                    decltype(with_noise)::value>(ptrs, coefs, begin, end);
           });
         });
       });

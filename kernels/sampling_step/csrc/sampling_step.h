@@ -65,23 +65,26 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE float clamp_unit(float x) {
 }
 
 #if !defined(__CUDACC__)
-// The CPU loop works on kLanes elements at a time through a GCC/Clang vector type: the compiler lowers
-// each operation to the widest registers the function is compiled for (one zmm with AVX-512, two ymm
-// with AVX2, four xmm with SSE2), and a comparison yields a lane mask, so a select is a blend, never
-// a branch.
-constexpr int kLanes = 16;
-typedef float VecF __attribute__((vector_size(kLanes * sizeof(float))));
+// The CPU loop works on W lanes at a time through a GCC/Clang vector type, W the width of the
+// registers of the function being compiled (16 with AVX-512, 8 with AVX2, 4 with SSE2): every
+// operation, comparisons included, then maps to one instruction, and a select is a blend, never a
+// branch. (A vector wider than the registers gets its comparisons split into scalar ones.)
+template <int W>
+struct VecOf {
+  typedef float type __attribute__((vector_size(W * sizeof(float))));
+};
 
-C10_ALWAYS_INLINE VecF clamp_unit(VecF x) {
-  const VecF lo = VecF{} - 1.0f;
-  const VecF hi = VecF{} + 1.0f;
+template <typename V>
+C10_ALWAYS_INLINE V clamp_unit(V x) {
+  const V lo = V{} - 1.0f;
+  const V hi = V{} + 1.0f;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
   return x;
 }
 #endif
 
-// The update for one value (V = float, on the GPU and for the CPU tail) or kLanes values (V = VecF).
+// The update for one value (V = float, on the GPU and for the CPU tail) or W values (V = VecOf<W>::type).
 // Every flag is a template parameter so the loops carry no per-element branch on the mode, and absent
 // inputs (ε_u, z) are never read. The operations and their order are those of the eager reference
 // (kernels/sampling_step/reference.py), each rounded separately (no FMA contraction: build flags), so
