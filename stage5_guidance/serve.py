@@ -75,11 +75,15 @@ def main(argv=None) -> None:
     from shared.interface.sampling_args import load_model
     from shared.interface.server import create_app, probe_fused
 
-    model, schedule, meta, device = load_model(sampler_flags(args))
-    if args.fused_kernels:
-        probe_fused(model, schedule, device, args.precision)
-    app = create_app(model, schedule, meta, device, precision=args.precision, fused_step=args.fused_kernels)
-    sock = bind(args.host, args.port)
+    sock = bind(args.host, args.port)  # first: a port in use fails before the slow model load
+    try:
+        model, schedule, meta, device = load_model(sampler_flags(args))
+        if args.fused_kernels:
+            probe_fused(model, schedule, device, args.precision)
+        app = create_app(model, schedule, meta, device, precision=args.precision, fused_step=args.fused_kernels)
+    except BaseException:
+        sock.close()
+        raise
     host, port = sock.getsockname()[:2]
     print(f"serving {meta.get('checkpoint')} on http://{host}:{port} ({device})", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])

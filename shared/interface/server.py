@@ -243,8 +243,8 @@ class Service:
         recorder = TrajectoryRecorder()
         images, seconds = self.run(params, callback=recorder)
         count = len(recorder.timesteps)
-        picks = sorted({round(i * (count - 1) / max(MAX_TRAJECTORY_FRAMES - 1, 1))
-                        for i in range(min(count, MAX_TRAJECTORY_FRAMES))})
+        shown = min(count, MAX_TRAJECTORY_FRAMES)
+        picks = sorted({round(i * (count - 1) / max(shown - 1, 1)) for i in range(shown)})
         abar = self.schedule.alphas_cumprod
         frames = [{"step": i, "t": int(recorder.timesteps[i]), "alpha_bar": float(abar[recorder.timesteps[i]]),
                    "x_t": png_base64(recorder.x_t[i][0]), "x0": png_base64(recorder.x0[i][0])} for i in picks]
