@@ -26,7 +26,7 @@ from shared.diffusion.samplers import default_steps  # noqa: E402
 from shared.errors import UserError  # noqa: E402
 from shared.interface import cli  # noqa: E402
 from shared.interface.sampling_args import (add_sampler_args, check_seeds, default_labels, load_model,  # noqa: E402
-                                            output_run_dir, sampler_kwargs, timed_sample)
+                                            output_run_dir, sampler_kwargs, timed_batches, timed_sample)
 from shared.records.images import PICTURE_SCALE, SampleWriter, save_grid  # noqa: E402
 from shared.records.plots import plot_quality_vs_steps  # noqa: E402
 from shared.records.runs import check_writable_dir, write_options  # noqa: E402
@@ -62,13 +62,11 @@ def _draw_all(args, model, schedule, seeds, labels, device, run_dir, recorder) -
     Returns (the first GRID_IMAGES samples, images/s of the sampling alone)."""
     writer = SampleWriter(run_dir, len(seeds), (model.in_channels, model.image_size, model.image_size))
     shown, kept, seconds = [], 0, 0.0
-    for start in range(0, len(seeds), args.batch_size):
-        chunk = slice(start, start + args.batch_size)
-        batch_labels = labels[chunk] if labels is not None else None
-        images, rate = timed_sample(model, schedule, seeds[chunk], device, labels=batch_labels,
-                                    **sampler_kwargs(args, callback=recorder if start == 0 else None))
-        seconds += images.shape[0] / rate
-        writer.add(images, batch_labels, seeds[chunk])
+    for first, images, spent in timed_batches(model, schedule, seeds, device, labels=labels,
+                                              **sampler_kwargs(args, callback=recorder)):
+        seconds += spent
+        batch = slice(first, first + images.shape[0])
+        writer.add(images, labels[batch] if labels is not None else None, seeds[batch])
         if kept < GRID_IMAGES:
             shown.append(images[:GRID_IMAGES - kept].cpu())
             kept += shown[-1].shape[0]

@@ -86,6 +86,18 @@ def _check_every_image(run: Path, seeds: list[int], labels: list[int]) -> None:
     assert not any(p.name.startswith(".") for p in run.iterdir())  # no pending file left
 
 
+def test_sample_py_streams_several_batches(assets, tmp_path):
+    """--n 5 at --batch-size 2: three batches, every sample written once and in order; the trajectory
+    is the first batch's chain only."""
+    ckpt, _, _ = assets
+    sample = _load(SAMPLE)
+    sample.main(["--checkpoint", str(ckpt), "--n", "5", "--batch-size", "2", "--sampler", "ddim", "--steps", "2",
+                 "--seed", "40", "--trajectory", "--out", str(tmp_path), "--no-progress"])
+    run = _only_dir(tmp_path)
+    _check_every_image(run, seeds=[40, 41, 42, 43, 44], labels=[0, 1, 2, 3, 4])
+    assert (run / "trajectory.png").is_file() and (run / "samples.png").is_file()
+
+
 def test_guide_py_modes(assets, tmp_path, monkeypatch):
     ckpt, _, _ = assets
     guide = _load(GUIDE)

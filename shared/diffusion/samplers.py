@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -314,22 +314,15 @@ def sample_batch(model: torch.nn.Module, sampler: Sampler, seeds: torch.Tensor, 
     return x
 
 
-@torch.no_grad()
-def sample(model: torch.nn.Module, schedule: NoiseSchedule, seeds: Sequence[int], *,
-           labels: torch.Tensor | Sequence[int] | None = None, sampler: str = "ddim",
-           num_steps: int | None = None, eta: float = 0.0, spacing: str = "trailing", clip_x0: bool = False,
-           guidance_scale: float = 1.0, variance: str = "fixed_small", batch_size: int = 64,
-           device: torch.device | str | None = None, precision: str = "fp32", fused_step: bool = False,
-           cuda_graphs: bool = False, callback: Callback | None = None, progress: bool = True) -> torch.Tensor:
-    """Draws len(seeds) samples; returns float32 [N x C x H x W] on `device` (not clipped).
-
-    seeds: one int per sample (image i depends on seeds[i] only, not on batch_size).
-    labels: [N] class indices for a class-conditional model (None: unconditional, ε_θ(x, ∅)).
-    num_steps: steps S (default: T for ddpm, 50 for ddim/dpmpp).  guidance_scale: w of
-    ε̃ = ε_u + w(ε_c − ε_u).  callback(step_index, t, x_t, x̂0) sees every step of every batch.
-    fused_step: use kernels.ddpm_step / kernels.ddim_step for the update. cuda_graphs: capture the
-    U-Net + step once per batch shape and replay it (CUDA only; `GraphedSampling`).
-    """
+def sample_batches(model: torch.nn.Module, schedule: NoiseSchedule, seeds: Sequence[int], *,
+                   labels: torch.Tensor | Sequence[int] | None = None, sampler: str = "ddim",
+                   num_steps: int | None = None, eta: float = 0.0, spacing: str = "trailing",
+                   clip_x0: bool = False, guidance_scale: float = 1.0, variance: str = "fixed_small",
+                   batch_size: int = 64, device: torch.device | str | None = None, precision: str = "fp32",
+                   fused_step: bool = False, cuda_graphs: bool = False, callback: Callback | None = None,
+                   progress: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
+    """`sample`, one batch at a time: checks everything now, then yields (index of the batch's first
+    sample, its float32 [B x C x H x W] samples), so a caller can write each batch and drop it."""
     opts = SamplerOptions(sampler=sampler, num_steps=num_steps, eta=eta, spacing=spacing, clip_x0=clip_x0,
                           guidance_scale=guidance_scale, variance=variance, precision=precision,
                           fused_step=fused_step, cuda_graphs=cuda_graphs)
@@ -344,18 +337,37 @@ def sample(model: torch.nn.Module, schedule: NoiseSchedule, seeds: Sequence[int]
     if cuda_graphs and device.type != "cuda":
         raise UserError(f"CUDA graphs need a CUDA device, but sampling runs on {device}; drop --cuda-graphs")
     all_seeds = seeds_tensor(seeds, device)
+    # One GraphedSampling for the whole call: each batch shape is captured once and replayed after.
     run_batch = (GraphedSampling(model, solver, callback).run if cuda_graphs
                  else functools.partial(sample_batch, model, solver, callback=callback))
 
-    out = []
-    steps = len(solver.timesteps)
-    with tqdm(total=math.ceil(len(seeds) / batch_size) * steps, desc=f"{opts.sampler} {steps} steps",
-              disable=not progress, leave=False) as bar:
-        for start in range(0, len(seeds), batch_size):
-            chunk = slice(start, start + batch_size)
-            batch_labels = labels[chunk].to(device) if labels is not None else None
-            out.append(run_batch(all_seeds[chunk], batch_labels, bar=bar))
-    return torch.cat(out)
+    @torch.no_grad()
+    def batches():
+        steps = len(solver.timesteps)
+        with tqdm(total=math.ceil(len(seeds) / batch_size) * steps, desc=f"{opts.sampler} {steps} steps",
+                  disable=not progress, leave=False) as bar:
+            for start in range(0, len(seeds), batch_size):
+                chunk = slice(start, start + batch_size)
+                batch_labels = labels[chunk].to(device) if labels is not None else None
+                yield start, run_batch(all_seeds[chunk], batch_labels, bar=bar)
+
+    return batches()
+
+
+def sample(model: torch.nn.Module, schedule: NoiseSchedule, seeds: Sequence[int], **kw) -> torch.Tensor:
+    """Draws len(seeds) samples; returns float32 [N x C x H x W] on `device` (not clipped).
+
+    Keyword arguments (all optional, those of `sample_batches`):
+    labels: [N] class indices for a class-conditional model (None: unconditional, ε_θ(x, ∅)).
+    sampler: ddpm, ddim or dpmpp.  num_steps: steps S (default: T for ddpm, 50 for ddim/dpmpp).
+    eta, spacing, clip_x0, variance: as in SamplerOptions.  guidance_scale: w of ε̃ = ε_u + w(ε_c − ε_u).
+    batch_size: images per forward; seeds: one int per sample (image i depends on seeds[i] only, not
+    on batch_size).  device: default the model's.  precision: autocast dtype of the U-Net.
+    fused_step: kernels.ddpm_step / kernels.ddim_step for the update.  cuda_graphs: capture the U-Net
+    + step once per batch shape and replay it (CUDA only; `GraphedSampling`).
+    callback(step_index, t, x_t, x̂0) sees every step of every batch.  progress: a tqdm bar.
+    """
+    return torch.cat([images for _, images in sample_batches(model, schedule, seeds, **kw)])
 
 
 # --------------------------------------------------------------------------------------------------

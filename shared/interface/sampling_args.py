@@ -16,7 +16,7 @@ from shared.interface import cli
 from shared.errors import UserError
 from shared.diffusion.guidance import MAX_GUIDANCE
 from shared.diffusion.noise import MAX_SEED
-from shared.diffusion.samplers import SAMPLERS, sample
+from shared.diffusion.samplers import SAMPLERS, sample, sample_batches
 from shared.diffusion.steps import SPACINGS, VARIANCES
 from shared.model.precision import PRECISIONS
 
@@ -127,6 +127,24 @@ def timed_sample(model, schedule, seeds: Sequence[int], device: torch.device, **
         torch.cuda.synchronize(device)
     rate = len(seeds) / (time.perf_counter() - start)
     return check_finite(images), rate
+
+
+def timed_batches(model, schedule, seeds: Sequence[int], device: torch.device,
+                  **kw) -> Iterator[tuple[int, torch.Tensor, float]]:
+    """sample_batches(...) with each batch's wall-clock seconds (synchronised on CUDA): yields
+    (index of its first sample, its samples, seconds); non-finite samples are a UserError."""
+    batches = sample_batches(model, schedule, seeds, device=device, **kw)  # every check happens here
+    while True:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        try:
+            first, images = next(batches)
+        except StopIteration:
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        yield first, check_finite(images), time.perf_counter() - start
 
 
 def default_labels(model, n: int, label: int | None = None) -> torch.Tensor | None:

@@ -16,14 +16,19 @@ GIF_SCALE = 2
 
 
 class TrajectoryRecorder:
-    """Keeps x_t and x̂0 of the first sample at every step (a sampler callback)."""
+    """Keeps x_t and x̂0 of the first sample at every step of the first batch (a sampler callback)."""
 
     def __init__(self):
         self.timesteps: list[int] = []
         self.x_t: list[torch.Tensor] = []
         self.x0: list[torch.Tensor] = []
+        self.complete = False
 
     def __call__(self, step: int, t: int, x_t: torch.Tensor, x0_pred: torch.Tensor) -> None:
+        if step == 0 and self.timesteps:  # a later batch starts: the first batch's chain is complete
+            self.complete = True
+        if self.complete:
+            return
         self.timesteps.append(t)
         self.x_t.append(x_t[:1].detach().float().cpu())
         self.x0.append(x0_pred[:1].detach().float().cpu())
