@@ -6,6 +6,7 @@ option and what is accepted, and `--help` shows each default.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Callable, Sequence
 
@@ -39,8 +40,8 @@ def _number(kind: type, lo: float | None, hi: float | None, what: str) -> Callab
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if kind is float and value != value:  # NaN passes every comparison below
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if kind is float and not math.isfinite(value):  # NaN passes every comparison; inf and 1e309 are no number to train with
+            raise argparse.ArgumentTypeError(f"expected {what} (finite), got {text!r}")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
