@@ -16,6 +16,8 @@ all N images together, so it is comparable with the real-data value at the same 
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -53,4 +55,6 @@ def torchmetrics_inception_score(logits: nn.Module, images: torch.Tensor, batch_
     metric = InceptionScore(feature=logits, splits=1, normalize=False).to(device)
     for i in range(0, images.shape[0], batch_size):
         metric.update(images[i:i + batch_size].to(device))
-    return float(metric.compute()[0])
+    with warnings.catch_warnings():  # one split: the spread across splits that torchmetrics adds is undefined
+        warnings.filterwarnings("ignore", message=".*degrees of freedom.*")
+        return float(metric.compute()[0])
