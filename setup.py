@@ -25,7 +25,8 @@ if sys.platform.startswith("linux"):
     install_requires.append("triton")
 
 extras_require = {
-    "test": ["pytest", "pytest-benchmark", "httpx", "fastapi", "uvicorn", "scipy"],
+    "test": ["pytest", "pytest-benchmark", "httpx", "fastapi", "uvicorn", "scipy", "diffusers", "safetensors",
+             "selenium"],
     "serve": ["fastapi", "uvicorn"],
 }
 
@@ -57,7 +58,8 @@ setup(
     description="Denoising diffusion from scratch in five stages, with fused, verified GPU kernels.",
     python_requires=">=3.10",
     packages=find_packages(include=["shared", "shared.*", "kernels", "kernels.*"]),
-    package_data={"kernels": ["sampling_step/csrc/*.cpp", "sampling_step/csrc/*.h",
+    package_data={"shared.interface": ["static/*.html", "static/*.css", "static/*.js"],
+                  "kernels": ["sampling_step/csrc/*.cpp", "sampling_step/csrc/*.h",
                               "sampling_step/csrc/cuda/*.cu", "sampling_step/csrc/cuda/*.cuh"]},
     install_requires=install_requires,
     extras_require=extras_require,
