@@ -188,7 +188,7 @@ def record_flops(benchmark, seconds: float | None, flops_per_call: int, formula:
 # --------------------------------------------------------------------------------------------------
 # the run's time budget (the GPU script must finish in 10 minutes)
 
-#: Absolute deadline (Unix seconds) after which expensive benchmarks skip; set by scripts/gpu_bench.sh.
+#: Absolute deadline (Unix seconds) after which expensive benchmarks skip; set by scripts/gpu_bench.py.
 DEADLINE_ENV = "BENCH_DEADLINE"
 
 
