@@ -9,7 +9,6 @@ bracket from the block that produces it to the block that concatenates it.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 
 import matplotlib
@@ -20,6 +19,7 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
 from shared.model.blocks import Downsample, ResBlock, SelfAttention, Upsample  # noqa: E402
 from shared.model.unet import UNet  # noqa: E402
+from shared.records.plots import save_figure_atomically  # noqa: E402
 
 COLOURS = {"conv": "#cfe8cf", "res": "#cfe0f5", "attn": "#f9d9b0", "resample": "#e4e4e4"}
 BOX_W, BOX_H, BAND_H = 1.7, 0.8, 2.3  # data units: box size and the height of one resolution band
@@ -201,19 +201,5 @@ def draw_unet(model: UNet, path: str | os.PathLike, title: str | None = None):
     ax.set_ylim(min(ys) - BOX_H / 2 - 1.2, max(ys) + BOX_H / 2 + 1.5)
     ax.set_aspect("equal")
     ax.axis("off")
-    _save_atomically(fig, path)
+    save_figure_atomically(fig, path, dpi=130)
     return fig
-
-
-def _save_atomically(fig, path: str | os.PathLike) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=130, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    finally:
-        plt.close(fig)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +14,21 @@ import torch  # noqa: E402
 
 from shared.records.images import to_uint8  # noqa: E402
 from shared.diffusion.schedule import NoiseSchedule  # noqa: E402
+
+
+def save_figure_atomically(fig, path: str | os.PathLike, dpi: int) -> None:
+    """Writes fig as a PNG through a temporary file in the same folder, so `path` is never half-written;
+    closes the figure either way."""
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
 
 
 def plot_schedules(schedules: Sequence[NoiseSchedule], path: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from shared.errors import UserError  # noqa: E402
+from shared.records.plots import save_figure_atomically  # noqa: E402
 from shared.records.runs import read_log  # noqa: E402
 
 _GRID = re.compile(r"^samples-(\d+)\.png$")
@@ -98,16 +98,7 @@ def _save_whole(fig, out_path: str | os.PathLike) -> None:
     if not os.path.isdir(folder):
         plt.close(fig)
         raise UserError(f"cannot write {out_path}: the folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, out_path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    finally:
-        plt.close(fig)
+    save_figure_atomically(fig, out_path, dpi=110)
 
 
 def main(argv=None) -> None:
