@@ -45,7 +45,7 @@ class Batches:
     """(x0 [B x C x H x W] float32 in [-1, 1] on the device, y [B] long on the device) per step."""
 
     def __init__(self, train_set, batch_size: int, world_size: int, rank: int, seed: int, device: torch.device,
-                 num_workers: int = 0, channels_last: bool = False):
+                 num_workers: int = 0, channels_last: bool = False, random_flip: bool = False):
         self.sampler = ResumableSampler(train_set, world_size, rank, seed)
         self.batch_size, self.device, self.channels_last = batch_size, device, channels_last
         self.steps_per_epoch = self.sampler.num_samples // batch_size

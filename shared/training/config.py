@@ -28,7 +28,8 @@ DEFAULT_MAX_STEPS = 6000        # with batch 128: ~1.1 epochs of 60k MNIST, reco
 MAX_SEED = 2**62
 # Without CUDA, the default command trains this recipe instead of the GPU defaults (every flag the user
 # gives wins; giving --preset turns the recipe off). The one place its values live.
-CPU_RECIPE = {"preset": "tiny", "batch_size": 128, "lr": 2e-4, "max_steps": 3000, "precision": "auto"}
+CPU_RECIPE = {"preset": "cpu", "batch_size": 128, "lr": 1e-3, "cosine": True, "min_snr_gamma": 5.0,
+              "max_steps": 1600, "precision": "auto"}
 
 
 positive_float = cli.positive_float  # finite: the cli's float parsers refuse NaN, inf and 1e309
@@ -64,10 +65,17 @@ class TrainConfig:
     judge_heldout: int = option(JUDGE_HELDOUT, "the evaluator's held-out images (the last N of a labelled "
                                 "in-memory dataset larger than N) are left out of training; 0 trains on all",
                                 DATA, parse=cli.nonneg_int)
+    image_size: int | None = option(None, "resize (and centre-crop) folder images to this side; default: the "
+                                    "dataset's own size (folder: the preset's)", DATA, parse=cli.int_in(8, 1024))
+    channels: int | None = option(None, "1 (grey) or 3 (RGB) for folder images; default: the preset's",
+                                  DATA, parse=cli.int_in(1, 3), choices=(1, 3))
+    random_flip: bool = option(False, "flip each training image left-right with probability 1/2", DATA)
     epochs: int | None = option(None, "train this many epochs", LENGTH, parse=cli.positive_int, exclusive="length")
     max_steps: int | None = option(None, f"train this many steps (default {DEFAULT_MAX_STEPS} when --epochs is "
                                    "not given)", LENGTH, parse=cli.positive_int, exclusive="length")
     batch_size: int = option(128, "images per step per process", LENGTH, parse=cli.positive_int)
+    grad_accum: int = option(1, "micro-batches of --batch-size per optimizer step (the gradient of a K-times "
+                             "larger batch)", LENGTH, parse=cli.int_in(1, 1024))
     num_workers: int = option(0, "DataLoader workers for folder datasets (in-memory datasets are gathered "
                               "on the device)", LENGTH, parse=cli.nonneg_int)
     seed: int = option(0, "seed of weights, data order and noise", LENGTH, parse=seed_int)
@@ -82,6 +90,8 @@ class TrainConfig:
     precision: str = option("auto", "autocast dtype; auto = bf16 where the device computes it natively (a "
                             "CUDA GPU, a CPU with AVX-512 BF16/AMX), else fp32; fp16 uses a GradScaler", OPTIM,
                             choices=TRAIN_PRECISIONS)
+    min_snr_gamma: float = option(0.0, "min-SNR-γ loss weights w_t = min(1, γ/SNR_t) (Hang et al. 2023); "
+                                  "0: plain L_simple", OPTIM, parse=nonneg_float)
     max_consecutive_skips: int = option(20, "stop after this many consecutive steps with a non-finite loss or "
                                         "gradient (checked at log rows)", OPTIM, parse=cli.positive_int)
     out: str = option("runs", "parent of the auto-numbered run directories", RECORDS)
@@ -90,6 +100,10 @@ class TrainConfig:
     sample_every: int = option(1000, "steps per sample grid", RECORDS, parse=cli.positive_int)
     sample_steps: int = option(50, "DDIM steps of the sample grids (EMA weights)", RECORDS, parse=cli.positive_int)
     ckpt_every: int = option(1000, "steps per last.pt/ema.pt", RECORDS, parse=cli.positive_int)
+    keep_snapshots: int = option(0, "also keep the last K EMA weights as ema-<step>.pt, one per checkpoint "
+                                 "(0: only ema.pt)", RECORDS, parse=cli.nonneg_int)
+    tensorboard: bool = option(False, "also write log.csv's scalars and the sample grids to TensorBoard "
+                               "(<run>/tensorboard; needs the tensorboard package)", RECORDS)
     early_stop_patience: int = option(0, "stop after this many evaluations without a better held-out loss "
                                       "(0: never)", RECORDS, parse=cli.nonneg_int)
     resume: str | None = option(None, "continue a run: its directory or a last.pt/best.pt", RECORDS)
@@ -142,7 +156,7 @@ def parse_config(argv: Sequence[str] | None, description: str) -> tuple[TrainCon
 def check_config(cfg: TrainConfig) -> None:
     """Range checks for library callers and for options read back from a checkpoint (the CLI's typed
     flags already enforce these); a bad value is one UserError line."""
-    positive = ("timesteps", "batch_size", "log_every", "sample_every", "sample_steps", "ckpt_every",
+    positive = ("timesteps", "batch_size", "grad_accum", "log_every", "sample_every", "sample_steps", "ckpt_every",
                 "eval_every", "max_consecutive_skips")
     for name in positive:
         value = getattr(cfg, name)
@@ -152,7 +166,8 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise UserError(f"{name} must be an integer >= 1, got {value!r}")
-    for name in ("heldout_size", "judge_heldout", "num_workers", "warmup_steps", "ema_warmup", "early_stop_patience"):
+    for name in ("heldout_size", "judge_heldout", "num_workers", "warmup_steps", "ema_warmup", "early_stop_patience",
+                 "keep_snapshots"):
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 0:
             raise UserError(f"{name} must be an integer >= 0, got {value!r}")
@@ -164,13 +179,17 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, (int, float)) or not lo <= value <= hi:
             raise UserError(f"{name} must lie in [{lo}, {hi}], got {value!r}")
-    for name, lo_open in (("lr", True), ("grad_clip", False), ("weight_decay", False)):
+    for name, lo_open in (("lr", True), ("grad_clip", False), ("weight_decay", False), ("min_snr_gamma", False)):
         value = getattr(cfg, name)
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (lo_open and value == 0):
             raise UserError(f"{name} must be a finite number {'>' if lo_open else '>='} 0, got {value!r}")
     check_precision(cfg.precision, TRAIN_PRECISIONS)
     if cfg.early_stop_patience > 0 and cfg.heldout_size == 0:
         raise UserError("--early-stop-patience needs a held-out set (--heldout-size > 0)")
+    if cfg.channels not in (None, 1, 3):
+        raise UserError(f"channels must be 1 or 3, got {cfg.channels!r}")
+    if cfg.image_size is not None and (not isinstance(cfg.image_size, int) or not 8 <= cfg.image_size <= 1024):
+        raise UserError(f"image_size must be an integer in [8, 1024], got {cfg.image_size!r}")
     if cfg.sample_steps > cfg.timesteps:
         raise UserError(f"--sample-steps {cfg.sample_steps} exceeds --timesteps {cfg.timesteps}")
 
@@ -216,11 +235,12 @@ def apply_cpu_recipe(cfg: TrainConfig, given: set[str], device: torch.device) ->
 # Options a resumed run must share with its checkpoint (they define the model, the data or its order).
 # (precision may change: a run started on one machine can continue on another.)
 FIXED_ON_RESUME = ("dataset", "preset", "schedule", "timesteps", "seed", "batch_size", "class_cond",
-                   "heldout_size", "judge_heldout")
+                   "heldout_size", "judge_heldout", "image_size", "channels", "random_flip", "grad_accum")
 # Options never taken from a checkpoint.
 NOT_INHERITED = ("resume", "device")
 # What a checkpoint that predates an option trained with (its data must stay what it was).
-ABSENT_IN_OLD_CHECKPOINTS = {"judge_heldout": 0}
+ABSENT_IN_OLD_CHECKPOINTS = {"judge_heldout": 0, "image_size": None, "channels": None, "random_flip": False,
+                             "grad_accum": 1}
 
 
 def merge_resume_options(cfg: TrainConfig, saved: dict, path: str,

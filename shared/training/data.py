@@ -114,6 +114,11 @@ def load_dataset(name: str, data_dir: str | None = None, root: str = "./data", t
     return _load_torchvision(name, base, train, may_download)
 
 
+def load_training_dataset(cfg, quiet: bool = False) -> Dataset:
+    """The training data a TrainConfig names (cfg.dataset read from cfg.data_dir)."""
+    return load_dataset(cfg.dataset, cfg.data_dir, quiet=quiet)
+
+
 def find_idx_files(folder: Path, train: bool = True):
     """(split, images_path, labels_path) for the wanted split in `folder`, else the other split, else None."""
     if not folder.is_dir():

@@ -43,7 +43,7 @@ from shared.training.batches import Batches
 from shared.training.config import TrainConfig, check_config, merge_resume_options, resolve_precision, resolved_length
 from shared.training.data import without_judge_heldout
 from shared.training.heldout import fixed_heldout_batch, heldout_loss, split_heldout
-from shared.training.loss import drop_labels, l_simple
+from shared.training.loss import drop_labels, l_simple, min_snr_weight
 from shared.training.recorder import Due, Recorder, Window, agree, due_at
 from shared.training.signals import Interrupted, StopSignals
 from shared.training.state import Progress, TrainState
@@ -77,14 +77,21 @@ def masked_optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) 
 
 
 def training_step(state: TrainState, model, schedule: NoiseSchedule, x0: torch.Tensor, y: torch.Tensor,
-                  autocast, max_grad_norm: float, p_uncond: float, ctx) -> tuple:
+                  autocast, max_grad_norm: float, p_uncond: float, ctx, min_snr_gamma: float = 0.0) -> tuple:
     """One iteration on x0 [N x C x H x W], y [N] (both on the device). No host sync.
+
+    min_snr_gamma: 0 trains on L_simple; γ > 0 weights each image's L_simple by min(1, γ/SNR_t).
 
     Returns device tensors (loss averaged over ranks, gradient norm before clipping, skipped flag).
     """
     raw = state.model
     y = drop_labels(y, p_uncond, raw.null_class, state.train_noise) if raw.num_classes else None
-    loss = l_simple(model, schedule, x0, y, generator=state.train_noise, autocast=autocast).mean()
+    # t drawn here, first, as l_simple would draw it: the same stream, and the weights need it
+    t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=state.train_noise)
+    per_image = l_simple(model, schedule, x0, y, t, generator=state.train_noise, autocast=autocast)
+    if min_snr_gamma > 0:
+        per_image = per_image * min_snr_weight(schedule, t, min_snr_gamma)
+    loss = per_image.mean()
     loss_avg = distributed.mean_across_ranks(loss.detach(), ctx)  # every rank decides on the same value
     state.scaler.scale(loss).backward()
     state.scaler.unscale_(state.optimizer)  # clip the true gradient, not the loss-scaled one
@@ -138,8 +145,8 @@ def _resume_point(cfg: TrainConfig, given: set[str] | None):
 def _data(cfg: TrainConfig, dataset, ctx, device):
     """(dataset info, Batches, held-out images or None, evaluator images left out)."""
     if dataset is None:
-        from shared.training.data import load_dataset
-        dataset = load_dataset(cfg.dataset, cfg.data_dir, quiet=not ctx.is_main)
+        from shared.training.data import load_training_dataset
+        dataset = load_training_dataset(cfg, quiet=not ctx.is_main)
     if len(dataset) == 0:
         raise UserError(f"the dataset {cfg.dataset!r} holds no images")
     if cfg.class_cond and dataset.info.num_classes < 1:
@@ -148,7 +155,7 @@ def _data(cfg: TrainConfig, dataset, ctx, device):
     dataset, excluded = without_judge_heldout(dataset, cfg.judge_heldout)
     train_set, heldout_set = split_heldout(dataset, cfg.heldout_size, cfg.seed)
     batches = Batches(train_set, cfg.batch_size, ctx.world_size, ctx.rank, cfg.seed, device,
-                      cfg.num_workers, cfg.channels_last)
+                      cfg.num_workers, cfg.channels_last, random_flip=cfg.random_flip)
     if batches.steps_per_epoch == 0:
         raise UserError(f"--batch-size {cfg.batch_size} exceeds the {batches.sampler.num_samples} training images "
                         f"per process")
@@ -262,7 +269,7 @@ def _loop(cfg, ctx, device, state: TrainState, model, schedule, batches: Batches
         for x0, y in batches.epoch(progress.epoch, progress.batch_in_epoch):
             lr_now = state.lr_scheduler.get_last_lr()[0]
             loss, grad_norm, skip = training_step(state, model, schedule, x0, y, autocast, max_grad_norm,
-                                                  cfg.p_uncond, ctx)
+                                                  cfg.p_uncond, ctx, cfg.min_snr_gamma)
             state.lr_scheduler.step()
             progress.step += 1
             progress.batch_in_epoch += 1

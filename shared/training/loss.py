@@ -37,6 +37,19 @@ def l_simple(model, schedule: NoiseSchedule, x0: torch.Tensor, y: torch.Tensor |
     return F.mse_loss(eps_pred.float(), noise, reduction="none").flatten(1).mean(1)
 
 
+def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights for ε-prediction (Hang et al. 2023, "Efficient Diffusion Training
+    via Min-SNR Weighting Strategy"), written for the ε target:
+
+        w_t = min(SNR_t, γ) / SNR_t = min(1, γ / SNR_t),   SNR_t = ᾱ_t / (1 − ᾱ_t)
+
+    The nearly noise-free steps (SNR_t ≫ γ) weigh less, so their easy gradients stop pulling against the
+    noisy steps'. t: [N] timesteps. Returns [N] fp32 weights on t's device.
+    """
+    log_snr = schedule.log_snr.to(t.device)
+    return (gamma * torch.exp(-log_snr[t])).clamp(max=1.0).float()
+
+
 def drop_labels(y: torch.Tensor, p_uncond: float, null_class: int,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """y with each label replaced by the null class with probability p_uncond (Ho & Salimans 2022), so

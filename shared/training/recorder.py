@@ -25,6 +25,8 @@ from shared.records.runs import CsvLog, make_run_dir, plot_loss, read_log, write
 from shared.training import distributed
 from shared.training.state import TrainState, capture_rng
 
+SNAPSHOT_PREFIX = "ema-"  # --keep-snapshots K keeps the last K of ema-<step>.pt beside ema.pt
+
 SAMPLE_GRID_ROWS = 8            # sample grids have 8 rows (and 8 columns, or one per class)
 MAX_GRID_CLASSES = 16
 SAMPLE_SEED_OFFSET = 2_000_003  # grid image i uses seed + offset + i, the same at every grid
@@ -135,8 +137,11 @@ class Recorder:
             return True
         meta = {**self.meta, "step": step}
         if name == LAST_NAME:
-            atomic_save(ema_file(state.model.config, state.ema.module.state_dict(), schedule.to_dict(), meta),
-                        self.run_dir / EMA_NAME)
+            weights = ema_file(state.model.config, state.ema.module.state_dict(), schedule.to_dict(), meta)
+            atomic_save(weights, self.run_dir / EMA_NAME)
+            if self.cfg.keep_snapshots:
+                atomic_save(weights, self.run_dir / snapshot_name(step))
+                prune_snapshots(self.run_dir, self.cfg.keep_snapshots)
         atomic_save({"format": TRAIN_FORMAT, "model_config": state.model.config, **state.state_dict(rng),
                      "options": self.options, "schedule": schedule.to_dict(), "meta": meta}, self.run_dir / name)
         return True
@@ -169,6 +174,19 @@ class Recorder:
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
+
+
+def snapshot_name(step: int) -> str:
+    """ema-<step>.pt, zero-padded so that names sort by step (as samples-<step>.png do)."""
+    return f"{SNAPSHOT_PREFIX}{step:07d}.pt"
+
+
+def prune_snapshots(run_dir: Path, keep: int) -> list[Path]:
+    """Deletes all but the `keep` latest ema-<step>.pt in run_dir; returns the ones kept, oldest first."""
+    snapshots = sorted(p for p in run_dir.glob(f"{SNAPSHOT_PREFIX}*.pt") if p.stem[len(SNAPSHOT_PREFIX):].isdigit())
+    for old in snapshots[:-keep]:
+        old.unlink()
+    return snapshots[-keep:]
 
 
 @contextmanager
