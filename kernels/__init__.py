@@ -28,6 +28,10 @@ import importlib
 from kernels import reference
 from kernels.build import OP_NAMESPACE
 
+# Marks this package as the project's: the package index has another `kernels`, and the core checks this
+# before using it (shared.errors).
+__ddpm_from_scratch__ = True
+
 __all__ = ["reference", "FusedKernelsUnavailable", "OP_NAMESPACE", "group_norm_film_silu", "attention",
            "ddpm_step", "ddim_step", "load"]
 

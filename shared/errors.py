@@ -2,17 +2,69 @@
 
 Scripts catch it at the top (`shared.interface.cli.run_main`) and print a single `error: ...` line instead of a
 traceback; library callers can catch it like any other exception.
+
+This module is also where the core first imports the `kernels` package, so it checks that the name resolves
+to this project's folder: the package index has another package called `kernels` (Hugging Face's, which
+diffusers may pull in), and when it comes first on sys.path every fused kernel would fail in a confusing way.
 """
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+OUR_KERNELS = PROJECT_ROOT / "kernels" / "__init__.py"
+KERNELS_MARKER = "__ddpm_from_scratch__"  # set in our kernels/__init__.py; another `kernels` lacks it
 
 
 class UserError(Exception):
     """An error caused by user input, reported as one clear line."""
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from kernels import FusedKernelsUnavailable  # kernels is a leaf package: it never imports shared
+class ForeignKernelsPackage(ImportError):
+    """`import kernels` resolves to another package of that name; the message names it and the fix."""
 
-    return (UserError, FusedKernelsUnavailable)
+
+def _foreign_kernels_message(location: str) -> str:
+    return (f"`import kernels` finds another package named kernels at {location}, not this project's "
+            f"{OUR_KERNELS.parent} (Hugging Face's `kernels`, which diffusers may install, has the same name); "
+            f"fix: `pip uninstall kernels`, or put {PROJECT_ROOT} first on PYTHONPATH")
+
+
+def _started_from_this_project() -> bool:
+    """True when the running program is a file of this project (a stage script, scripts/, python -m shared.…)."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    return bool(main_file) and PROJECT_ROOT in Path(main_file).resolve().parents
+
+
+def _refuse_foreign_kernels(location: str):
+    message = _foreign_kernels_message(location)
+    if _started_from_this_project():
+        # The scripts import the core at their top, before cli.run_main could catch anything: say it in
+        # one line and exit as run_main does for a user error.
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+    raise ForeignKernelsPackage(message)
+
+
+def _import_our_kernels():
+    """Our `kernels` package; another package of that name is refused before its code runs (by the location
+    importlib finds) or, if it was installed over ours, by the missing marker."""
+    spec = importlib.util.find_spec("kernels")
+    origin = getattr(spec, "origin", None)
+    if spec is not None and (origin is None or Path(origin).resolve() != OUR_KERNELS):
+        _refuse_foreign_kernels(origin or ", ".join(spec.submodule_search_locations or []) or "an unknown location")
+    import kernels
+
+    if getattr(kernels, KERNELS_MARKER, False) is not True:
+        _refuse_foreign_kernels(getattr(kernels, "__file__", None) or "an unknown location")
+    return kernels
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    kernels = _import_our_kernels()  # kernels is a leaf package: it never imports shared
+    return (UserError, kernels.FusedKernelsUnavailable)
 
 
 # What the scripts and the server report as one line (a fused kernel that cannot run here is not a
