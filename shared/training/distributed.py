@@ -7,6 +7,7 @@ others train and agree with it through collectives (loss averages, stop decision
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,12 @@ def mean_across_ranks(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value / ctx.world_size
+
+
+def no_sync(model):
+    """DDP's no_sync() (backwards accumulate gradients without the all-reduce) for a DistributedDataParallel
+    model, also under torch.compile, which forwards the attribute; a null context for a plain module."""
+    return model.no_sync() if hasattr(model, "no_sync") else nullcontext()
 
 
 def broadcast_flag(flag: bool, ctx: DistContext, device: torch.device) -> bool:

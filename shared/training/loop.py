@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 import sys
+from contextlib import nullcontext
+from itertools import islice
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -76,14 +78,11 @@ def masked_optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) 
         del optimizer.found_inf
 
 
-def training_step(state: TrainState, model, schedule: NoiseSchedule, x0: torch.Tensor, y: torch.Tensor,
-                  autocast, max_grad_norm: float, p_uncond: float, ctx, min_snr_gamma: float = 0.0) -> tuple:
-    """One iteration on x0 [N x C x H x W], y [N] (both on the device). No host sync.
+def micro_batch_loss(state: TrainState, model, schedule: NoiseSchedule, x0: torch.Tensor, y: torch.Tensor,
+                     autocast, p_uncond: float, min_snr_gamma: float) -> torch.Tensor:
+    """L_simple (or its min-SNR-γ weighting) averaged over x0 [N x C x H x W], y [N]: a 0-dim device tensor.
 
-    min_snr_gamma: 0 trains on L_simple; γ > 0 weights each image's L_simple by min(1, γ/SNR_t).
-
-    Returns device tensors (loss averaged over ranks, gradient norm before clipping, skipped flag).
-    """
+    The label dropout, t and ε are drawn from state.train_noise in that order, once per call."""
     raw = state.model
     y = drop_labels(y, p_uncond, raw.null_class, state.train_noise) if raw.num_classes else None
     # t drawn here, first, as l_simple would draw it: the same stream, and the weights need it
@@ -91,18 +90,47 @@ def training_step(state: TrainState, model, schedule: NoiseSchedule, x0: torch.T
     per_image = l_simple(model, schedule, x0, y, t, generator=state.train_noise, autocast=autocast)
     if min_snr_gamma > 0:
         per_image = per_image * min_snr_weight(schedule, t, min_snr_gamma)
-    loss = per_image.mean()
-    loss_avg = distributed.mean_across_ranks(loss.detach(), ctx)  # every rank decides on the same value
-    state.scaler.scale(loss).backward()
+    return per_image.mean()
+
+
+def accumulation_step(state: TrainState, model, schedule: NoiseSchedule, micro_batches, autocast,
+                      max_grad_norm: float, p_uncond: float, ctx, min_snr_gamma: float = 0.0) -> tuple:
+    """One optimizer step on K micro-batches [(x0 [N x C x H x W], y [N]), …] of equal N. No host sync.
+
+    Each micro-loss is scaled by 1/K before its backward, so the summed gradient is that of the mean
+    L_simple over all K·N images: one K-times larger batch. Under DDP the first K−1 backwards run in
+    no_sync (gradients accumulate locally) and the last one all-reduces the sum once. fp16's GradScaler
+    scales every micro-loss by the same factor and is unscaled once, before clipping.
+
+    Returns device tensors (loss averaged over micro-batches and ranks, gradient norm before clipping,
+    skipped flag).
+    """
+    k = len(micro_batches)
+    loss_sum = None
+    for i, (x0, y) in enumerate(micro_batches):
+        with distributed.no_sync(model) if i < k - 1 else nullcontext():
+            loss = micro_batch_loss(state, model, schedule, x0, y, autocast, p_uncond, min_snr_gamma) / k
+            state.scaler.scale(loss).backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    loss_avg = distributed.mean_across_ranks(loss_sum, ctx)  # every rank decides on the same value
     state.scaler.unscale_(state.optimizer)  # clip the true gradient, not the loss-scaled one
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_grad_norm)
     skip = ~(torch.isfinite(loss_avg) & torch.isfinite(grad_norm))
     masked_optimizer_step(state.optimizer, skip)
     state.scaler.update()  # fp16: an overflow halves the loss scale for the next step
-    state.ema.update_parameters(raw, skip=skip)
+    state.ema.update_parameters(state.model, skip=skip)
     state.optimizer.zero_grad(set_to_none=True)
     state.count_step(skip)
     return loss_avg, grad_norm, skip
+
+
+def training_step(state: TrainState, model, schedule: NoiseSchedule, x0: torch.Tensor, y: torch.Tensor,
+                  autocast, max_grad_norm: float, p_uncond: float, ctx, min_snr_gamma: float = 0.0) -> tuple:
+    """One iteration of Algorithm 1 on x0 [N x C x H x W], y [N] (both on the device): accumulation_step
+    with one micro-batch. min_snr_gamma: 0 trains on L_simple; γ > 0 weights each image's L_simple by
+    min(1, γ/SNR_t)."""
+    return accumulation_step(state, model, schedule, [(x0, y)], autocast, max_grad_norm, p_uncond, ctx,
+                             min_snr_gamma)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,6 +187,9 @@ def _data(cfg: TrainConfig, dataset, ctx, device):
     if batches.steps_per_epoch == 0:
         raise UserError(f"--batch-size {cfg.batch_size} exceeds the {batches.sampler.num_samples} training images "
                         f"per process")
+    if batches.steps_per_epoch < cfg.grad_accum:
+        raise UserError(f"--grad-accum {cfg.grad_accum} exceeds the {batches.steps_per_epoch} micro-batches of "
+                        f"--batch-size {cfg.batch_size} in an epoch per process")
     return dataset.info, batches, heldout_set, excluded
 
 
@@ -219,7 +250,8 @@ def _train(cfg: TrainConfig, dataset, given, note, ctx, device, signals) -> Trai
         check_not_run_dir(cfg.out)
         check_writable_dir(cfg.out)
     info, batches, heldout_set, excluded = _data(cfg, dataset, ctx, device)
-    total_steps = resolved_length(cfg, batches.steps_per_epoch)
+    steps_per_epoch = batches.steps_per_epoch // cfg.grad_accum  # optimizer steps; a last partial group is dropped
+    total_steps = resolved_length(cfg, steps_per_epoch)
     schedule = NoiseSchedule(cfg.schedule, cfg.timesteps)
     state = _build_state(TrainConfig(**{**asdict(cfg), "precision": precision}), info, device, ctx, total_steps,
                          batches.loader_gen)
@@ -239,7 +271,7 @@ def _train(cfg: TrainConfig, dataset, given, note, ctx, device, signals) -> Trai
         _probe_fused(state.model, info, device, autocast)
 
     options = {**asdict(cfg), "precision": precision, "resolved_max_steps": total_steps,
-               "steps_per_epoch": batches.steps_per_epoch, "world_size": ctx.world_size,
+               "steps_per_epoch": steps_per_epoch, "world_size": ctx.world_size,
                "judge_heldout_excluded": excluded, "data_on_device": batches.on_device}
     meta = {"dataset": cfg.dataset, "preset": cfg.preset, "num_classes": state.model.num_classes,
             "image_shape": list(info.image_shape), "schedule": schedule.to_dict(), "options": options}
@@ -262,17 +294,19 @@ def _loop(cfg, ctx, device, state: TrainState, model, schedule, batches: Batches
     bar = tqdm(total=total_steps, initial=progress.step, disable=not ctx.is_main, unit="step",
                dynamic_ncols=True, desc="train")
     max_grad_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, clip nothing
-    images_per_step = cfg.batch_size * ctx.world_size
+    k = cfg.grad_accum
+    micro_per_epoch = batches.steps_per_epoch // k * k  # the micro-batches of whole optimizer steps
+    images_per_step = cfg.batch_size * ctx.world_size * k
     totals = {"time": 0.0, "images": 0, "last_loss": math.nan}
     stop, stopped_early, steps_here = None, False, 0
     while progress.step < total_steps and stop is None:
-        for x0, y in batches.epoch(progress.epoch, progress.batch_in_epoch):
+        for micro_batches in _groups(batches, progress.epoch, progress.batch_in_epoch, micro_per_epoch, k):
             lr_now = state.lr_scheduler.get_last_lr()[0]
-            loss, grad_norm, skip = training_step(state, model, schedule, x0, y, autocast, max_grad_norm,
-                                                  cfg.p_uncond, ctx, cfg.min_snr_gamma)
+            loss, grad_norm, skip = accumulation_step(state, model, schedule, micro_batches, autocast, max_grad_norm,
+                                                      cfg.p_uncond, ctx, cfg.min_snr_gamma)
             state.lr_scheduler.step()
             progress.step += 1
-            progress.batch_in_epoch += 1
+            progress.batch_in_epoch += k
             progress.images_seen += images_per_step
             window.add(loss, grad_norm, ~skip, images_per_step)
             steps_here += 1
@@ -301,8 +335,16 @@ def _loop(cfg, ctx, device, state: TrainState, model, schedule, batches: Batches
     distributed.barrier(ctx)
     images_per_s = totals["images"] / totals["time"] if totals["time"] > 0 else math.nan
     return TrainResult(recorder.run_dir, progress, images_per_s, totals["last_loss"], stopped_early,
-                       progress.epoch + progress.batch_in_epoch / batches.steps_per_epoch, state.model,
+                       progress.epoch + progress.batch_in_epoch / micro_per_epoch, state.model,
                        state.ema.module)
+
+
+def _groups(batches: Batches, epoch: int, start: int, micro_per_epoch: int, k: int):
+    """The rest of `epoch` from micro-batch `start` on, as lists of k micro-batches (one optimizer step
+    each); the micro-batches after the last whole group are not drawn."""
+    micro = islice(batches.epoch(epoch, start), micro_per_epoch - start)
+    while group := list(islice(micro, k)):
+        yield group
 
 
 def _bookkeeping(cfg, ctx, device, state: TrainState, schedule, heldout, recorder: Recorder, window: Window,

@@ -33,7 +33,7 @@ class Progress:
     """Counters that a checkpoint carries; all plain numbers so weights_only loading accepts them."""
     step: int = 0                 # optimizer steps taken (skipped ones included)
     epoch: int = 0                # current epoch
-    batch_in_epoch: int = 0       # batches of `epoch` already consumed
+    batch_in_epoch: int = 0       # micro-batches of `epoch` already consumed (grad_accum per step)
     skipped_total: int = 0        # steps skipped for a non-finite loss or gradient
     consecutive_skips: int = 0
     best_heldout: float = INF     # best held-out loss so far (EMA weights)
