@@ -7,7 +7,13 @@ run starts at batch b of epoch e and sees exactly the batches an uninterrupted r
 In-memory datasets (the uint8 tensors of MNIST-family and CIFAR-10, a few hundred MB at most) live on the
 device whole; a batch is one index_select by a slice of the epoch's permutation, so the hot loop has no
 per-sample Python and no host-to-device copy (the permutation is copied once per epoch). Image folders
-keep a DataLoader with the same order.
+too large for memory keep a DataLoader with the same order.
+
+Random flips (--random-flip): image i of the epoch's order is mirrored left-right where u_i < 1/2, with
+u = rand(total epoch length) drawn on the device, once per epoch, from a generator seeded with
+seed + FLIP_SEED_OFFSET + e (rank r taking every world_size-th u from r, like its indices). Like the
+order, the flips need no state of their own: a resumed run redraws epoch e's and uses them from batch b
+on, so it flips exactly the images an uninterrupted run flips, and no step waits on the host.
 """
 from __future__ import annotations
 
@@ -16,7 +22,11 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from shared.training.data import TensorImageDataset
+from shared.training.data import DataError, TensorImageDataset, worker_error_line
+
+# The flip stream's seeds start above every seed a run can be given (shared.training.config.MAX_SEED = 2**62)
+# so they never coincide with the order's seed + e or the noise streams' seed + small offsets.
+FLIP_SEED_OFFSET = 2**62
 
 
 class ResumableSampler(DistributedSampler):
@@ -48,8 +58,10 @@ class Batches:
                  num_workers: int = 0, channels_last: bool = False, random_flip: bool = False):
         self.sampler = ResumableSampler(train_set, world_size, rank, seed)
         self.batch_size, self.device, self.channels_last = batch_size, device, channels_last
+        self.seed, self.random_flip = seed, random_flip
         self.steps_per_epoch = self.sampler.num_samples // batch_size
         self.loader_gen = torch.Generator()  # the DataLoader's own draws (worker seeds) stay off the global RNG
+        self.flip_gen = torch.Generator(device)  # reseeded every epoch (flip_mask)
         base, indices = _in_memory_base(train_set)
         self.on_device = base is not None
         if self.on_device:
@@ -65,19 +77,40 @@ class Batches:
         """The batches of `epoch` from batch `start_batch` on."""
         self.sampler.set_epoch(epoch)
         self.sampler.start_batch(start_batch, self.batch_size)
-        if not self.on_device:
-            for x0, y in self.loader:
-                yield self._format(x0.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
-            return
+        flips = self.flip_mask(epoch) if self.random_flip else None
+        batches = self._gathered() if self.on_device else self._loaded()
+        for b, (x0, y) in enumerate(batches, start=start_batch):
+            if flips is not None:
+                x0 = flip_where(x0, flips[b * self.batch_size:(b + 1) * self.batch_size])
+            yield self._format(x0), y
+
+    def flip_mask(self, epoch: int) -> torch.Tensor:
+        """[num_samples] bool on the device: which of this rank's images of `epoch` (in order) are flipped."""
+        self.flip_gen.manual_seed(self.seed + FLIP_SEED_OFFSET + epoch)
+        u = torch.rand(self.sampler.total_size, device=self.device, generator=self.flip_gen)
+        return u[self.sampler.rank::self.sampler.num_replicas] < 0.5
+
+    def _gathered(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.device)  # once per epoch
         for b in range(len(order) // self.batch_size):
             index = order[b * self.batch_size:(b + 1) * self.batch_size]
             # the same [-1, 1] formula as TensorImageDataset.__getitem__, so values are bit-identical
-            x0 = self.images.index_select(0, index).float() / 127.5 - 1.0
-            yield self._format(x0), self.labels.index_select(0, index)
+            yield self.images.index_select(0, index).float() / 127.5 - 1.0, self.labels.index_select(0, index)
+
+    def _loaded(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            for x0, y in self.loader:
+                yield x0.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        except DataError as err:  # an unreadable file found by a worker: its one line, not the worker's traceback
+            raise DataError(worker_error_line(err)) from None
 
     def _format(self, x0: torch.Tensor) -> torch.Tensor:
         return x0.contiguous(memory_format=torch.channels_last) if self.channels_last else x0
+
+
+def flip_where(x0: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """x0 [B x C x H x W] with image i mirrored left-right (along W) where flip[i] (bool [B], same device)."""
+    return torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
 
 
 def _in_memory_base(dataset) -> tuple[TensorImageDataset | None, list[int] | None]:

@@ -3,6 +3,14 @@
 Offline use: `--data-dir DIR` may point at MNIST-format IDX files (`*-images-idx3-ubyte` with
 `*-labels-idx1-ubyte`, gzipped or not), which are read directly, without torchvision. If DIR holds only
 the test split (`t10k-*`), that split is used, and a note says so once.
+
+Image folders (`--dataset folder`): DIR holds either images only (an unconditional dataset, no classes) or
+one sub-folder of images per class (labels 0 … K−1 by sorted folder name, as torchvision's ImageFolder
+numbers them). Every image is converted to grey or RGB, resized so its shorter side is the wanted size and
+centre-cropped. A folder whose decoded pixels fit in IN_MEMORY_MAX_BYTES is decoded once into a uint8
+tensor (the trainer then keeps it on the device); a larger one is decoded image by image in a DataLoader,
+after a check of every file's header. Either way a file that is not a readable image is one error line
+naming it, raised while loading, before any training.
 """
 from __future__ import annotations
 
@@ -15,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from shared.errors import UserError
+from shared.model.unet import PRESETS
 
 DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10", "folder")
 # torchvision's folder names under the root, for the IDX-based datasets.
@@ -40,7 +50,10 @@ def judge_split(num_images: int, heldout: int = JUDGE_HELDOUT) -> tuple[range, r
     return range(num_images - heldout), range(num_images - heldout, num_images)
 
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Image folders whose decoded uint8 pixels (N·C·H·W bytes) fit in this are held in memory whole (and on
+# the training device): 1 GiB is 87,000 RGB images of 64×64, or a million of 32×32 grey.
+IN_MEMORY_MAX_BYTES = 1 << 30
+PROGRESS_MIN_IMAGES = 1000  # folders this large show a progress bar while they are decoded or checked
 
 
 class DataError(UserError):
@@ -54,10 +67,12 @@ class DatasetInfo:
     num_classes: int
     image_shape: tuple    # (C, H, W)
     source: str           # where the images were read from
+    class_names: tuple = ()  # an image folder's class sub-folders: label k is class_names[k]
 
     def to_dict(self) -> dict:
+        named = {"class_names": list(self.class_names)} if self.class_names else {}
         return {"name": self.name, "split": self.split, "num_classes": self.num_classes,
-                "image_shape": list(self.image_shape), "source": self.source}
+                "image_shape": list(self.image_shape), "source": self.source, **named}
 
 
 class TensorImageDataset(Dataset):
@@ -73,27 +88,14 @@ class TensorImageDataset(Dataset):
         return self.images[index].float() / 127.5 - 1.0, int(self.labels[index])
 
 
-class _TransformedDataset(Dataset):
-    """A torchvision dataset of PIL images, converted to [-1, 1] tensors, with DatasetInfo attached."""
-
-    def __init__(self, base, info: DatasetInfo, transform):
-        self.base, self.info, self.transform = base, info, transform
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int):
-        image, label = self.base[index]
-        return self.transform(image) * 2.0 - 1.0, int(label)
-
-
 def load_dataset(name: str, data_dir: str | None = None, root: str = "./data", train: bool = True,
-                 download: bool = True, image_size: int = 32, quiet: bool = False) -> Dataset:
+                 download: bool = True, image_size: int = 32, quiet: bool = False, channels: int = 3) -> Dataset:
     """Loads a dataset; the returned Dataset has an `.info` (DatasetInfo).
 
     name: mnist | fashion-mnist | cifar10 | folder.  data_dir: IDX files or a torchvision root (or,
-    for 'folder', an ImageFolder tree: one sub-folder of images per class).  root: the torchvision
-    root when data_dir is not given.  image_size: H = W for 'folder' images (resized, centre-cropped).
+    for 'folder', an image folder: images only, or one sub-folder of images per class).  root: the
+    torchvision root when data_dir is not given.  image_size, channels: the side and the channels (1 grey,
+    3 RGB) of 'folder' images, which are resized and centre-cropped to [channels x image_size x image_size].
     Raises DataError with what was looked for, where, and how to supply it.
     """
     if name not in DATASET_NAMES:
@@ -102,8 +104,9 @@ def load_dataset(name: str, data_dir: str | None = None, root: str = "./data", t
         raise DataError(f"--data-dir {data_dir} does not exist or is not a directory")
     if name == "folder":
         if data_dir is None:
-            raise DataError("--dataset folder needs --data-dir DIR (an image folder with one sub-folder per class)")
-        return _load_folder(data_dir, image_size)
+            raise DataError("--dataset folder needs --data-dir DIR (a folder of images, or one sub-folder of "
+                            "images per class)")
+        return load_folder(data_dir, image_size, channels, quiet=quiet)
     base = data_dir if data_dir is not None else root
     may_download = download and data_dir is None  # an explicit --data-dir is read, never downloaded into
     if name in _TORCHVISION_FOLDER:
@@ -115,8 +118,21 @@ def load_dataset(name: str, data_dir: str | None = None, root: str = "./data", t
 
 
 def load_training_dataset(cfg, quiet: bool = False) -> Dataset:
-    """The training data a TrainConfig names (cfg.dataset read from cfg.data_dir)."""
-    return load_dataset(cfg.dataset, cfg.data_dir, quiet=quiet)
+    """The training data a TrainConfig names (cfg.dataset read from cfg.data_dir).
+
+    Folder images take cfg.image_size and cfg.channels, by default the preset's image_size and in_channels;
+    the other datasets have their own size, and either option with them is an error.
+    """
+    if cfg.dataset != "folder":
+        given = [flag for flag, value in (("--image-size", cfg.image_size), ("--channels", cfg.channels))
+                 if value is not None]
+        if given:
+            raise DataError(f"{' and '.join(given)} apply to --dataset folder; {cfg.dataset} images keep their "
+                            f"own size and channels")
+        return load_dataset(cfg.dataset, cfg.data_dir, quiet=quiet)
+    preset = PRESETS[cfg.preset]
+    return load_dataset("folder", cfg.data_dir, image_size=cfg.image_size or preset["image_size"],
+                        channels=cfg.channels or preset["in_channels"], quiet=quiet)
 
 
 def find_idx_files(folder: Path, train: bool = True):
@@ -188,9 +204,12 @@ def without_judge_heldout(dataset: Dataset, heldout: int) -> tuple[Dataset, int]
     """(the dataset less the evaluator's held-out images (judge_split), how many were left out).
 
     Only a labelled in-memory dataset larger than `heldout` is split; any other comes back whole, with 0.
+    An image folder is never split: its file order is sorted by class, so its last images would be whole
+    classes rather than a sample of every class.
     """
     n = len(dataset)
-    if heldout <= 0 or not isinstance(dataset, TensorImageDataset) or dataset.info.num_classes < 1 or n <= heldout:
+    if (heldout <= 0 or not isinstance(dataset, TensorImageDataset) or dataset.info.num_classes < 1 or n <= heldout
+            or dataset.info.name == "folder"):
         return dataset, 0
     keep, _ = judge_split(n, heldout)
     return TensorImageDataset(dataset.images[:keep.stop], dataset.labels[:keep.stop], dataset.info), heldout
@@ -229,16 +248,136 @@ def _missing_message(name: str, root: str, train: bool, download: bool, err: Exc
     return f"{name} not found: looked in {looked}; {tried} ({reason}). To fix: {how}."
 
 
-def _load_folder(data_dir: str, image_size: int) -> Dataset:
-    from torchvision import datasets, transforms
+# --------------------------------------------------------------------------------------------------
+# Image folders
 
-    transform = transforms.Compose([transforms.Lambda(lambda im: im.convert("RGB")),
-                                    transforms.Resize(image_size), transforms.CenterCrop(image_size),
-                                    transforms.ToTensor()])
+class FolderImages(Dataset):
+    """Image files decoded on each read: (float32 image [C x S x S] in [-1, 1], int label).
+
+    The DataLoader path for folders too large to hold in memory; the pixels equal those of the in-memory
+    path (the same decode_image, the same [-1, 1] formula as TensorImageDataset).
+    """
+
+    def __init__(self, files: list[Path], labels: list[int], info: DatasetInfo):
+        self.files, self.labels, self.info = files, labels, info
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        channels, size, _ = self.info.image_shape
+        pixels = torch.from_numpy(decode_image(self.files[index], size, channels))
+        return pixels.float() / 127.5 - 1.0, self.labels[index]
+
+
+def load_folder(data_dir: str, image_size: int, channels: int, quiet: bool = False) -> Dataset:
+    """An image folder as [channels x image_size x image_size] images: a TensorImageDataset when the decoded
+    pixels fit in IN_MEMORY_MAX_BYTES (every file decoded now), else FolderImages (every file's header
+    checked now). Unconditional (num_classes 0, labels 0) for a flat folder."""
+    if channels not in (1, 3):
+        raise DataError(f"folder images have 1 (grey) or 3 (RGB) channels, got {channels}")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise DataError(f"the folder image size must be a positive integer, got {image_size!r}")
+    root = Path(data_dir)
+    files, labels, class_names = folder_files(root)
+    info = DatasetInfo("folder", "train", len(class_names), (channels, image_size, image_size),
+                       str(root.resolve()), tuple(class_names))
+    progress = _progress(len(files), quiet)
+    if len(files) * channels * image_size * image_size <= IN_MEMORY_MAX_BYTES:
+        pixels = np.empty((len(files), channels, image_size, image_size), dtype=np.uint8)
+        for i, path in enumerate(progress(files, "decoding images")):
+            pixels[i] = decode_image(path, image_size, channels)
+        return TensorImageDataset(torch.from_numpy(pixels), torch.tensor(labels, dtype=torch.long), info)
+    for path in progress(files, "checking images"):
+        check_image_header(path)
+    return FolderImages(files, labels, info)
+
+
+def folder_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    """(files, labels, class names) of an image folder, in sorted order; hidden entries are left out.
+
+    A folder of files only: every file, label 0, no classes. A folder of sub-folders only: each sub-folder
+    (sorted by name) is a class, holding the files anywhere below it. Both together is an error (which
+    would the loose files belong to?), and so is a folder, or a class, without files.
+    """
+    entries = sorted((p for p in root.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+    folders = [p for p in entries if p.is_dir()]
+    loose = [p for p in entries if p.is_file()]
+    if not folders and not loose:
+        raise DataError(f"{root} holds no images; expected image files (an unconditional dataset) or one "
+                        f"sub-folder of images per class")
+    if folders and loose:
+        raise DataError(f"{root} holds both files ({loose[0].name}, …) and sub-folders ({folders[0].name}, …); "
+                        f"put every image in a class sub-folder, or none (an unconditional dataset)")
+    if loose:
+        return loose, [0] * len(loose), []
+    files, labels = [], []
+    for label, folder in enumerate(folders):
+        found = [Path(parent) / name for parent, dirs, names in sorted(os.walk(folder, followlinks=True))
+                 for name in sorted(names) if not name.startswith(".") and not _hidden_below(folder, parent)]
+        if not found:
+            raise DataError(f"class folder {folder} holds no images")
+        files += found
+        labels += [label] * len(found)
+    return files, labels, [folder.name for folder in folders]
+
+
+def _hidden_below(top: Path, parent: str) -> bool:
+    return any(part.startswith(".") for part in Path(parent).relative_to(top).parts)
+
+
+def decode_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """uint8 pixels [channels x size x size] of the image file at `path`: grey (ITU-R 601-2 luma) or RGB,
+    its shorter side resized to `size` and the centre cropped, as guided-diffusion prepares ImageNet
+    (Dhariwal & Nichol 2021): halvings with a box filter (an exact area average, so no aliasing) while
+    the shorter side is at least twice `size`, then one bicubic resize. Raises DataError naming the file.
+    """
     try:
-        base = datasets.ImageFolder(data_dir)
-    except (FileNotFoundError, RuntimeError) as err:
-        raise DataError(f"{data_dir} holds no images in class sub-folders ({err}); expected "
-                        f"DIR/<class>/<image>{'|'.join(IMAGE_EXTENSIONS[:3])}…") from None
-    info = DatasetInfo("folder", "train", len(base.classes), (3, image_size, image_size), os.path.abspath(data_dir))
-    return _TransformedDataset(base, info, transform)
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB")  # drops alpha; decodes the whole file
+    except Exception as err:  # PIL's decoders raise OSError, SyntaxError, ValueError… for a damaged file
+        raise DataError(_unreadable(path, err)) from None
+    while min(image.size) >= 2 * size:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.Resampling.BOX)
+    scale = size / min(image.size)
+    image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                         resample=Image.Resampling.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    pixels = np.array(image.crop((left, top, left + size, top + size)))  # (size, size) or (size, size, 3)
+    return pixels[None] if channels == 1 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def check_image_header(path: Path) -> None:
+    """Whether `path` opens as an image (its header; PNG's chunk checksums too) without decoding it."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as err:
+        raise DataError(_unreadable(path, err)) from None
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    if isinstance(err, UnidentifiedImageError):
+        return f"{path} is not an image (not a format PIL reads)"
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"{path} is not a readable image ({reason})"
+
+
+def worker_error_line(err: DataError) -> str:
+    """The one line of a DataError, also when a DataLoader worker raised it (the main process then gets
+    it with 'Caught DataError in DataLoader worker process …' and the worker's traceback as its text)."""
+    text = str(err).strip()
+    if not text.startswith("Caught "):
+        return text
+    last = text.splitlines()[-1]  # "shared.training.data.DataError: <the line>"
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
+def _progress(total: int, quiet: bool):
+    """iterable, description → the iterable with a progress bar on stderr (none when quiet or small)."""
+    from tqdm.auto import tqdm
+
+    def wrap(items, desc: str):
+        return tqdm(items, total=total, desc=desc, unit="image", disable=quiet or total < PROGRESS_MIN_IMAGES,
+                    leave=False)
+    return wrap
