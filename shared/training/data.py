@@ -300,7 +300,10 @@ def folder_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
     (sorted by name) is a class, holding the files anywhere below it. Both together is an error (which
     would the loose files belong to?), and so is a folder, or a class, without files.
     """
-    entries = sorted((p for p in root.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+    try:
+        entries = sorted((p for p in root.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+    except OSError as err:
+        raise DataError(f"cannot list {root}: {err.strerror}") from None
     folders = [p for p in entries if p.is_dir()]
     loose = [p for p in entries if p.is_file()]
     if not folders and not loose:
