@@ -239,11 +239,16 @@ def test_random_flip_mirrors_exactly_the_images_its_stream_draws(serve, rank, wo
     assert not torch.equal(expected_flips(5, 0, total), expected_flips(5, 1, total))  # a fresh draw per epoch
 
 
-def test_random_flip_makes_no_host_sync():
-    batches = Batches(random_image_dataset(64), 8, 1, 0, seed=0, device=CPU, random_flip=True)
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_random_flip_makes_no_host_sync(device):
+    batches = Batches(random_image_dataset(64), 8, 1, 0, seed=0, device=torch.device(device), random_flip=True)
     with HostSyncCounter() as counter:
         count = sum(1 for _ in batches.epoch(0, 0))
     assert count == 8 and counter.seen == []
+    generator = torch.Generator(device).manual_seed(FLIP_SEED_OFFSET)  # seed 0, epoch 0, on the device
+    expected = torch.rand(64, device=device, generator=generator) < 0.5
+    assert torch.equal(batches.flip_mask(0), expected)
 
 
 def flip_cfg(tmp_path, **overrides) -> TrainConfig:
