@@ -10,8 +10,12 @@ Reports, as a printed table and as JSON (results.json in runs/evaluate/NNNNN-…
     features (torchmetrics), beside the real-vs-real floor (as many classifier-train images);
   * the Inception Score exp(E_x KL(p(y|x) ‖ p(y))) with the classifier's p(y|x), beside its upper
     bound (the class count) and the same score of as many real images;
-  * for CIFAR-10, Inception FID and Inception Score (torchvision's Inception-v3 through torchmetrics)
-    if its weights load, else a note saying why.
+  * for CIFAR-10 (or any data, given --inception-weights), the FID (Inception) against the held-out
+    images and the Inception Score, with the FID Inception network of pytorch-fid / torch-fidelity
+    (torchmetrics' default extractor); its weights are read from --inception-weights or torch.hub's
+    cache, never downloaded, and their absence is one line before any work.
+The FD above is on classifier features (JSON "frechet_distance"), comparable only within this project;
+the FID (Inception) ("inception_fid") is the measure papers report (at 50,000 samples).
 The JSON records the number of samples, sampler, steps, w and seeds of every run. Bad runs, a bad
 --classifier path or --out are refused before any work; the numbered folder is made only once every
 number exists, and a classifier trained now is saved before sampling starts.
@@ -32,8 +36,9 @@ import torch  # noqa: E402
 from shared.diffusion.samplers import SAMPLERS, default_steps  # noqa: E402
 from shared.errors import UserError  # noqa: E402
 from shared.evaluation.classifier import DEFAULT_EPOCHS, SHIFT_PIXELS, check_classifier_path  # noqa: E402
-from shared.evaluation.frechet import frechet_distance, load_inception  # noqa: E402
-from shared.evaluation.inception_score import load_inception_logits, torchmetrics_inception_score  # noqa: E402
+from shared.evaluation.frechet import (INCEPTION_BATCH, InceptionLogits, InceptionPool, frechet_distance,  # noqa: E402
+                                       load_fid_inception, resolve_fid_inception_weights)
+from shared.evaluation.inception_score import torchmetrics_inception_score  # noqa: E402
 from shared.evaluation.judge import prepare_judge  # noqa: E402
 from shared.evaluation.report import (balanced_labels, check_runs, format_table, parse_runs, seeds_for,  # noqa: E402
                                       summarise_run)
@@ -60,26 +65,46 @@ def build_parser():
                    help="samples per class (or samples / 10 for an unconditional model)")
     g.add_argument("--runs", default=None,
                    help="several sampler:steps runs, e.g. ddpm:1000,ddim:50 (default: --sampler/--steps)")
+    g.add_argument("--inception-weights", default=None, metavar="FILE",
+                   help="the FID Inception weights (weights-inception-2015-12-05-6726825d.pth from torch-fidelity's "
+                        "releases) for the FID (Inception) and Inception Score; default: torch.hub's cache. CIFAR-10 "
+                        "needs them; for other data they add those measures")
     g.add_argument("--out", default="runs/evaluate", help="parent of the auto-numbered output directory")
     return parser
 
 
-def add_inception_measures(report: dict, judge, samples_by_run: dict, count: int, seed: int, device) -> None:
-    """CIFAR-10: Inception FID and Inception Score per run (and the real IS at the same count), or a
-    note per measure saying why its Inception-v3 weights are unavailable."""
-    try:
-        pool = load_inception().to(device)
-        for run in report["runs"]:
-            run["inception_fid"] = frechet_distance(pool, judge.heldout_images, samples_by_run[run["name"]])
-    except UserError as err:
-        report["inception_fid_note"] = str(err)
-    try:
-        logits = load_inception_logits().to(device)
-        report["real_inception_is"] = torchmetrics_inception_score(logits, judge.real_images(count, seed))
-        for run in report["runs"]:
-            run["inception_is"] = torchmetrics_inception_score(logits, samples_by_run[run["name"]])
-    except UserError as err:
-        report["inception_is_note"] = str(err)
+# What each number in results.json is: the classifier-feature FD is not the FID papers report.
+CLASSIFIER_MEASURES = {
+    "frechet_distance": "FD (classifier features): Fréchet distance on the judge classifier's 128-d penultimate "
+                        "features, beside real_floor; comparable only within this project",
+    "inception_score": "IS (classifier): Inception Score with the judge classifier's p(y|x), beside its bound",
+}
+INCEPTION_MEASURES = {
+    "inception_fid": "FID (Inception): Fréchet distance on the FID Inception network's 2048-d pool features "
+                     "(pt_inception-2015-12-05, torchmetrics' default extractor) against the held-out images",
+    "inception_is": "IS (Inception): Inception Score with the FID Inception network's 1008 logits, one split",
+}
+
+
+def load_fid_network(args):
+    """(weights file, the FID Inception network) when this run reports the FID (Inception): CIFAR-10, or
+    any data given --inception-weights; (None, None) otherwise. Called before any sampling, so that
+    missing weights are one line that costs nothing."""
+    if args.dataset != "cifar10" and args.inception_weights is None:
+        return None, None
+    weights = resolve_fid_inception_weights(args.inception_weights)
+    return weights, load_fid_inception(str(weights))
+
+
+def add_inception_measures(report: dict, judge, samples_by_run: dict, count: int, seed: int, net, device) -> None:
+    """FID (Inception) and Inception Score per run, and the real images' Inception Score at the same count."""
+    net = net.to(device)
+    pool, logits = InceptionPool(net), InceptionLogits(net)
+    for run in report["runs"]:
+        run["inception_fid"] = frechet_distance(pool, judge.heldout_images, samples_by_run[run["name"]],
+                                                batch_size=INCEPTION_BATCH)
+        run["inception_is"] = torchmetrics_inception_score(logits, samples_by_run[run["name"]], INCEPTION_BATCH)
+    report["real_inception_is"] = torchmetrics_inception_score(logits, judge.real_images(count, seed), INCEPTION_BATCH)
 
 
 def write_results(out: str, runs: list, args, device, report: dict) -> Path:
@@ -102,6 +127,7 @@ def main(argv=None) -> dict:
     check_runs(runs, SAMPLERS)
     check_classifier_path(args.classifier)
     check_writable_dir(args.out)
+    inception_weights, fid_net = load_fid_network(args)
     model, schedule, meta, device = load_model(args)
     check_runs(runs, SAMPLERS, schedule.num_timesteps)
     image_shape = tuple(meta.get("image_shape") or (model.in_channels, model.image_size, model.image_size))
@@ -116,7 +142,8 @@ def main(argv=None) -> dict:
 
     report = {"checkpoint": meta.get("checkpoint"), "dataset": args.dataset, "classifier": judge.source,
               "classifier_accuracy": judge.accuracy, "heldout_images": int(judge.heldout_images.shape[0]),
-              "runs": []}
+              "measures": {**CLASSIFIER_MEASURES, **(INCEPTION_MEASURES if fid_net is not None else {})},
+              "inception_weights": None if inception_weights is None else str(inception_weights), "runs": []}
     samples_by_run = {}
     for name, steps in runs:
         labels = asked if model.num_classes else None
@@ -133,10 +160,12 @@ def main(argv=None) -> dict:
                             judge.heldout_images, reference, settings)
         report["runs"].append(run)
         samples_by_run[run["name"]] = images
-    if args.dataset == "cifar10":
-        add_inception_measures(report, judge, samples_by_run, asked.numel(), args.seed, device)
+    if fid_net is not None:
+        add_inception_measures(report, judge, samples_by_run, asked.numel(), args.seed, fid_net, device)
     run_dir = write_results(args.out, runs, args, device, report)
     print(format_table(report))
+    print("FD: on classifier features (comparable within this project only)"
+          + ("; FID (Inception): the published measure" if fid_net is not None else ""))
     print("images/s: " + ", ".join(f"{r['name']} {r['images_per_s']:.2f}" for r in report["runs"]))
     print(f"wrote {run_dir / 'results.json'}")
     return report

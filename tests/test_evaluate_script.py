@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,25 @@ def test_a_full_disk_at_the_end_keeps_the_classifier_and_leaves_no_folder(evalua
     assert "No space left on device" in line and "nothing was kept there" in line
     assert clf.is_file()  # the classifier trained in this run survives the failure
     assert out.is_dir() and list(out.iterdir()) == []  # the numbered folder was removed again
+
+
+def test_inception_weights_add_the_fid_inception_measures(evaluate, assets, tmp_path, capsys):
+    """--inception-weights on data other than CIFAR-10 adds the FID (Inception) and its Inception Score,
+    named apart from the classifier-feature FD in results.json (random weights of the right architecture)."""
+    pytest.importorskip("torch_fidelity", reason="torch-fidelity is a test dependency")
+    from tests.test_fid_extractor import save_random_fid_weights
+
+    ckpt, data = assets
+    weights = save_random_fid_weights(tmp_path / "inception.pth")
+    report = evaluate.main(["--checkpoint", str(ckpt), "--data-dir", str(data), "--classifier", str(tmp_path / "clf.pt"),
+                            "--classifier-epochs", "1", "--heldout", "20", "--per-class", "1", "--runs", "ddim:2",
+                            "--inception-weights", str(weights), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert report["inception_weights"] == str(weights)
+    assert report["measures"]["frechet_distance"].startswith("FD (classifier features)")
+    assert report["measures"]["inception_fid"].startswith("FID (Inception)")
+    run = report["runs"][0]
+    assert run["inception_fid"] > 0 and run["inception_fid"] != run["frechet_distance"]
+    assert 1.0 <= run["inception_is"] <= 1008 and 1.0 <= report["real_inception_is"] <= 1008
+    assert "FID (Inception)" in capsys.readouterr().out
+    (written,) = (tmp_path / "out").glob("*/results.json")
+    assert json.loads(written.read_text()) == report

@@ -1,4 +1,4 @@
-"""The Inception Score of Salimans et al. 2016 (Sec. 4), with the judge classifier or Inception-v3 as p(y|x).
+"""The Inception Score of Salimans et al. 2016 (Sec. 4), with the judge classifier or the FID Inception network as p(y|x).
 
     IS = exp( E_x KL( p(y|x) ‖ p(y) ) ),   p(y) = E_x p(y|x)
 
@@ -9,10 +9,11 @@
                 are the same class); K when every image is one class with certainty and the classes
                 are balanced
 
-For MNIST-family data p(y|x) is the judge classifier's (classifier_inception_score). For CIFAR-10 it is
-torchvision's Inception-v3 through torchmetrics' InceptionScore, loaded under the same offline rule as
-the Inception FID (a one-line UserError when the weights are absent). Both use one split: the score of
-all N images together, so it is comparable with the real-data value at the same N.
+For MNIST-family data p(y|x) is the judge classifier's (classifier_inception_score). For CIFAR-10 (or any
+images, given the weights) it is the FID Inception network's 1008 logits through torchmetrics' InceptionScore
+(`frechet.InceptionLogits`, the network of the FID (Inception), loaded once for both). Both use one split:
+the score of all N images together, so it is comparable with the real-data value at the same N (published
+CIFAR-10 scores average 10 splits of 50,000 images).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch.nn as nn
 
 from shared.errors import UserError
 from shared.evaluation.classifier import SmallCNN, class_probabilities
-from shared.evaluation.frechet import FD_BATCH, InceptionLogits, load_inception_v3
+from shared.evaluation.frechet import FD_BATCH
 
 
 def inception_score(probs: torch.Tensor) -> float:
@@ -41,18 +42,15 @@ def classifier_inception_score(classifier: SmallCNN, images: torch.Tensor) -> fl
     return inception_score(class_probabilities(classifier, images))
 
 
-def load_inception_logits() -> InceptionLogits:
-    """The IS feature module for CIFAR-10 (ImageNet logits), or a UserError saying why it is unavailable."""
-    return InceptionLogits(load_inception_v3("Inception Score"))
-
-
 def torchmetrics_inception_score(logits: nn.Module, images: torch.Tensor, batch_size: int = FD_BATCH) -> float:
     """torchmetrics' InceptionScore (one split) with `logits` as its p(y|x) network, images in [−1, 1]."""
     from torchmetrics.image.inception import InceptionScore
 
     device = next(logits.parameters()).device
-    # normalize=False: torchmetrics would otherwise turn the images into uint8 before our module sees them
-    metric = InceptionScore(feature=logits, splits=1, normalize=False).to(device)
+    with warnings.catch_warnings():  # its note that it keeps every logit: N x K floats, which is the point
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        # normalize=False: torchmetrics would otherwise turn the images into uint8 before our module sees them
+        metric = InceptionScore(feature=logits, splits=1, normalize=False).to(device)
     for i in range(0, images.shape[0], batch_size):
         metric.update(images[i:i + batch_size].to(device))
     with warnings.catch_warnings():  # one split: the spread across splits that torchmetrics adds is undefined
