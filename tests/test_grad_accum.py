@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
 from contextlib import nullcontext
 
 import pytest
@@ -21,7 +23,9 @@ from shared.training.distributed import DistContext
 from shared.training.loop import accumulation_step, train
 from shared.training.loss import l_simple, min_snr_weight
 from shared.training.state import TrainState
-from tests.stage3_helpers import NUM_CLASSES, SIZE, edge_bar_dataset, one_thread  # noqa: F401 (autouse fixture)
+from tests.stage3_helpers import (NUM_CLASSES, REPO, SIZE, edge_bar_dataset, one_thread,  # noqa: F401 (autouse)
+                                  single_thread_env, write_edge_bar_idx)
+from tests.test_ddp import _free_port
 from tests.test_training_hot_loop import HostSyncCounter
 
 TIMESTEPS = 50
@@ -176,3 +180,112 @@ def test_resume_refuses_another_grad_accum(tmp_path):
     with pytest.raises(UserError, match="--grad-accum 2 does not match"):
         train(TrainConfig(resume=str(first.run_dir), grad_accum=2, max_steps=4, out=str(tmp_path / "runs"),
                           device="cpu"), edge_bar_dataset(60), given={"resume", "grad_accum", "max_steps", "out"})
+
+
+# --------------------------------------------------------------------------------------------------
+# DDP: 2 gloo processes
+
+DDP_STEPS, DDP_K, DDP_N = 2, 2, 4
+
+
+def rank_micro_batches(step: int, rank: int):
+    """The K micro-batches of N images that `rank` trains on at optimizer step `step`."""
+    return _micro_batches(DDP_K, DDP_N, seed=100 * step + rank)
+
+
+def rank_noise(rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(1_000 + rank)
+
+
+# Each rank: (a) accumulation_step on a DDP model with a counting all-reduce hook, (b) train() with
+# --grad-accum 2, its DistributedDataParallel counting the same way. Both record, per all-reduce, how many
+# forwards the model had run by then.
+DDP_WORKER = """
+import math, os, sys, torch
+from contextlib import nullcontext
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+from shared.diffusion.schedule import NoiseSchedule
+from shared.training import distributed, loop
+from shared.training.config import TrainConfig
+from tests.test_grad_accum import DDP_STEPS, P_UNCOND, TIMESTEPS, _state, rank_micro_batches, rank_noise
+
+class Counting(DistributedDataParallel):
+    made = []
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.forwards, self.synced_at = 0, []
+        self.register_comm_hook(None, self._hook)
+        Counting.made.append(self)
+    def forward(self, *args, **kwargs):
+        self.forwards += 1
+        return super().forward(*args, **kwargs)
+    def _hook(self, group, bucket):
+        self.synced_at.append(self.forwards)
+        return allreduce_hook(group, bucket)
+
+data, out, dump = sys.argv[1:4]
+ctx, device = distributed.setup("cpu")
+state = _state(seed=0)
+state.train_noise = rank_noise(ctx.rank)
+ddp = Counting(state.model)
+schedule = NoiseSchedule("linear", TIMESTEPS)
+for step in range(DDP_STEPS):
+    loop.accumulation_step(state, ddp, schedule, rank_micro_batches(step, ctx.rank), nullcontext(), math.inf,
+                           P_UNCOND, ctx)
+direct = {"model": state.model.state_dict(), "synced_at": ddp.synced_at, "forwards": ddp.forwards}
+print("direct done", file=sys.stderr, flush=True)
+
+loop.DistributedDataParallel = Counting
+cfg = TrainConfig(dataset="mnist", data_dir=data, out=out, preset="tiny", timesteps=50, batch_size=4, grad_accum=2,
+                  heldout_size=16, judge_heldout=0, max_steps=3, log_every=2, eval_every=2, ckpt_every=2,
+                  sample_every=1000, sample_steps=2, device="cpu", precision="fp32", seed=3)
+result = loop.train(cfg)
+run = Counting.made[-1]
+torch.save({"direct": direct, "train": {"model": result.model.state_dict(), "synced_at": run.synced_at,
+            "forwards": run.forwards, "step": result.progress.step}},
+           os.path.join(dump, f"rank{ctx.rank}.pt"))
+"""
+
+
+def test_ddp_all_reduces_once_per_optimizer_step_and_matches_one_process(tmp_path):
+    """2 gloo processes, K = 2 micro-batches of 4 per rank: every all-reduce comes after the K-th forward
+    (none on the inner micro-step), and the weights equal one process training on all 16 images of
+    each step with the same labels, t and ε; train() under DDP does the same and both ranks agree."""
+    data = write_edge_bar_idx(tmp_path / "data", n=96)
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    out, dump = tmp_path / "runs", tmp_path / "dump"
+    dump.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(worker), str(data), str(out), str(dump)]
+    proc = subprocess.run(cmd, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    for record in (ranks[0]["direct"], ranks[0]["train"], ranks[1]["train"]):
+        steps = record["forwards"] // DDP_K
+        assert record["forwards"] == steps * DDP_K and steps >= DDP_STEPS
+        assert record["synced_at"], "no all-reduce seen"
+        # each all-reduce (one per gradient bucket) follows the last micro-batch of a step, every step has them
+        assert all(f % DDP_K == 0 for f in record["synced_at"]), record["synced_at"]
+        assert sorted(set(record["synced_at"])) == [DDP_K * (s + 1) for s in range(steps)]
+    assert ranks[0]["train"]["step"] == 3 and ranks[0]["train"]["forwards"] == 3 * DDP_K
+    for key, value in ranks[0]["train"]["model"].items():
+        assert torch.equal(ranks[1]["train"]["model"][key], value), key
+
+    reference = _state(seed=0)
+    initial = copy.deepcopy(reference.model.state_dict())
+    schedule, noise = NoiseSchedule("linear", TIMESTEPS), [rank_noise(r) for r in range(2)]
+    for step in range(DDP_STEPS):
+        micro = [rank_micro_batches(step, r) for r in range(2)]
+        draws = [replay_draws(noise[r], micro[r], reference.model.null_class) for r in range(2)]
+        x0 = torch.cat([x for r in range(2) for x, _ in micro[r]])
+        y, t, eps = (torch.cat(parts) for parts in zip(*draws))
+        l_simple(reference.model, schedule, x0, y, t, eps).mean().backward()
+        reference.optimizer.step()
+        reference.optimizer.zero_grad(set_to_none=True)
+    for key, value in reference.model.state_dict().items():
+        for r in range(2):
+            torch.testing.assert_close(ranks[r]["direct"]["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert any(not torch.equal(initial[k], v) for k, v in reference.model.state_dict().items())
