@@ -4,8 +4,8 @@ The order of epoch e is DistributedSampler's: randperm(N) from a generator seede
 truncated to a multiple of the world size, rank r taking every world_size-th index from r. A resumed
 run starts at batch b of epoch e and sees exactly the batches an uninterrupted run would have seen.
 
-In-memory datasets (the uint8 tensors of MNIST-family and CIFAR-10, a few hundred MB at most) live on the
-device whole; a batch is one index_select by a slice of the epoch's permutation, so the hot loop has no
+In-memory datasets (the uint8 tensors of MNIST-family, CIFAR-10 and image folders of up to
+shared.training.data.IN_MEMORY_MAX_BYTES) live on the device whole; a batch is one index_select by a slice of the epoch's permutation, so the hot loop has no
 per-sample Python and no host-to-device copy (the permutation is copied once per epoch). Image folders
 too large for memory keep a DataLoader with the same order.
 
