@@ -15,6 +15,7 @@ import torch
 from shared.diffusion.schedule import NoiseSchedule
 from shared.errors import UserError
 from shared.model.ema import make_ema
+from shared.model.precision import autocast as autocast_for
 from shared.model.unet import UNet
 from shared.records.checkpoint import LAST_NAME, load_checkpoint
 from shared.records.runs import read_log
@@ -43,13 +44,13 @@ def _state(seed: int = 0) -> TrainState:
 
 def replay_draws(generator: torch.Generator, micro_batches, null_class: int) -> tuple:
     """(labels after dropout, t, ε) of the micro-batches, drawn as the training step draws them: per
-    micro-batch the label dropout, then t, then ε; concatenated into one batch."""
+    micro-batch the label dropout, then t, then ε; concatenated into one batch (on the batches' device)."""
     ys, ts, eps = [], [], []
     for x0, y in micro_batches:
-        drop = torch.rand(y.shape[0], generator=generator) < P_UNCOND
+        drop = torch.rand(y.shape[0], device=y.device, generator=generator) < P_UNCOND
         ys.append(y.masked_fill(drop, null_class))
-        ts.append(torch.randint(0, TIMESTEPS, (x0.shape[0],), generator=generator))
-        eps.append(torch.randn(x0.shape, generator=generator))
+        ts.append(torch.randint(0, TIMESTEPS, (x0.shape[0],), device=x0.device, generator=generator))
+        eps.append(torch.randn(x0.shape, device=x0.device, generator=generator))
     return torch.cat(ys), torch.cat(ts), torch.cat(eps)
 
 
@@ -100,6 +101,39 @@ def test_four_micro_batches_of_8_give_the_loss_and_gradient_of_one_batch_of_32(m
         assert (grads[name] - ref).abs().max() <= 1e-6 * largest, name
     # and the step was taken with that gradient: the weights moved
     assert any(not torch.equal(p, r) for p, r in zip(state.model.parameters(), reference.parameters()))
+
+
+@pytest.mark.parametrize("device,precision", [
+    ("cpu", "bf16"),
+    pytest.param("cuda", "bf16", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+    pytest.param("cuda", "fp16", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                          reason="needs a CUDA GPU: fp16 autocast with a GradScaler")),
+])
+def test_accumulated_gradient_under_autocast(device, precision):
+    """K = 4 × 8 under bf16 autocast (fp16 with its GradScaler: every micro-loss scaled by one factor,
+    unscaled once) against the fp32 gradient of the batch of 32: equal to the low precision's tolerance."""
+    schedule = NoiseSchedule("linear", TIMESTEPS)
+    state = _state()
+    reference = copy.deepcopy(state.model)
+    state.model.to(device)
+    state.ema.to(device)
+    state.optimizer = torch.optim.AdamW(state.model.parameters(), lr=1e-3, fused=True)
+    state.scaler = torch.amp.GradScaler(device, init_scale=2.0**10, enabled=precision == "fp16")  # no overflow
+    state.train_noise = torch.Generator(device).manual_seed(1)
+    micro = _micro_batches(4, 8)
+    on_device = [(x.to(device), y.to(device)) for x, y in micro]
+    draw_gen = torch.Generator(device).set_state(state.train_noise.get_state())
+    y, t, eps = (v.cpu() for v in replay_draws(draw_gen, on_device, state.model.null_class))
+    grads = _gradients_at_step(state)
+    loss, _, skip = accumulation_step(state, state.model, schedule, on_device, autocast_for(device, precision),
+                                      math.inf, P_UNCOND, DistContext())
+    assert not bool(skip)
+    ref_loss = l_simple(reference, schedule, torch.cat([x for x, _ in micro]), y, t, eps).mean()
+    ref_loss.backward()
+    torch.testing.assert_close(loss.cpu(), ref_loss.detach(), rtol=2e-2, atol=0)
+    largest = max(p.grad.abs().max() for p in reference.parameters() if p.grad is not None)
+    for name, p in reference.named_parameters():
+        assert (grads[name].cpu() - p.grad).abs().max() <= 3e-2 * largest, name
 
 
 def test_micro_batch_draws_are_not_the_large_batch_draws():
