@@ -181,9 +181,19 @@ def snapshot_name(step: int) -> str:
     return f"{SNAPSHOT_PREFIX}{step:07d}.pt"
 
 
+def snapshot_step(path: Path) -> int | None:
+    """The step of an ema-<step>.pt name, None for any other name."""
+    digits = path.stem[len(SNAPSHOT_PREFIX):]
+    return int(digits) if path.suffix == ".pt" and path.stem.startswith(SNAPSHOT_PREFIX) and digits.isdigit() else None
+
+
 def prune_snapshots(run_dir: Path, keep: int) -> list[Path]:
-    """Deletes all but the `keep` latest ema-<step>.pt in run_dir; returns the ones kept, oldest first."""
-    snapshots = sorted(p for p in run_dir.glob(f"{SNAPSHOT_PREFIX}*.pt") if p.stem[len(SNAPSHOT_PREFIX):].isdigit())
+    """Deletes all but the `keep` latest ema-<step>.pt in run_dir (latest by step, also past the padding's
+    7 digits); returns the ones kept, oldest first. keep >= 1."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    snapshots = sorted((p for p in run_dir.glob(f"{SNAPSHOT_PREFIX}*.pt") if snapshot_step(p) is not None),
+                       key=snapshot_step)
     for old in snapshots[:-keep]:
         old.unlink()
     return snapshots[-keep:]
