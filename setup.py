@@ -26,7 +26,7 @@ if sys.platform.startswith("linux"):
 
 extras_require = {
     "test": ["pytest", "pytest-benchmark", "httpx", "fastapi", "uvicorn", "scipy", "diffusers", "safetensors",
-             "selenium", "torch-fidelity"],
+             "selenium", "torch-fidelity", "tensorboard"],
     "serve": ["fastapi", "uvicorn"],
 }
 

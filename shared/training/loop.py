@@ -46,7 +46,7 @@ from shared.training.config import TrainConfig, check_config, merge_resume_optio
 from shared.training.data import without_judge_heldout
 from shared.training.heldout import fixed_heldout_batch, heldout_loss, split_heldout
 from shared.training.loss import drop_labels, l_simple, min_snr_weight
-from shared.training.recorder import Due, Recorder, Window, agree, due_at
+from shared.training.recorder import Due, Recorder, Window, agree, check_tensorboard, due_at
 from shared.training.signals import Interrupted, StopSignals
 from shared.training.state import Progress, TrainState
 
@@ -246,6 +246,8 @@ def train(cfg: TrainConfig, dataset=None, given: set[str] | None = None, note: s
 def _train(cfg: TrainConfig, dataset, given, note, ctx, device, signals) -> TrainResult:
     cfg, ckpt, ckpt_path = _resume_point(cfg, given)
     precision = resolve_precision(cfg.precision, device)
+    if cfg.tensorboard:
+        check_tensorboard()
     if ctx.is_main:  # fail before any slow work
         check_not_run_dir(cfg.out)
         check_writable_dir(cfg.out)

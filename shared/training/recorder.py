@@ -8,6 +8,9 @@ Checkpoints follow two rules:
   - ema.pt is written before last.pt, so after a kill between the two writes ema.pt is at most one
     checkpoint ahead of last.pt, and a resume from last.pt rewrites it with the same weights (exact
     resume); sampling never reads EMA weights older than the training state.
+
+With --tensorboard, <run>/tensorboard/ also receives every log.csv row's values (same names, same steps)
+and every sample grid; log.csv stays the record.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from shared.records.runs import CsvLog, make_run_dir, plot_loss, read_log, write
 from shared.training import distributed
 from shared.training.state import TrainState, capture_rng
 
+TENSORBOARD_DIR = "tensorboard"
 SNAPSHOT_PREFIX = "ema-"  # --keep-snapshots K keeps the last K of ema-<step>.pt beside ema.pt
 
 SAMPLE_GRID_ROWS = 8            # sample grids have 8 rows (and 8 columns, or one per class)
@@ -93,7 +97,7 @@ class Recorder:
     def __init__(self, ctx, cfg, options: dict, meta: dict, extra: dict, device: torch.device,
                  resumed_from: Path | None, start_step: int):
         self.ctx, self.cfg, self.options, self.meta, self.device = ctx, cfg, options, meta, device
-        self.run_dir, self.log, self.last_plot = None, None, time.monotonic()
+        self.run_dir, self.log, self.tensorboard, self.last_plot = None, None, None, time.monotonic()
         self.saved_step: int | None = None  # the step of the last last.pt written (None: none yet)
         if not ctx.is_main:
             return
@@ -104,10 +108,16 @@ class Recorder:
         prior = [r for r in read_log(resumed_from.parent / "log.csv") if int(r["step"]) <= start_step] \
             if resumed_from else []
         self.log = CsvLog(self.run_dir / "log.csv", prior)
+        if cfg.tensorboard:
+            self.tensorboard = TensorBoardLog(self.run_dir / TENSORBOARD_DIR)
+            for old in prior:
+                self.tensorboard.scalars({k: float(v) if v not in ("", None) else None for k, v in old.items()})
 
     def write_row(self, row: dict) -> None:
         if self.log is not None:
             self.log.write(row)
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(row)
 
     def plot(self, force: bool) -> None:
         if self.run_dir is not None and (force or time.monotonic() - self.last_plot > PLOT_INTERVAL_S):
@@ -144,6 +154,8 @@ class Recorder:
                 prune_snapshots(self.run_dir, self.cfg.keep_snapshots)
         atomic_save({"format": TRAIN_FORMAT, "model_config": state.model.config, **state.state_dict(rng),
                      "options": self.options, "schedule": schedule.to_dict(), "meta": meta}, self.run_dir / name)
+        if self.tensorboard is not None:  # the events reach disk at least as often as the checkpoints
+            self.tensorboard.flush()
         return True
 
     def samples(self, ema_module, schedule, step: int, precision: str) -> None:
@@ -151,7 +163,7 @@ class Recorder:
         if self.run_dir is None:
             return
         from shared.diffusion.samplers import sample  # imports torchvision (seconds): only when a grid is due
-        from shared.records.images import save_grid
+        from shared.records.images import grid_image
         num_classes = ema_module.num_classes
         # Class-conditional grids give each class a column (up to MAX_GRID_CLASSES); else 8×8.
         columns = min(num_classes, MAX_GRID_CLASSES) if num_classes else SAMPLE_GRID_ROWS
@@ -161,8 +173,11 @@ class Recorder:
                         labels=labels, sampler="ddim", num_steps=self.cfg.sample_steps, clip_x0=True,
                         device=self.device, precision=precision, progress=False)
         path = self.run_dir / f"samples-{step:07d}.png"
+        grid = grid_image(images.clamp(-1, 1), nrow=columns)
         with _one_line_write_errors(path):
-            save_grid(images.clamp(-1, 1), path, nrow=columns)
+            grid.save(path)
+        if self.tensorboard is not None:
+            self.tensorboard.image("samples", grid, step)
 
     def where_saved(self) -> str:
         """'the last finite checkpoint is <dir>/last.pt from step N', or that there is none."""
@@ -174,6 +189,43 @@ class Recorder:
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def check_tensorboard() -> None:
+    """--tensorboard fails at the start, before any record exists, when torch.utils.tensorboard cannot import."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+
+
+class TensorBoardLog:
+    """TensorBoard events beside log.csv: each row's values as scalars named like its columns at the row's
+    step, and the sample grids as images."""
+
+    def __init__(self, folder: Path):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def scalars(self, row: dict) -> None:
+        """row: a log.csv row ('step' and the logged values; None for a value not measured at that step)."""
+        step = int(row["step"])
+        for name, value in row.items():
+            if name != "step" and value is not None:
+                self.writer.add_scalar(name, value, step)
+
+    def image(self, tag: str, image, step: int) -> None:
+        """image: a PIL RGB image."""
+        import numpy as np
+        self.writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def snapshot_name(step: int) -> str:
