@@ -29,9 +29,10 @@ JIT_NAME = "kernels_sampling_step_C"
 KERNELS_DIR = Path(__file__).resolve().parent
 #: The op's folder: the built module lands here, the sources are under csrc/.
 EXTENSION_DIR = KERNELS_DIR / "sampling_step"
-CPU_SOURCES = ("sampling_step/csrc/sampling_step.cpp",)
-CUDA_SOURCES = ("sampling_step/csrc/cuda/sampling_step.cu",)
-HEADERS = ("sampling_step/csrc/sampling_step.h",)
+CPU_SOURCES = ("sampling_step/csrc/sampling_step.cpp", "sampling_step/csrc/philox_normal.cpp")
+CUDA_SOURCES = ("sampling_step/csrc/cuda/sampling_step.cu", "sampling_step/csrc/cuda/philox_normal.cu")
+HEADERS = ("sampling_step/csrc/sampling_step.h", "sampling_step/csrc/philox.h",
+           "sampling_step/csrc/philox_normal.h")
 
 #: GPU generations built by default when no GPU is present to ask: A100 (8.0), RTX 30xx/A10 (8.6),
 #: RTX 40xx/L4 (8.9), H100/H200 (9.0); PTX of the last one lets newer GPUs JIT-compile it.
@@ -46,6 +47,8 @@ CXX_FLAGS = [
     # Each operation rounds separately, as the eager step's tensor ops do: no a*b+c contraction into
     # FMA in the AVX2/AVX-512 clones of the CPU loop (the CUDA side's --fmad=false, below).
     "-ffp-contract=off",
+    # sqrt without the errno branch, so the noise kernel's lane loop becomes one vsqrtpd (results unchanged).
+    "-fno-math-errno",
     # at::parallel_for is header-inline over OpenMP: without -fopenmp it silently runs one thread.
     "-fopenmp",
 ]

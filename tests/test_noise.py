@@ -1,5 +1,7 @@
 """Per-sample noise: Philox4x32-10 against its published known answers and a plain-Python reference,
-the normals' statistics, and independence from the batch, the stream and the other samples."""
+the normals' statistics, and independence from the batch, the stream and the other samples (through
+per_sample_noise, i.e. the compiled op where it is built; tests/test_noise_op.py compares the op with
+the eager reference)."""
 from __future__ import annotations
 
 import math
@@ -9,8 +11,9 @@ import pytest
 import torch
 from scipy import stats
 
-from shared.diffusion.noise import (MASK32, PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1, per_sample_noise,
-                                    philox4x32, philox_normal)
+from kernels.sampling_step.philox_reference import (MASK32, PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1,
+                                                    philox4x32, philox_normal)
+from shared.diffusion.noise import per_sample_noise
 from shared.errors import UserError
 
 # Random123's kat_vectors, philox4x32 with 10 rounds: counter (4 words), key (2 words) → output (4 words).

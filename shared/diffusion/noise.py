@@ -1,26 +1,24 @@
 """Seeds and per-sample noise from a counter-based generator (Philox4x32-10) on the device.
 
 Sample i with seed s draws its noise for stream k (x_T is stream 0, sampler step j draws stream
-j + 1) from Philox4x32-10 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"):
+j + 1) from Philox4x32-10 keyed by s, counter (block, 0, k, 0), and Box-Muller in float64 rounded
+once to float32 (kernels/sampling_step/philox_reference.py states the generator). Every value is a
+pure function of (seed, stream, element index): the noise of image i never depends on the batch it is
+drawn in, nor on the other samples, and a whole batch is made on the output's device in one pass,
+with no host copy.
 
-    key     (k0, k1) = (s mod 2³², ⌊s / 2³²⌋ mod 2³²)       the sample's seed
-    counter (c0, c1, c2, c3) = (j, 0, k, 0)                  block j of the sample, stream k
-    output  4 uint32 words = Philox4x32-10(counter, key) → 4 normals (Box-Muller on two pairs)
+Two implementations make these values:
 
-Element 4j + m of a sample (C·H·W elements, row-major) is normal m of block j. Every value is a pure
-function of (seed, stream, element index): the noise of image i never depends on the batch it is drawn
-in, nor on the other samples, and all samples of a batch are made in one vectorised pass of tensor ops
-on the output's device, with no host copy.
+    op         torch.ops.diffusion_kernels.philox_normal (C++/CUDA, kernels/sampling_step/philox_op.py):
+               used whenever the extension is built for the device
+    eager      the reference in tensor ops (or, compiled=True, fused by torch.compile): used otherwise
 
-uint32 arithmetic is emulated in int64: the 32×32 → 64-bit products of Philox's mulhilo are split in
-16-bit halves so no product exceeds 2⁴⁸ (no signed overflow anywhere). The integer words are exact on
-every device; the Box-Muller transform runs in float64 and is rounded once to float32, so CPU and CUDA
-agree to within float64 libm ulps before that rounding (bitwise, but for values within an ulp of a
-float32 rounding boundary).
+They agree bitwise but for about one value in 10⁶, which differs by one float32 ulp (the op computes
+its own float64 log and sincos; the reference uses torch's). Within one implementation every value is
+bitwise the same at any batch size, and the op's values are bitwise the same on CPU and CUDA.
 """
 from __future__ import annotations
 
-import functools
 import math
 import random
 from typing import Sequence
@@ -28,19 +26,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from kernels.sampling_step import philox_op
+from kernels.sampling_step.philox_reference import philox_normal
 from shared.errors import UserError
 
-# Philox4x32 round constants (Salmon et al. 2011, Sec. 3.2; Random123's philox.h).
-PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # multipliers
-PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # key schedule: golden ratio and √3 − 1, as 32-bit fractions
-PHILOX_ROUNDS = 10
-MASK32 = 0xFFFFFFFF
 MAX_SEED = 2**63 - 1  # seeds travel as int64 on the device
-# Uniforms from the top 23 bits: u = (2m + 1)·2⁻²⁴ is exact in float32/64 and lies in (0, 1), so
-# log(u) is finite; the largest |z| is √(−2 log 2⁻²⁴) ≈ 5.77.
-UNIFORM_BITS = 23
-# Streams longer than this many blocks per sample would reuse counters (c0 is 32 bits).
-MAX_BLOCKS = 2**32
+#: per_sample_noise's implementations: the op when built, else eager (module docstring).
+NOISE_IMPLS = ("auto", "op", "eager", "compiled")
 
 
 def seed_everything(seed: int) -> None:
@@ -48,86 +40,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit words of the 64-bit product a·m, a int64 in [0, 2³²), m a 32-bit constant.
-
-    a·m = a·m_hi·2¹⁶ + a·m_lo with both partial products < 2⁴⁸, so int64 never overflows.
-    """
-    p_lo = a * (m & 0xFFFF)
-    p_hi = a * (m >> 16)
-    s = p_lo + ((p_hi & 0xFFFF) << 16)  # the low 48 bits of the product, plus a carry into bit 48
-    return (p_hi >> 16) + (s >> 32), s & MASK32
-
-
-def philox4x32(counter: Sequence[torch.Tensor | int], key: Sequence[torch.Tensor | int],
-               rounds: int = PHILOX_ROUNDS) -> tuple[torch.Tensor, ...]:
-    """Philox4x32-R (Random123's philox4x32_R) on int64 tensors holding uint32 words.
-
-    counter: 4 words, key: 2 words, each an int64 tensor (broadcastable to each other) or an int in
-    [0, 2³²). Returns the 4 output words as int64 tensors in [0, 2³²) of the broadcast shape.
-    """
-    c0, c1, c2, c3 = counter
-    k0, k1 = key
-    for r in range(rounds):
-        if r > 0:  # the key is bumped before every round but the first
-            k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
-        hi0, lo0 = _mulhilo(c0, PHILOX_M0)
-        hi1, lo1 = _mulhilo(c2, PHILOX_M1)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-    return c0, c1, c2, c3
-
-
-def _uniform(word: torch.Tensor) -> torch.Tensor:
-    """A uint32 word → float64 uniform in (0, 1) from its top UNIFORM_BITS bits."""
-    return ((word >> (32 - UNIFORM_BITS)) * 2 + 1).to(torch.float64) * 2.0 ** -(UNIFORM_BITS + 1)
-
-
-def _box_muller(w0: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two uint32 words → two independent N(0, 1) in float64 (Box & Muller 1958)."""
-    radius = (-2.0 * _uniform(w0).log()).sqrt()
-    angle = (2.0 * math.pi) * _uniform(w1)
-    return radius * angle.cos(), radius * angle.sin()
-
-
-def _philox_normal_blocks(seeds: torch.Tensor, stream: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    """float32 [N x B x 4]: the 4 normals of Philox block block[j] of (seeds[i], stream).
-
-    seeds: int64 [N]; stream: int64, one element (0-d or [1]); block: int64 [B] = arange(B). Every tensor comes in as an
-    argument (torch.compile turns an arange made inside into index arithmetic with integer divisions,
-    several times slower).
-    """
-    key0 = (seeds & MASK32).unsqueeze(1)                                   # [N, 1]
-    key1 = ((seeds >> 32) & MASK32).unsqueeze(1)                           # [N, 1]
-    words = philox4x32((block.unsqueeze(0), 0, stream & MASK32, 0), (key0, key1))  # 4 × [N, B]
-    z0, z1 = _box_muller(words[0], words[1])
-    z2, z3 = _box_muller(words[2], words[3])
-    return torch.stack((z0, z1, z2, z3), dim=-1).to(torch.float32)         # [N, B, 4]
-
-
-@functools.cache
-def _compiled_blocks():
-    """_philox_normal_blocks fused into one kernel by torch.compile (instead of ~150 tensor ops)."""
-    return torch.compile(_philox_normal_blocks, dynamic=True, fullgraph=True)
-
-
-def philox_normal(seeds: torch.Tensor, stream: int | torch.Tensor, numel: int, compiled: bool = False) -> torch.Tensor:
-    """Standard normals [N x numel] in float32 on seeds' device: row i from (seeds[i], stream) alone.
-
-    seeds: int64 [N] in [0, 2⁶³). stream: an int in [0, 2³²), or an int64 tensor of one element (0-d
-    or [1]) on seeds' device (what a captured CUDA graph reads). Element e of row i is normal e mod 4 of Philox block e // 4
-    (module docstring). compiled: run the fused torch.compile kernel instead of eager tensor ops.
-    """
-    blocks = -(-numel // 4)
-    if blocks > MAX_BLOCKS:
-        raise ValueError(f"{numel} elements per sample exceed the generator's 2^34 per stream")
-    device = seeds.device
-    if not torch.is_tensor(stream):  # a fill from the Python int: no host-to-device copy
-        stream = torch.full((), int(stream), dtype=torch.int64, device=device)
-    block = torch.arange(blocks, dtype=torch.int64, device=device)
-    make = _compiled_blocks() if compiled else _philox_normal_blocks
-    return make(seeds, stream, block).reshape(seeds.shape[0], blocks * 4)[:, :numel]
 
 
 def seeds_tensor(seeds: Sequence[int] | torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -141,16 +53,35 @@ def seeds_tensor(seeds: Sequence[int] | torch.Tensor, device: torch.device | str
     return torch.tensor(values, dtype=torch.int64, device=device)
 
 
+def noise_impl(device: torch.device | str, impl: str = "auto") -> str:
+    """The implementation per_sample_noise runs on device: impl itself, or for "auto" the op when it
+    is built for that device, else "eager". Asking for "op" where it is not built is a ValueError."""
+    if impl not in NOISE_IMPLS:
+        raise ValueError(f"unknown noise implementation {impl!r}; choose one of {', '.join(NOISE_IMPLS)}")
+    if impl == "auto":
+        return "op" if philox_op.available(device) else "eager"
+    if impl == "op" and not philox_op.available(device):
+        raise ValueError(f"the philox_normal op is not built for {torch.device(device).type}; build the "
+                         "extension with `pip install --no-build-isolation -e .`")
+    return impl
+
+
 def per_sample_noise(seeds: Sequence[int] | torch.Tensor, shape_chw: Sequence[int],
                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                     stream: int | torch.Tensor = 0, compiled: bool = False) -> torch.Tensor:
+                     stream: int | torch.Tensor = 0, compiled: bool = False, impl: str = "auto") -> torch.Tensor:
     """Standard normal noise [len(seeds) x *shape_chw], row i a function of (seeds[i], stream) alone.
 
     `stream` selects an independent sequence for the same seed (x_T is stream 0, step j of a sampler
-    stream j + 1). Made on `device` in one vectorised pass (Philox4x32-10 + Box-Muller, module docstring).
-    compiled=True runs the same function through torch.compile: one fused kernel, same values up to
-    float64 libm ulps before the float32 rounding; every call of one sampling run uses the same path.
+    stream j + 1): an int, or an int64 tensor of one element on `device`. Made on `device` in one pass
+    by `impl` (NOISE_IMPLS; module docstring); compiled=True is impl="compiled", the reference fused
+    by torch.compile. Every call of one sampling run resolves "auto" the same way.
     """
     seeds = seeds_tensor(seeds, device)
-    numel = math.prod(int(d) for d in shape_chw)
-    return philox_normal(seeds, stream, numel, compiled).reshape(seeds.shape[0], *shape_chw).to(dtype)
+    shape_chw = [int(d) for d in shape_chw]
+    impl = noise_impl(seeds.device, "compiled" if compiled else impl)
+    if impl == "op":
+        noise = philox_op.philox_normal(seeds, stream, shape_chw)
+    else:
+        numel = math.prod(shape_chw)
+        noise = philox_normal(seeds, stream, numel, impl == "compiled").reshape(seeds.shape[0], *shape_chw)
+    return noise.to(dtype)

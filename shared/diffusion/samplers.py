@@ -5,6 +5,7 @@ A sampler is what diffusers calls a scheduler: the timesteps it visits and one u
     sampler.timesteps                       descending ints in [0, T)
     sampler.step(i, x_t, ε, z, ε_u)         → (x_prev, x̂0), the update of the i-th visited timestep
     sampler.stochastic                      whether step i consumes fresh noise z
+    sampler.noise_in_kernel                 whether z goes in as InKernelNoise (the fused step draws it)
 
 and the loop (`sample_batch`) owns the model calls and the random numbers: sample i with seed s draws
 x_T from stream 0 of its seed and step k's noise from stream k + 1 (`shared.diffusion.noise`), so
@@ -132,6 +133,14 @@ def _step_coefficients():
     return coefficients.ddpm_coefficients, coefficients.ddim_coefficients
 
 
+@dataclasses.dataclass(frozen=True)
+class InKernelNoise:
+    """z of a step to be drawn inside the fused step: per_sample_noise(seeds, x.shape[1:], stream=stream)."""
+
+    seeds: torch.Tensor  # int64 [N] on the sampling device
+    stream: int
+
+
 class Sampler:
     """The timesteps a solver visits and its update; subclasses implement `step` and `_row`."""
 
@@ -151,6 +160,17 @@ class Sampler:
     def reset(self) -> None:
         """Forgets what earlier steps left (called before each batch)."""
 
+    @property
+    def noise_in_kernel(self) -> bool:
+        """Whether step() takes an `InKernelNoise` for z: the fused DDPM / DDIM step draws it itself."""
+        return self.opts.fused_step and self.stochastic
+
+    @staticmethod
+    def _noise_kwargs(noise: torch.Tensor | InKernelNoise | None) -> dict:
+        if isinstance(noise, InKernelNoise):
+            return dict(noise_seeds=noise.seeds, noise_stream=noise.stream)
+        return dict(noise=noise)
+
     def _guided(self, eps: torch.Tensor, eps_uncond: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         """(ε or ε̃, extra step kwargs): the fused step combines ε_c and ε_u in-kernel, else we do here."""
         if eps_uncond is None:
@@ -159,9 +179,10 @@ class Sampler:
             return eps, dict(eps_uncond=eps_uncond, guidance_scale=self.opts.guidance_scale)
         return cfg_combine(eps, eps_uncond, self.opts.guidance_scale), {}
 
-    def step(self, i: int, x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None = None,
+    def step(self, i: int, x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | InKernelNoise | None = None,
              eps_uncond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_t [N x C x H x W] at timesteps[i] → (x at t_prev(i), x̂0), both [N x C x H x W]."""
+        """x_t [N x C x H x W] at timesteps[i] → (x at t_prev(i), x̂0), both [N x C x H x W]. noise: z
+        [N x C x H x W], or an InKernelNoise when `noise_in_kernel`."""
         raise NotImplementedError
 
     def coefficients(self) -> torch.Tensor:
@@ -179,8 +200,8 @@ class DDPMSampler(Sampler):
 
     def step(self, i, x_t, eps, noise=None, eps_uncond=None):
         eps, guided = self._guided(eps, eps_uncond)
-        return self.ddpm_fn(self.schedule, x_t, eps, self.timesteps[i], noise=noise, clip_x0=self.opts.clip_x0,
-                            variance=self.opts.variance, return_x0=True, **guided)
+        return self.ddpm_fn(self.schedule, x_t, eps, self.timesteps[i], clip_x0=self.opts.clip_x0,
+                            variance=self.opts.variance, return_x0=True, **self._noise_kwargs(noise), **guided)
 
     def _row(self, i):
         ddpm_coefficients, _ = _step_coefficients()
@@ -198,8 +219,8 @@ class DDIMSampler(Sampler):
 
     def step(self, i, x_t, eps, noise=None, eps_uncond=None):
         eps, guided = self._guided(eps, eps_uncond)
-        return self.ddim_fn(self.schedule, x_t, eps, self.timesteps[i], self.t_prev(i), eta=self.eta, noise=noise,
-                            clip_x0=self.opts.clip_x0, return_x0=True, **guided)
+        return self.ddim_fn(self.schedule, x_t, eps, self.timesteps[i], self.t_prev(i), eta=self.eta,
+                            clip_x0=self.opts.clip_x0, return_x0=True, **self._noise_kwargs(noise), **guided)
 
     def _row(self, i):
         _, ddim_coefficients = _step_coefficients()
@@ -304,7 +325,11 @@ def sample_batch(model: torch.nn.Module, sampler: Sampler, seeds: torch.Tensor, 
     sampler.reset()
     for i, t in enumerate(sampler.timesteps[:max_steps]):
         eps, eps_uncond = model_eps(model, x, t, labels, opts.guidance_scale, opts.precision)
-        noise = per_sample_noise(seeds, shape_chw, seeds.device, torch.float32, i + 1) if sampler.stochastic else None
+        noise = None
+        if sampler.noise_in_kernel:  # the fused step draws the same values itself: one pass fewer
+            noise = InKernelNoise(seeds, i + 1)
+        elif sampler.stochastic:
+            noise = per_sample_noise(seeds, shape_chw, seeds.device, torch.float32, i + 1)
         x_next, x0_pred = sampler.step(i, x, eps, noise, eps_uncond)
         if callback is not None:
             callback(i, t, x, x0_pred)

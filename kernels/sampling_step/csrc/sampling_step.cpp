@@ -6,6 +6,8 @@
 // kernels/sampling_step/coefficients.py.
 #include "sampling_step.h"
 
+#include "philox_normal.h"
+
 #include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -15,8 +17,10 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 
@@ -43,7 +47,8 @@ void check_like(const char* op, const char* name, const at::Tensor& t, const at:
 
 void check_inputs(const char* op, const at::Tensor& x_t, const at::Tensor& eps,
                   const std::optional<at::Tensor>& eps_uncond, const std::optional<at::Tensor>& noise,
-                  const StepCoefs& coefs) {
+                  const std::optional<at::Tensor>& noise_seeds,
+                  const std::optional<at::Tensor>& noise_stream, const StepCoefs& coefs) {
   const auto dtype = x_t.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
               ": x_t has dtype ", dtype, "; supported are float32, float16 and bfloat16");
@@ -55,6 +60,17 @@ void check_inputs(const char* op, const at::Tensor& x_t, const at::Tensor& eps,
   if (noise.has_value()) {
     check_like(op, "noise", *noise, x_t);
   }
+  TORCH_CHECK(noise_seeds.has_value() == noise_stream.has_value(), op,
+              ": noise_seeds and noise_stream go together (in-kernel noise), got only one");
+  if (noise_seeds.has_value()) {
+    TORCH_CHECK(!noise.has_value(), op, ": give either noise or noise_seeds/noise_stream, not both");
+    philox::check_seeds_and_stream(op, *noise_seeds, *noise_stream);
+    TORCH_CHECK(x_t.dim() >= 1 && noise_seeds->size(0) == x_t.size(0), op, ": noise_seeds has ",
+                noise_seeds->size(0), " seeds but x_t has shape ", x_t.sizes(), "; one seed per sample");
+    TORCH_CHECK(noise_seeds->device() == x_t.device(), op, ": noise_seeds is on ",
+                noise_seeds->device(), " but x_t is on ", x_t.device());
+    philox::checked_sample_numel(op, x_t.sizes().slice(1));
+  }
   const float all[] = {coefs.guidance_scale, coefs.x0_coef_xt, coefs.x0_coef_eps,
                        coefs.out_coef_x0,    coefs.out_coef_rest, coefs.sigma};
   for (float value : all) {
@@ -63,8 +79,9 @@ void check_inputs(const char* op, const at::Tensor& x_t, const at::Tensor& eps,
   TORCH_CHECK(coefs.sigma >= 0.0f, op, ": sigma must be >= 0, got ", coefs.sigma);
   TORCH_CHECK(coefs.x0_coef_eps > 0.0f, op, ": sqrt_recipm1_alphas_cumprod must be > 0, got ",
               coefs.x0_coef_eps);
-  TORCH_CHECK(coefs.sigma == 0.0f || noise.has_value(), op,
-              ": noise is required when sigma > 0 (DDPM at t > 0, DDIM with eta > 0), got none");
+  TORCH_CHECK(coefs.sigma == 0.0f || noise.has_value() || noise_seeds.has_value(), op,
+              ": noise is required when sigma > 0 (DDPM at t > 0, DDIM with eta > 0), got none; pass "
+              "noise, or noise_seeds and noise_stream");
 }
 
 namespace {
@@ -190,13 +207,9 @@ C10_ALWAYS_INLINE void run_lanes(const CpuPointers<scalar_t>& p, const StepCoefs
   }
 }
 
-// The loop is compiled for three x86-64 levels — v4 (AVX-512, 16 lanes), v3 (AVX2, FMA, F16C, 8 lanes)
-// and the baseline (SSE2, 4 lanes) — and the widest the CPU supports runs, so the module stays
-// portable and uses the wide registers where they exist. Other compilers and CPUs get one 8-lane
-// build, which their vector units split as they can.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define SAMPLING_STEP_X86_LEVELS 1
-
+// The loop for each x86-64 level (sampling_step.h): v4 with 16 lanes, v3 with 8, the baseline with 4;
+// one 8-lane build elsewhere, which the vector unit splits as it can.
+#ifdef SAMPLING_STEP_X86_LEVELS
 template <typename scalar_t, Mode MODE, bool GUIDED, bool CLIP, bool NOISE>
 __attribute__((target("arch=x86-64-v4"))) void run_x86_64_v4(const CpuPointers<scalar_t>& p,
                                                                const StepCoefs& c, int64_t begin,
@@ -211,13 +224,6 @@ __attribute__((target("arch=x86-64-v3"))) void run_x86_64_v3(const CpuPointers<s
   run_lanes<scalar_t, MODE, GUIDED, CLIP, NOISE, 8>(p, c, begin, end);
 }
 
-// 4, 3 or 1: the x86-64 level of this CPU, asked once.
-int x86_64_level() {
-  static const int level = __builtin_cpu_supports("x86-64-v4")   ? 4
-                           : __builtin_cpu_supports("x86-64-v3") ? 3
-                                                                 : 1;
-  return level;
-}
 #endif
 
 template <typename scalar_t, Mode MODE, bool GUIDED, bool CLIP, bool NOISE>
@@ -236,19 +242,54 @@ void cpu_run(const CpuPointers<scalar_t>& p, const StepCoefs& c, int64_t begin, 
 #endif
 }
 
+// The update with in-kernel noise: per tile of one sample (philox_normal.h), the tile's noise is made
+// into a buffer that stays in L1, rounded to the storage dtype as noise.to(dtype) would be, and read
+// by the same loop as a noise tensor. One pass over memory fewer than drawing the noise apart.
+template <typename scalar_t, Mode MODE, bool GUIDED, bool CLIP>
+void cpu_run_philox(const CpuPointers<scalar_t>& p, const StepCoefs& c, const int64_t* seeds,
+                    uint64_t stream, int64_t n_samples, int64_t sample_numel) {
+  constexpr int64_t kTile = philox::kTileValues;
+  const int64_t tiles_per_sample = (sample_numel + kTile - 1) / kTile;
+  at::parallel_for(0, n_samples * tiles_per_sample, philox::kGrainTiles, [&](int64_t begin, int64_t end) {
+    float z[kTile];
+    scalar_t z_stored[std::is_same_v<scalar_t, float> ? 1 : kTile];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t sample = item / tiles_per_sample;
+      const int64_t first = (item % tiles_per_sample) * kTile;
+      const int64_t count = std::min(sample_numel - first, kTile);
+      philox::fill_normals_cpu(static_cast<uint64_t>(seeds[sample]), stream, first / 4, count, z);
+      const scalar_t* noise = nullptr;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        noise = z;
+      } else {
+        for (int64_t k = 0; k < count; ++k) z_stored[k] = static_cast<scalar_t>(z[k]);
+        noise = z_stored;
+      }
+      const int64_t offset = sample * sample_numel + first;
+      const CpuPointers<scalar_t> tile{
+          p.x_t + offset, p.eps + offset, p.eps_uncond != nullptr ? p.eps_uncond + offset : nullptr,
+          noise,          p.x_prev + offset, p.x0_out != nullptr ? p.x0_out + offset : nullptr};
+      cpu_run<scalar_t, MODE, GUIDED, CLIP, true>(tile, c, 0, count);
+    }
+  });
+}
+
 template <Mode MODE>
 std::tuple<at::Tensor, at::Tensor> step_cpu(const char* op, const at::Tensor& x_t,
                                             const at::Tensor& eps,
                                             const std::optional<at::Tensor>& eps_uncond,
                                             const std::optional<at::Tensor>& noise,
+                                            const std::optional<at::Tensor>& noise_seeds,
+                                            const std::optional<at::Tensor>& noise_stream,
                                             const StepCoefs& coefs, bool clip_x0, bool return_x0) {
-  check_inputs(op, x_t, eps, eps_uncond, noise, coefs);
+  check_inputs(op, x_t, eps, eps_uncond, noise, noise_seeds, noise_stream, coefs);
   TORCH_CHECK(x_t.device().is_cpu(), op, ": the CPU kernel got a tensor on ", x_t.device());
   at::Tensor x_prev = at::empty_like(x_t);
   at::Tensor x0_pred = return_x0 ? at::empty_like(x_t) : at::empty({0}, x_t.options());
   const int64_t n = x_t.numel();
   // A zero sigma (DDPM t = 0, DDIM η = 0) adds nothing, so the noise is not even read.
   const bool use_noise = noise.has_value() && coefs.sigma != 0.0f;
+  const bool philox_noise = noise_seeds.has_value() && coefs.sigma != 0.0f && n > 0;
 
   AT_DISPATCH_V2(x_t.scalar_type(), "sampling_step_cpu", AT_WRAP([&] {
     const CpuPointers<scalar_t> ptrs{
@@ -260,6 +301,12 @@ std::tuple<at::Tensor, at::Tensor> step_cpu(const char* op, const at::Tensor& x_
         return_x0 ? x0_pred.mutable_data_ptr<scalar_t>() : nullptr};
     dispatch_bool(eps_uncond.has_value(), [&](auto guided) {
       dispatch_bool(clip_x0, [&](auto clip) {
+        if (philox_noise) {
+          return cpu_run_philox<scalar_t, MODE, decltype(guided)::value, decltype(clip)::value>(
+              ptrs, coefs, noise_seeds->const_data_ptr<int64_t>(),
+              static_cast<uint64_t>(noise_stream->const_data_ptr<int64_t>()[0]), x_t.size(0),
+              n / x_t.size(0));
+        }
         dispatch_bool(use_noise, [&](auto with_noise) {
           at::parallel_for(0, n, kGrainSize, [&](int64_t begin, int64_t end) {
             cpu_run<scalar_t, MODE, decltype(guided)::value, decltype(clip)::value,
@@ -276,40 +323,57 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(
     const at::Tensor& x_t, const at::Tensor& eps, const std::optional<at::Tensor>& eps_uncond,
     const std::optional<at::Tensor>& noise, double guidance_scale, double sqrt_recip_alphas_cumprod,
     double sqrt_recipm1_alphas_cumprod, double posterior_mean_coef1, double posterior_mean_coef2,
-    double sigma, bool clip_x0, bool return_x0) {
+    double sigma, bool clip_x0, bool return_x0, const std::optional<at::Tensor>& noise_seeds,
+    const std::optional<at::Tensor>& noise_stream) {
   const StepCoefs coefs = make_coefs(guidance_scale, sqrt_recip_alphas_cumprod,
                                      sqrt_recipm1_alphas_cumprod, posterior_mean_coef1,
                                      posterior_mean_coef2, sigma);
-  return step_cpu<Mode::kDDPM>(KERNELS_OP_NAME("ddpm_step"), x_t, eps, eps_uncond, noise, coefs,
-                               clip_x0, return_x0);
+  return step_cpu<Mode::kDDPM>(KERNELS_OP_NAME("ddpm_step"), x_t, eps, eps_uncond, noise,
+                               noise_seeds, noise_stream, coefs, clip_x0, return_x0);
 }
 
 std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(
     const at::Tensor& x_t, const at::Tensor& eps, const std::optional<at::Tensor>& eps_uncond,
     const std::optional<at::Tensor>& noise, double guidance_scale, double sqrt_recip_alphas_cumprod,
     double sqrt_recipm1_alphas_cumprod, double sqrt_alphas_cumprod_prev, double direction_coef,
-    double sigma, bool clip_x0, bool return_x0) {
+    double sigma, bool clip_x0, bool return_x0, const std::optional<at::Tensor>& noise_seeds,
+    const std::optional<at::Tensor>& noise_stream) {
   const StepCoefs coefs = make_coefs(guidance_scale, sqrt_recip_alphas_cumprod,
                                      sqrt_recipm1_alphas_cumprod, sqrt_alphas_cumprod_prev,
                                      direction_coef, sigma);
-  return step_cpu<Mode::kDDIM>(KERNELS_OP_NAME("ddim_step"), x_t, eps, eps_uncond, noise, coefs,
-                               clip_x0, return_x0);
+  return step_cpu<Mode::kDDIM>(KERNELS_OP_NAME("ddim_step"), x_t, eps, eps_uncond, noise,
+                               noise_seeds, noise_stream, coefs, clip_x0, return_x0);
 }
 
 }  // namespace
 
+#ifdef SAMPLING_STEP_X86_LEVELS
+int x86_64_level() {
+  static const int level = [] {
+    const int supported = __builtin_cpu_supports("x86-64-v4")   ? 4
+                          : __builtin_cpu_supports("x86-64-v3") ? 3
+                                                                : 1;
+    // KERNELS_X86_64_LEVEL=1|3 caps the level, so the narrower builds can be tested on any CPU.
+    const char* cap = std::getenv("KERNELS_X86_64_LEVEL");
+    return cap != nullptr && std::atoi(cap) >= 1 ? std::min(supported, std::atoi(cap)) : supported;
+  }();
+  return level;
+}
+#endif
+
 KERNELS_LIBRARY(KERNELS_OP_NAMESPACE, m) {
   // Both ops return (x_prev, x0_pred); x0_pred is an empty [0] tensor unless return_x0 is true.
+  // noise_seeds [N] and noise_stream draw z in-kernel (philox_normal's values) instead of reading noise.
   m.def(
       "ddpm_step(Tensor x_t, Tensor eps, Tensor? eps_uncond, Tensor? noise, float guidance_scale, "
       "float sqrt_recip_alphas_cumprod, float sqrt_recipm1_alphas_cumprod, "
       "float posterior_mean_coef1, float posterior_mean_coef2, float sigma, bool clip_x0, "
-      "bool return_x0) -> (Tensor, Tensor)");
+      "bool return_x0, Tensor? noise_seeds=None, Tensor? noise_stream=None) -> (Tensor, Tensor)");
   m.def(
       "ddim_step(Tensor x_t, Tensor eps, Tensor? eps_uncond, Tensor? noise, float guidance_scale, "
       "float sqrt_recip_alphas_cumprod, float sqrt_recipm1_alphas_cumprod, "
       "float sqrt_alphas_cumprod_prev, float direction_coef, float sigma, bool clip_x0, "
-      "bool return_x0) -> (Tensor, Tensor)");
+      "bool return_x0, Tensor? noise_seeds=None, Tensor? noise_stream=None) -> (Tensor, Tensor)");
 }
 
 KERNELS_LIBRARY_IMPL(KERNELS_OP_NAMESPACE, CPU, m) {

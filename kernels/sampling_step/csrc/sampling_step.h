@@ -65,6 +65,15 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE float clamp_unit(float x) {
 }
 
 #if !defined(__CUDACC__)
+// The CPU loops are compiled for three x86-64 levels — v4 (AVX-512), v3 (AVX2, FMA, F16C) and the
+// baseline (SSE2) — and the widest the CPU supports runs, so the module stays portable and uses the
+// wide registers where they exist. Other compilers and CPUs get one build.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define SAMPLING_STEP_X86_LEVELS 1
+// 4, 3 or 1: the x86-64 level of this CPU, asked once (sampling_step.cpp).
+int x86_64_level();
+#endif
+
 // The CPU loop works on W lanes at a time through a GCC/Clang vector type, W the width of the
 // registers of the function being compiled (16 with AVX-512, 8 with AVX2, 4 with SSE2): every
 // operation, comparisons included, then maps to one instruction, and a select is a blend, never a
@@ -136,8 +145,11 @@ namespace sampling_step {
 
 // Validates the op's inputs (shapes, dtypes, devices, contiguity, coefficients) with TORCH_CHECK, so
 // a bad call becomes one clear Python RuntimeError. Shared by both backends; defined in the .cpp.
+// noise_seeds [N] and noise_stream (one element) ask for in-kernel noise instead of a noise tensor:
+// z of sample n is philox_normal(noise_seeds[n], noise_stream), rounded to x_t's dtype.
 void check_inputs(const char* op, const at::Tensor& x_t, const at::Tensor& eps,
                   const std::optional<at::Tensor>& eps_uncond, const std::optional<at::Tensor>& noise,
-                  const StepCoefs& coefs);
+                  const std::optional<at::Tensor>& noise_seeds,
+                  const std::optional<at::Tensor>& noise_stream, const StepCoefs& coefs);
 
 }  // namespace sampling_step

@@ -3,6 +3,7 @@
 // on the current stream so it orders correctly under torch.compile, CUDA graphs and user streams.
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h would pull in cuBLAS/cuSPARSE headers, which a
 // minimal toolkit (nvcc + cudart) does not have.
+#include "../philox.h"
 #include "../sampling_step.h"
 
 #include <ATen/Dispatch_v2.h>
@@ -47,7 +48,37 @@ struct StepPointers {
   const scalar_t* __restrict__ noise;
   scalar_t* __restrict__ x_prev;
   scalar_t* __restrict__ x0_pred;
+  // In-kernel noise (instead of `noise`): sample n's seed and the stream, both read on the device.
+  const int64_t* __restrict__ noise_seeds;
+  const int64_t* __restrict__ noise_stream;
+  int64_t sample_numel;
 };
+
+// z of element e (flat index) from the seeds: philox_normal's value, rounded to the storage dtype as
+// noise.to(dtype) would be. `cache` keeps the last Philox block, so a pack spanning one block makes
+// it once.
+struct NoiseBlockCache {
+  int64_t sample = -1;
+  int64_t block = -1;
+  double z[4];
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ float philox_noise(const StepPointers<scalar_t>& p, int64_t e,
+                                              NoiseBlockCache& cache) {
+  const int64_t sample = e / p.sample_numel;
+  const int64_t within = e - sample * p.sample_numel;
+  const int64_t block = within >> 2;
+  if (sample != cache.sample || block != cache.block) {
+    philox::normals<uint64_t, double>(static_cast<uint64_t>(p.noise_seeds[sample]),
+                                      static_cast<uint64_t>(*p.noise_stream),
+                                      static_cast<uint64_t>(block), cache.z[0], cache.z[1],
+                                      cache.z[2], cache.z[3]);
+    cache.sample = sample;
+    cache.block = block;
+  }
+  return static_cast<float>(static_cast<scalar_t>(static_cast<float>(cache.z[within & 3])));
+}
 
 // Elements [i * W, i * W + W) through one aligned pack per tensor, W = 1 for the scalar path.
 // Mode, guidance and clipping are template parameters; noise and the x̂0 output are warp-uniform
@@ -63,14 +94,18 @@ __device__ __forceinline__ void step_pack(const StepPointers<scalar_t>& p, const
   if constexpr (GUIDED) eu = reinterpret_cast<const P*>(p.eps_uncond)[i];
   const bool with_noise = p.noise != nullptr;
   if (with_noise) z = reinterpret_cast<const P*>(p.noise)[i];
+  const bool with_philox = p.noise_seeds != nullptr;
+  NoiseBlockCache cache;
 #pragma unroll
   for (int k = 0; k < W; ++k) {
     float o, x0k;
+    const float zk = with_noise    ? static_cast<float>(z.v[k])
+                     : with_philox ? philox_noise(p, i * W + k, cache)
+                                   : 0.0f;
     // Without noise sigma is 0 (checked on the host), so adding sigma * 0 leaves the result as is.
     step_element<MODE, GUIDED, CLIP, true>(
         static_cast<float>(x.v[k]), static_cast<float>(e.v[k]),
-        GUIDED ? static_cast<float>(eu.v[k]) : 0.0f, with_noise ? static_cast<float>(z.v[k]) : 0.0f,
-        c, o, x0k);
+        GUIDED ? static_cast<float>(eu.v[k]) : 0.0f, zk, c, o, x0k);
     out.v[k] = static_cast<scalar_t>(o);
     x0.v[k] = static_cast<scalar_t>(x0k);
   }
@@ -129,8 +164,10 @@ std::tuple<at::Tensor, at::Tensor> step_cuda(const char* op, const at::Tensor& x
                                              const at::Tensor& eps,
                                              const std::optional<at::Tensor>& eps_uncond,
                                              const std::optional<at::Tensor>& noise,
+                                             const std::optional<at::Tensor>& noise_seeds,
+                                             const std::optional<at::Tensor>& noise_stream,
                                              const StepCoefs& coefs, bool clip_x0, bool return_x0) {
-  check_inputs(op, x_t, eps, eps_uncond, noise, coefs);
+  check_inputs(op, x_t, eps, eps_uncond, noise, noise_seeds, noise_stream, coefs);
   TORCH_CHECK(x_t.is_cuda(), op, ": the CUDA kernel got a tensor on ", x_t.device());
   const c10::cuda::CUDAGuard guard(x_t.device());
   at::Tensor x_prev = at::empty_like(x_t);
@@ -140,6 +177,7 @@ std::tuple<at::Tensor, at::Tensor> step_cuda(const char* op, const at::Tensor& x
     return {x_prev, x0_pred};
   }
   const bool use_noise = noise.has_value() && coefs.sigma != 0.0f;
+  const bool philox_noise = noise_seeds.has_value() && coefs.sigma != 0.0f;
 
   AT_DISPATCH_V2(x_t.scalar_type(), "sampling_step_cuda", AT_WRAP([&] {
     StepPointers<scalar_t> p{
@@ -148,7 +186,10 @@ std::tuple<at::Tensor, at::Tensor> step_cuda(const char* op, const at::Tensor& x
         eps_uncond.has_value() ? eps_uncond->const_data_ptr<scalar_t>() : nullptr,
         use_noise ? noise->const_data_ptr<scalar_t>() : nullptr,
         x_prev.mutable_data_ptr<scalar_t>(),
-        return_x0 ? x0_pred.mutable_data_ptr<scalar_t>() : nullptr};
+        return_x0 ? x0_pred.mutable_data_ptr<scalar_t>() : nullptr,
+        philox_noise ? noise_seeds->const_data_ptr<int64_t>() : nullptr,
+        philox_noise ? noise_stream->const_data_ptr<int64_t>() : nullptr,
+        n / x_t.size(0)};
     dispatch_bool(eps_uncond.has_value(), [&](auto guided) {
       dispatch_bool(clip_x0, [&](auto clip) {
         launch<scalar_t, MODE, decltype(guided)::value, decltype(clip)::value>(p, coefs, n);
@@ -162,24 +203,26 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cuda(
     const at::Tensor& x_t, const at::Tensor& eps, const std::optional<at::Tensor>& eps_uncond,
     const std::optional<at::Tensor>& noise, double guidance_scale, double sqrt_recip_alphas_cumprod,
     double sqrt_recipm1_alphas_cumprod, double posterior_mean_coef1, double posterior_mean_coef2,
-    double sigma, bool clip_x0, bool return_x0) {
+    double sigma, bool clip_x0, bool return_x0, const std::optional<at::Tensor>& noise_seeds,
+    const std::optional<at::Tensor>& noise_stream) {
   const StepCoefs coefs = make_coefs(guidance_scale, sqrt_recip_alphas_cumprod,
                                      sqrt_recipm1_alphas_cumprod, posterior_mean_coef1,
                                      posterior_mean_coef2, sigma);
-  return step_cuda<Mode::kDDPM>(KERNELS_OP_NAME("ddpm_step"), x_t, eps, eps_uncond, noise, coefs,
-                                clip_x0, return_x0);
+  return step_cuda<Mode::kDDPM>(KERNELS_OP_NAME("ddpm_step"), x_t, eps, eps_uncond, noise,
+                                noise_seeds, noise_stream, coefs, clip_x0, return_x0);
 }
 
 std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(
     const at::Tensor& x_t, const at::Tensor& eps, const std::optional<at::Tensor>& eps_uncond,
     const std::optional<at::Tensor>& noise, double guidance_scale, double sqrt_recip_alphas_cumprod,
     double sqrt_recipm1_alphas_cumprod, double sqrt_alphas_cumprod_prev, double direction_coef,
-    double sigma, bool clip_x0, bool return_x0) {
+    double sigma, bool clip_x0, bool return_x0, const std::optional<at::Tensor>& noise_seeds,
+    const std::optional<at::Tensor>& noise_stream) {
   const StepCoefs coefs = make_coefs(guidance_scale, sqrt_recip_alphas_cumprod,
                                      sqrt_recipm1_alphas_cumprod, sqrt_alphas_cumprod_prev,
                                      direction_coef, sigma);
-  return step_cuda<Mode::kDDIM>(KERNELS_OP_NAME("ddim_step"), x_t, eps, eps_uncond, noise, coefs,
-                                clip_x0, return_x0);
+  return step_cuda<Mode::kDDIM>(KERNELS_OP_NAME("ddim_step"), x_t, eps, eps_uncond, noise,
+                                noise_seeds, noise_stream, coefs, clip_x0, return_x0);
 }
 
 }  // namespace
