@@ -75,7 +75,8 @@ def test_a_resumed_run_keeps_its_own_snapshots(tmp_path):
     first = train(_cfg(tmp_path, "runs", max_steps=6, keep_snapshots=2), data).run_dir
     assert _snapshots(first) == ["ema-0000004.pt", "ema-0000006.pt"]
     before = {name: (first / name).read_bytes() for name in _snapshots(first)}
-    resumed = train(TrainConfig(resume=str(first), max_steps=10, out=str(tmp_path / "runs"), device="cpu"), data).run_dir
+    again = TrainConfig(resume=str(first), max_steps=10, out=str(tmp_path / "runs"), device="cpu")
+    resumed = train(again, data).run_dir
     assert resumed != first
     assert _snapshots(resumed) == ["ema-0000008.pt", "ema-0000010.pt"]
     assert {name: (first / name).read_bytes() for name in _snapshots(first)} == before

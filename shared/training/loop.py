@@ -9,7 +9,8 @@ Around that loop, the practices that make it converge and survive: AdamW with li
 optional cosine decay, gradient clipping, an EMA of the weights (used for every evaluation and sample),
 bf16/fp16 autocast (fp16 with a GradScaler), skipping of non-finite steps, label dropout to the null
 class for classifier-free guidance (Ho & Salimans 2022), a held-out denoising loss with fixed t and ε
-so evaluations compare, early stopping on it, exact resume and DistributedDataParallel.
+so evaluations compare, early stopping on it, exact resume, DistributedDataParallel and gradient
+accumulation (one optimizer step over K micro-batches: the gradient of a K-times larger batch).
 
 The step never waits on the host: the loss, the gradient norm and the finite check stay on the device;
 a non-finite step is masked out of the optimizer (fused AdamW's found_inf) and the EMA (a zero weight)
@@ -23,8 +24,8 @@ from __future__ import annotations
 import math
 import sys
 from contextlib import nullcontext
-from itertools import islice
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from shared.errors import UserError
-from shared.records.checkpoint import (BEST_NAME, EMA_NAME, LAST_NAME, TRAIN_FORMAT, atomic_save, ema_file,
+from shared.records.checkpoint import (EMA_NAME, LAST_NAME, TRAIN_FORMAT, atomic_save, ema_file,
                                        remove_stale_temp_files)
 from shared.records.runs import CsvLog, make_run_dir, plot_loss, read_log, write_options
 from shared.training import distributed
