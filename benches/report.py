@@ -29,8 +29,12 @@ KERNEL_IMPLS = ["eager", "compile", "sdpa", "fused"]
 TRAIN_IMPLS = ["eager", "fused", "compile", "fused+compile"]
 SAMPLING_IMPLS = ["eager", "fused step", "fused", "fused+graphs", "sample() eager", "sample() fused step",
                   "sample() fused"]
+NOISE_BASE = "torch.randn"  # what per-sample noise is compared with (benches/bench_noise.py)
+LOOP_IMPLS = ["before", "after"]  # the training loop before and after the sync-free step (bench_train.py)
 FAMILY_TITLES = {"kernel": "Kernels (Triton)", "step": "Fused sampling step (C++/CUDA)",
-                 "train": "Training step (images/s, peak VRAM)", "sampling": "Sampling (images/s)"}
+                 "train": "Training step (images/s, peak VRAM)", "sampling": "Sampling (images/s)",
+                 "noise": "Per-sample noise (Philox) and in-kernel noise",
+                 "train_loop": "Training loop (images/s, consecutive steps with data and EMA)"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,6 +138,12 @@ def _is(**want) -> Callable[[dict], bool]:
     return match
 
 
+def _time_ratio(row: Row, impl: str, base: str) -> float | None:
+    """time(impl) / time(base): the cost of impl in units of base (< 1: impl is cheaper)."""
+    t_impl, t_base = row.time(impl), row.time(base)
+    return t_impl / t_base if t_impl and t_base else None
+
+
 def _pct(row: Row) -> float | None:
     return row.get("fused", "pct_of_ceiling")
 
@@ -166,6 +176,9 @@ BARS = [
         _is(size=["MNIST b64", "MNIST b256"]), lambda r: speedup(r, "fused", "eager"), 4.0),
     Bar("sampling step", "sampling step at the large size, % of copy bandwidth", "cuda", "step",
         _is(size="large"), _pct, 85.0, unit=" %"),
+    *(Bar("noise", "per-sample noise 1024×3×32×32, op time / one torch.randn", device, "noise",
+          _is(op="per_sample_noise"), lambda r: _time_ratio(r, "op", NOISE_BASE), 1.5, at_most=True)
+      for device in ("cpu", "cuda")),
 ]
 
 
@@ -255,6 +268,28 @@ def sampling_table(rows: list[Row]) -> list[str]:
     return _table(header, lines)
 
 
+def noise_table(rows: list[Row]) -> list[str]:
+    """Each implementation's median, and its time over the first column's (torch.randn for the noise,
+    the op-noise-then-step for the step): the cost in units of the reference, measured in one run."""
+    impls = list(dict.fromkeys(i for r in rows for i in r.impls))
+    header = ["case"] + [f"{i} (median)" for i in impls] + ["time / first column", "bars"]
+    lines = []
+    for r in rows:
+        base = next(iter(r.impls))
+        ratios = [f"{i}: {_x(_time_ratio(r, i, base))}" for i in r.impls if i != base]
+        lines.append([r.case] + [_ms(r.time(i)) for i in impls]
+                     + ["<br>".join(ratios) or "—", "<br>".join(verdict(b, r) for b in bars_for(r))])
+    return _table(header, lines)
+
+
+def train_loop_table(rows: list[Row]) -> list[str]:
+    impls = [i for i in LOOP_IMPLS if any(i in r.impls for r in rows)]
+    header = ["case"] + [f"{i} img/s" for i in impls] + ["after vs before"]
+    lines = [[r.case] + [_f(r.get(i, "images_per_s"), "{:.0f}") for i in impls]
+             + [_x(throughput_ratio(r, "after", "before"))] for r in rows]
+    return _table(header, lines)
+
+
 def bar_summary(families: dict[str, list[Row]], device: str) -> list[str]:
     lines = []
     for bar in BARS:
@@ -300,7 +335,7 @@ def render(run: dict, note: str | None = None) -> str:
                 f"({c['matmul_size']}³).", ""]
     out += ["## Bars", ""] + (bar_summary(families, device) or ["- none apply on this device"]) + [""]
     for family, table in (("kernel", kernel_table), ("step", kernel_table), ("train", train_table),
-                          ("sampling", sampling_table)):
+                          ("train_loop", train_loop_table), ("sampling", sampling_table), ("noise", noise_table)):
         if families.get(family):
             out += [f"## {FAMILY_TITLES[family]}", ""] + table(families[family]) + [""]
     formulas = sorted({(r.info.get("op", r.case.split()[0]), r.info.get("bytes_formula") or r.info.get("flops_formula"))
