@@ -83,7 +83,8 @@ def prepare_judge(dataset: str, data_dir: str | None, classifier_path: str | Non
     if classifier_path is not None:
         check_classifier_path(classifier_path)  # a directory or a file-as-parent fails before the data load
 
-    data = load_dataset(dataset, data_dir=data_dir, train=True, image_size=int(image_shape[-1]), quiet=True)
+    data = load_dataset(dataset, data_dir=data_dir, train=True, image_size=int(image_shape[-1]),
+                        channels=int(image_shape[0]), quiet=True)
     images, labels = stack_dataset(data)
     check_dataset_matches(images, image_shape, f"--dataset {dataset}")
     (train_x, train_y), (held_x, held_y) = split_real(images, labels, heldout)

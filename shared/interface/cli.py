@@ -88,10 +88,10 @@ def int_list(text: str) -> list[int]:
 
 def add_dataset_args(parser: argparse.ArgumentParser, default: str = "mnist") -> None:
     parser.add_argument("--dataset", choices=DATASET_NAMES, default=default,
-                        help="dataset; 'folder' reads an ImageFolder tree from --data-dir")
+                        help="dataset; 'folder' reads --data-dir: a folder of images (unconditional) or one sub-folder per class")
     parser.add_argument("--data-dir", default=None,
-                        help="where the data lives: MNIST-format IDX files (offline), an ImageFolder "
-                             "tree (--dataset folder), or a torchvision root; default ./data")
+                        help="where the data lives: MNIST-format IDX files (offline), an image folder "
+                             "(--dataset folder), or a torchvision root; default ./data")
 
 
 def add_schedule_args(parser: argparse.ArgumentParser) -> None:

@@ -49,10 +49,10 @@ DATA, LENGTH, OPTIM, RECORDS, SPEED = ("data and model", "length and batch", "op
 @dataclass
 class TrainConfig:
     """Every option of a training run; stage3_train/train.py exposes each as a flag of the same name."""
-    dataset: str = option("mnist", "dataset; 'folder' reads an ImageFolder tree from --data-dir", DATA,
+    dataset: str = option("mnist", "dataset; 'folder' reads --data-dir: a folder of images (unconditional) or one sub-folder per class", DATA,
                           choices=DATASET_NAMES)
-    data_dir: str | None = option(None, "where the data lives: MNIST-format IDX files (offline), an ImageFolder "
-                                  "tree (--dataset folder), or a torchvision root; default ./data", DATA)
+    data_dir: str | None = option(None, "where the data lives: MNIST-format IDX files (offline), an image folder "
+                                  "(--dataset folder), or a torchvision root; default ./data", DATA)
     preset: str = option("mnist", "U-Net size (tiny for tests and CPUs)", DATA, choices=tuple(PRESETS))
     schedule: str = option("linear", "noise schedule β_t", DATA, choices=SCHEDULE_KINDS)
     timesteps: int = option(1000, "T, diffusion steps", DATA, parse=cli.int_in(1, 100_000))

@@ -12,6 +12,8 @@ Exact resume needs every source of randomness to continue where it stopped:
     global torch RNG (CPU, CUDA)   dropout inside the U-Net           rng["torch_cpu"], rng["torch_cuda"]
     numpy, python `random`         nothing of ours; saved for users    rng["numpy"], rng["python"]
     data order                     a permutation seeded by seed+epoch  progress: epoch, batch_in_epoch
+    --random-flip                  a flip mask drawn per epoch from a  progress: epoch, batch_in_epoch
+                                   stream seeded by seed + offset + epoch (batches.FLIP_SEED_OFFSET)
     DataLoader's own generator     worker seeds (num_workers > 0)      rng["loader"]
 
 The data order needs no state of its own: epoch e's permutation comes from a generator seeded with
