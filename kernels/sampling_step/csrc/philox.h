@@ -70,6 +70,33 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void mulhilo(U a, uint64_t m, U& hi, U& lo) {
   lo = product & kMask32;
 }
 
+#if !defined(__CUDACC__) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+// On the x86-64 builds (philox_normal.cpp: 8 lanes with AVX-512, 4 with AVX2, 2 with SSE2) GCC
+// multiplies 64-bit lanes with vpmullq (3 µops) even when both factors fit 32 bits, and intrinsics
+// cannot be inlined into these target-neutral templates; (v)pmuludq, the 32 × 32 → 64 multiply
+// Philox needs, goes in as one instruction. The 8- and 4-lane forms are only instantiated inside
+// functions built for AVX-512 and AVX2.
+typedef uint64_t U64x8 __attribute__((vector_size(64)));
+typedef uint64_t U64x4 __attribute__((vector_size(32)));
+typedef uint64_t U64x2 __attribute__((vector_size(16)));
+
+template <typename V>
+C10_ALWAYS_INLINE void mulhilo_x86(V a, uint64_t m, V& hi, V& lo) {
+  V product = V{} + m;
+  if constexpr (sizeof(V) == 16) {
+    asm("pmuludq %1, %0" : "+x"(product) : "x"(a));
+  } else {
+    asm("vpmuludq %1, %0, %0" : "+v"(product) : "v"(a));
+  }
+  hi = product >> 32;
+  lo = product & kMask32;
+}
+
+C10_ALWAYS_INLINE void mulhilo(U64x8 a, uint64_t m, U64x8& hi, U64x8& lo) { mulhilo_x86(a, m, hi, lo); }
+C10_ALWAYS_INLINE void mulhilo(U64x4 a, uint64_t m, U64x4& hi, U64x4& lo) { mulhilo_x86(a, m, hi, lo); }
+C10_ALWAYS_INLINE void mulhilo(U64x2 a, uint64_t m, U64x2& hi, U64x2& lo) { mulhilo_x86(a, m, hi, lo); }
+#endif
+
 // Philox4x32-10 on 64-bit lanes holding 32-bit words (U = uint64_t or a vector of them).
 template <typename U>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void philox4x32_10(U& c0, U& c1, U& c2, U& c3, U k0, U k1) {
