@@ -47,8 +47,8 @@ constexpr double kTwo52 = 4503599627370496.0;
 constexpr double kOneHalfTwo52 = 6755399441055744.0;
 constexpr double kTwoPi = 6.283185307179586;  // 2π rounded to float64, the reference's 2.0 * math.pi
 
-// ln 2 = kLn2Hi + kLn2Lo, the high part with 32 trailing zero bits so e·kLn2Hi is exact for |e| < 2²⁰
-// (the split of fdlibm's e_log.c).
+// ln 2 = kLn2Hi + kLn2Lo, the high part with 32 significant bits (21 trailing zeros), so e·kLn2Hi is
+// exact for |e| < 2²¹ (the split of fdlibm's e_log.c).
 constexpr double kLn2Hi = 6.93147180369123816490e-01;
 constexpr double kLn2Lo = 1.90821492927058770002e-10;
 constexpr double kSqrtHalf = 0.70710678118654752440;
