@@ -53,6 +53,17 @@ void fill_generic(uint64_t seed, uint64_t stream, int64_t first_block, int64_t c
   fill_normals<W>(seed, stream, first_block, count, out);
 }
 
+// One block at a time through the scalar instantiation, the one the CUDA kernel runs: tests compare it
+// with the vector builds (KERNELS_X86_64_LEVEL=0), the nearest a CPU gets to checking the GPU's bits.
+void fill_scalar(uint64_t seed, uint64_t stream, int64_t first_block, int64_t count, float* out) {
+  for (int64_t done = 0; done < count; done += 4) {
+    double z[4];
+    normals<uint64_t, double>(seed, stream, static_cast<uint64_t>(first_block + done / 4), z[0], z[1],
+                              z[2], z[3]);
+    for (int m = 0; m < 4 && done + m < count; ++m) out[done + m] = static_cast<float>(z[m]);
+  }
+}
+
 #ifdef SAMPLING_STEP_X86_LEVELS
 __attribute__((target("arch=x86-64-v4"))) void fill_x86_64_v4(uint64_t seed, uint64_t stream,
                                                                int64_t first_block, int64_t count,
@@ -73,6 +84,7 @@ void fill_normals_cpu(uint64_t seed, uint64_t stream, int64_t first_block, int64
 #ifdef SAMPLING_STEP_X86_LEVELS
   static const FillFn fill = sampling_step::x86_64_level() == 4   ? fill_x86_64_v4
                              : sampling_step::x86_64_level() == 3 ? fill_x86_64_v3
+                             : sampling_step::x86_64_level() == 0 ? fill_scalar
                                                                   : fill_generic<2>;
 #else
   static const FillFn fill = fill_generic<4>;

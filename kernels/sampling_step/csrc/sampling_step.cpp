@@ -353,9 +353,10 @@ int x86_64_level() {
     const int supported = __builtin_cpu_supports("x86-64-v4")   ? 4
                           : __builtin_cpu_supports("x86-64-v3") ? 3
                                                                 : 1;
-    // KERNELS_X86_64_LEVEL=1|3 caps the level, so the narrower builds can be tested on any CPU.
+    // KERNELS_X86_64_LEVEL=0|1|3 caps the level, so the narrower builds can be tested on any CPU;
+    // 0 runs the baseline step and the noise's scalar code, the GPU kernel's instantiation.
     const char* cap = std::getenv("KERNELS_X86_64_LEVEL");
-    return cap != nullptr && std::atoi(cap) >= 1 ? std::min(supported, std::atoi(cap)) : supported;
+    return cap != nullptr && cap[0] != '\0' ? std::clamp(std::atoi(cap), 0, supported) : supported;
   }();
   return level;
 }

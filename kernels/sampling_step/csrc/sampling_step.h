@@ -70,7 +70,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE float clamp_unit(float x) {
 // wide registers where they exist. Other compilers and CPUs get one build.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define SAMPLING_STEP_X86_LEVELS 1
-// 4, 3 or 1: the x86-64 level of this CPU, asked once (sampling_step.cpp).
+// 4, 3 or 1: the x86-64 level of this CPU, asked once (sampling_step.cpp); 0 when a test asks for
+// the scalar noise code.
 int x86_64_level();
 #endif
 
