@@ -1,4 +1,4 @@
-"""Sampling throughput: images/s of DDPM-1000 and DDIM-50 (η = 0), and the cost of per-sample noise.
+"""Sampling throughput: images/s of DDPM-1000 and DDIM-50 (η = 0).
 
 Every variant runs the samplers' own loop (`shared.diffusion.samplers.sample_batch`, or its CUDA-graph
 form `GraphedSampling`): per step ε̂ = model(x_t, t), then the sampler's update, with each sample's
@@ -15,8 +15,7 @@ steps and scaled: images/s = batch / (time of steps_timed steps × total steps /
 step counts are in extra_info. CUDA: the `mnist` preset at batches 1, 64, 1024. CPU: the `tiny` preset
 at batches 1 and 16, eager and fused step.
 
-Noise: per_sample_noise for 1024 × 3 × 32 × 32 (eager tensor ops and the torch.compile kernel) against
-one torch.randn of that size on the same device; `ratio_to_randn` is measured in the same run.
+The cost of per-sample noise on its own is benches/bench_noise.py's.
 """
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ import torch
 import kernels
 from benches.measure import budget_skip_reason, on_cuda, randomise_zero_init, record, time_call
 from shared import NoiseSchedule, UNet
-from shared.diffusion.noise import per_sample_noise, seeds_tensor
+from shared.diffusion.noise import seeds_tensor
 from shared.diffusion.samplers import GraphedSampling, SamplerOptions, make_sampler, sample_batch
 
 NUM_TIMESTEPS = 1000
@@ -41,7 +40,6 @@ STEPS_TIMED = {("DDIM-50", 1): 50 if on_cuda() else 5, ("DDIM-50", 64): 50, ("DD
                ("DDIM-50", 16): 5, ("DDPM-1000", 16): 5}
 # Seconds of warm-up + timing (graph capture included) per case; skipped when the budget is short.
 ESTIMATE_S = 15
-NOISE_SHAPE = (1024, 3, 32, 32)
 
 
 def _build(variant: str, sampler: str, batch: int, steps_timed: int, device: torch.device):
@@ -90,36 +88,3 @@ def test_sampling(benchmark, device, sampler, batch, variant):
            sampler=sampler, batch=batch, preset=PRESET, steps_timed=steps_timed, steps_total=total_steps)
     if seconds:
         benchmark.extra_info["images_per_s"] = batch / (seconds * total_steps / steps_timed)
-
-
-_RANDN_SECONDS: dict[str, float] = {}  # the reference, measured first in the same run
-
-
-@pytest.mark.parametrize("impl", ["torch.randn", "philox eager", "philox compiled"])
-def test_per_sample_noise(benchmark, device, impl):
-    reason = budget_skip_reason(ESTIMATE_S * 4 if impl == "philox compiled" else ESTIMATE_S)
-    if reason:
-        pytest.skip(reason)
-    n, *chw = NOISE_SHAPE
-    seeds = seeds_tensor(range(n), device)
-    if impl == "torch.randn":
-        def fn():
-            return torch.randn(NOISE_SHAPE, device=device)
-    else:
-        compiled = impl == "philox compiled"
-
-        def fn():
-            return per_sample_noise(seeds, chw, device, torch.float32, 7, compiled=compiled)
-        if compiled:  # the fused kernel makes the eager function's values
-            sub = seeds[:64]
-            torch.testing.assert_close(per_sample_noise(sub, chw, device, stream=7, compiled=True),
-                                       per_sample_noise(sub, chw, device, stream=7), rtol=4e-7, atol=4e-7)
-    fn()  # warm-up (and, compiled, the compilation)
-    seconds = time_call(benchmark, fn, device, rounds=5 if device.type == "cuda" else 3, warmup_rounds=1)
-    record(benchmark, family="noise", case=f"per-sample noise {'x'.join(map(str, NOISE_SHAPE))} fp32", impl=impl,
-           elements=torch.Size(NOISE_SHAPE).numel())
-    if seconds:
-        if impl == "torch.randn":
-            _RANDN_SECONDS[str(device)] = seconds
-        elif str(device) in _RANDN_SECONDS:
-            benchmark.extra_info["ratio_to_randn"] = seconds / _RANDN_SECONDS[str(device)]

@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:  # run as a script from a plain checkout
 
 from kernels import build  # noqa: E402  (after the path fix above)
 
-OPS = tuple(f"{build.OP_NAMESPACE}::{op}" for op in ("ddpm_step", "ddim_step"))
+OPS = tuple(f"{build.OP_NAMESPACE}::{op}" for op in ("ddpm_step", "ddim_step", "philox_normal"))
 
 
 class CheckFailed(Exception):

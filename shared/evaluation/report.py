@@ -93,10 +93,7 @@ def format_table(report: dict) -> str:
                      f"{_cell(run.get('real_inception_score'), '.3f', 8)}  {cells}")
     for run in report["runs"]:
         if "inception_fid" in run or "inception_is" in run:
-            lines.append(f"{run['name']}: Inception FID {run.get('inception_fid', float('nan')):.3f}, "
-                         f"Inception Score {run.get('inception_is', float('nan')):.3f} "
+            lines.append(f"{run['name']}: FID (Inception) {run.get('inception_fid', float('nan')):.3f}, "
+                         f"IS (Inception) {run.get('inception_is', float('nan')):.3f} "
                          f"(real {report.get('real_inception_is', float('nan')):.3f})")
-    for key in ("inception_fid_note", "inception_is_note"):
-        if report.get(key):
-            lines.append(report[key])
     return "\n".join(lines)
