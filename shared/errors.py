@@ -32,10 +32,21 @@ def _foreign_kernels_message(location: str) -> str:
             f"fix: `pip uninstall kernels`, or put {PROJECT_ROOT} first on PYTHONPATH")
 
 
+# Where this project's programs live (stage scripts, scripts/, `python -m shared.…`): a file elsewhere in the
+# checkout, such as a virtual environment's pytest inside it, is not one of them.
+PROGRAM_FOLDERS = ("stage", "scripts", "shared", "kernels", "benches")
+
+
 def _started_from_this_project() -> bool:
-    """True when the running program is a file of this project (a stage script, scripts/, python -m shared.…)."""
+    """True when the running program is one of this project's scripts or modules."""
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    return bool(main_file) and PROJECT_ROOT in Path(main_file).resolve().parents
+    if not main_file:
+        return False
+    path = Path(main_file).resolve()
+    if PROJECT_ROOT not in path.parents:
+        return False
+    top = path.relative_to(PROJECT_ROOT).parts[0]
+    return any(top == name or (name == "stage" and top.startswith("stage")) for name in PROGRAM_FOLDERS)
 
 
 def _refuse_foreign_kernels(location: str):

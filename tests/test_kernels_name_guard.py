@@ -75,3 +75,13 @@ def test_our_kernels_passes_the_guard():
 
     assert errors._import_our_kernels() is kernels
     assert errors.USER_ERRORS == (errors.UserError, kernels.FusedKernelsUnavailable)
+
+
+@pytest.mark.parametrize("main_file, ours", [("stage3_train/train.py", True), ("scripts/gpu_bench.py", True),
+                                             ("shared/records/run_figure.py", True),
+                                             (".venv-ci/bin/pytest", False), ("/usr/bin/pytest", False)])
+def test_only_the_projects_programs_count_as_started_from_it(monkeypatch, main_file, ours):
+    """A virtual environment inside the checkout (CI makes one) runs pytest from there: that program is not
+    ours, so the guard raises instead of exiting."""
+    monkeypatch.setattr(sys.modules["__main__"], "__file__", str(errors.PROJECT_ROOT / main_file), raising=False)
+    assert errors._started_from_this_project() is ours
