@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from torch.utils.data import Dataset
+
 from shared.training.data import DatasetInfo, TensorImageDataset
 from tests.idx_files import write_idx
 
@@ -78,3 +80,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class ItemsOnly(Dataset):
+    """An in-memory dataset's items served one by one, without its tensor storage, so that Batches
+    takes the DataLoader path instead of the device-resident one."""
+
+    def __init__(self, base):
+        self.base, self.info = base, base.info
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return self.base[i]

@@ -3,13 +3,13 @@ trained in a failed run is kept."""
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from shared.interface import cli
+from tests.scripts import load_script
 from tests.tiny_trained import bar_patterns, one_thread, save_tiny_checkpoint, write_bar_idx  # noqa: F401
 
 EVALUATE = Path(__file__).resolve().parents[1] / "stage5_guidance" / "evaluate.py"
@@ -17,10 +17,7 @@ EVALUATE = Path(__file__).resolve().parents[1] / "stage5_guidance" / "evaluate.p
 
 @pytest.fixture(scope="module")
 def evaluate():
-    spec = importlib.util.spec_from_file_location("evaluate_under_test", EVALUATE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EVALUATE)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 import shared.training.data as data_module
 from shared.records.checkpoint import LAST_NAME, load_checkpoint
@@ -22,7 +21,7 @@ from shared.training.config import TrainConfig
 from shared.training.data import (DataError, FolderImages, TensorImageDataset, load_dataset, load_training_dataset,
                                   without_judge_heldout)
 from shared.training.loop import train
-from tests.stage3_helpers import edge_bar_dataset, one_thread, run_train  # noqa: F401 (autouse fixture)
+from tests.stage3_helpers import ItemsOnly, edge_bar_dataset, one_thread, run_train  # noqa: F401 (autouse fixture)
 from tests.test_training_hot_loop import HostSyncCounter
 
 CPU = torch.device("cpu")
@@ -190,19 +189,6 @@ def test_a_file_truncated_past_its_header_is_one_line_from_a_loader_worker(tmp_p
 # --------------------------------------------------------------------------------------------------
 # Random flips
 
-class Items(Dataset):
-    """The in-memory images served one by one (so Batches takes the DataLoader path)."""
-
-    def __init__(self, base):
-        self.base, self.info = base, base.info
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        return self.base[i]
-
-
 def expected_flips(seed: int, epoch: int, total: int, rank: int = 0, world: int = 1) -> torch.Tensor:
     u = torch.rand(total, generator=torch.Generator().manual_seed(seed + FLIP_SEED_OFFSET + epoch))
     return u[rank::world] < 0.5
@@ -218,7 +204,7 @@ def random_image_dataset(n: int) -> TensorImageDataset:
 @pytest.mark.parametrize("rank, world", [(0, 1), (1, 2)])
 def test_random_flip_mirrors_exactly_the_images_its_stream_draws(serve, rank, world):
     data = random_image_dataset(200)
-    dataset = data if serve == "in memory" else Items(data)
+    dataset = data if serve == "in memory" else ItemsOnly(data)
     plain = Batches(dataset, 8, world, rank, seed=5, device=CPU)
     flipped = Batches(dataset, 8, world, rank, seed=5, device=CPU, random_flip=True)
     assert flipped.on_device == (serve == "in memory")
@@ -265,7 +251,7 @@ def test_random_flip_resumes_exactly(tmp_path, serve):
     """96 images − 16 held out = 10 batches per epoch: a run stopped at step 6 and resumed to step 14 (into
     the second epoch) repeats the uninterrupted run's losses and ends with its weights."""
     data = edge_bar_dataset(96)  # left and right bars: a flip changes the image
-    dataset = data if serve == "in memory" else Items(data)
+    dataset = data if serve == "in memory" else ItemsOnly(data)
     full = train(flip_cfg(tmp_path / "full"), dataset)
     unflipped = train(flip_cfg(tmp_path / "plain", random_flip=False), dataset)
     first = train(flip_cfg(tmp_path / "cut", max_steps=6), dataset)

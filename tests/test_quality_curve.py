@@ -1,25 +1,21 @@
 """scripts/quality_curve.py: steps read from the snapshots, minutes from the step at a given speed,
 accuracies and FD/floor from evaluate.py's results.json."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from shared.diffusion.schedule import NoiseSchedule
 from shared.errors import UserError
 from shared.model.unet import UNet
 from shared.records.checkpoint import atomic_save, ema_file
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("quality_curve", ROOT / "scripts" / "quality_curve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "scripts" / "quality_curve.py")
 
 
 def _evaluation(folder: Path, checkpoint: Path, runs: list[tuple[float, float, float, float]]) -> Path:

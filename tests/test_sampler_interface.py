@@ -11,8 +11,8 @@ from shared.diffusion.noise import seeds_tensor
 from shared.diffusion.samplers import GraphedSampling, SamplerOptions, make_sampler, sample, sample_batch
 from shared.diffusion.schedule import NoiseSchedule
 from shared.errors import UserError
-from shared.model.unet import UNet
 from tests.tiny_trained import one_thread  # noqa: F401 (fixture)
+from tests.tiny_trained import random_conditional_unet
 
 aten = torch.ops.aten
 # Ops that copy a tensor value to the host: on a GPU each one waits for the device.
@@ -30,10 +30,7 @@ CASES = {  # name: SamplerOptions fields
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    net = UNet.from_preset("tiny", image_size=8, attention_resolutions=(4,), num_classes=3)
-    torch.nn.init.normal_(net.out_conv.weight, std=0.1)  # a zero output layer would make ε ≡ 0
-    return net.eval()
+    return random_conditional_unet()
 
 
 @pytest.mark.parametrize("case", list(CASES))

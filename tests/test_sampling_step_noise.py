@@ -16,7 +16,7 @@ from kernels.sampling_step import philox_op
 from shared import NoiseSchedule
 from shared.diffusion import samplers
 from shared.diffusion.noise import per_sample_noise
-from shared.model.unet import UNet
+from tests.tiny_trained import random_conditional_unet
 
 GPU_REASON = "needs a CUDA GPU (the CUDA kernel is compiled but cannot run here)"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -99,10 +99,7 @@ def test_opcheck_with_in_kernel_noise():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    net = UNet.from_preset("tiny", image_size=8, attention_resolutions=(4,), num_classes=3)
-    torch.nn.init.normal_(net.out_conv.weight, std=0.1)  # a zero output layer would make ε ≡ 0
-    return net.eval()
+    return random_conditional_unet()
 
 
 @pytest.mark.parametrize("name,steps,eta", [("ddpm", None, 0.0), ("ddim", 5, 0.7)])

@@ -12,7 +12,8 @@ from shared.training.config import TrainConfig
 from shared.training.loop import train
 from shared.training.recorder import prune_snapshots, snapshot_name
 from tests.stage3_helpers import REPO, edge_bar_dataset, one_thread  # noqa: F401 (autouse fixture)
-from tests.test_stage4_5_scripts import _load, _only_dir
+from tests.scripts import load_script
+from tests.test_stage4_5_scripts import _only_dir
 
 
 def _cfg(tmp_path, name: str, **overrides) -> TrainConfig:
@@ -53,7 +54,7 @@ def test_a_snapshot_samples_in_sample_py_like_ema_pt(tmp_path):
     """stage4_sampling/sample.py reads ema-<step>.pt as it reads ema.pt: the same seeds give the same images."""
     run = train(_cfg(tmp_path, "runs", max_steps=4, keep_snapshots=1), edge_bar_dataset(80)).run_dir
     assert _snapshots(run) == ["ema-0000004.pt"]
-    sample = _load(REPO / "stage4_sampling" / "sample.py")
+    sample = load_script(REPO / "stage4_sampling" / "sample.py")
     images = []
     for name, ckpt in (("snap", run / snapshot_name(4)), ("ema", run / EMA_NAME)):
         sample.main(["--checkpoint", str(ckpt), "--n", "4", "--sampler", "ddim", "--steps", "3", "--device", "cpu",

@@ -15,20 +15,12 @@ from pathlib import Path
 import pytest
 
 from shared.evaluation.judge import save_classifier, train_classifier
+from tests.scripts import load_script
 from tests.tiny_trained import NUM_CLASSES, bar_patterns, one_thread, save_tiny_checkpoint, write_bar_idx  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE, GUIDE, EVALUATE = (REPO / "stage4_sampling" / "sample.py", REPO / "stage5_guidance" / "guide.py",
                            REPO / "stage5_guidance" / "evaluate.py")
-
-
-def _load(path: Path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +43,7 @@ def _only_dir(parent: Path) -> Path:
 
 def test_sample_py_trajectory_compare_and_quality(assets, tmp_path):
     ckpt, data, clf = assets
-    sample = _load(SAMPLE)
+    sample = load_script(SAMPLE)
     results = sample.main(["--checkpoint", str(ckpt), "--n", "4", "--sampler", "dpmpp", "--steps", "5", "--clip-x0",
                            "--trajectory", "--compare-steps", "2,5", "--classifier", str(clf), "--data-dir", str(data),
                            "--heldout", "50", "--out", str(tmp_path), "--no-progress"])
@@ -90,7 +82,7 @@ def test_sample_py_streams_several_batches(assets, tmp_path):
     """--n 5 at --batch-size 2: three batches, every sample written once and in order; the trajectory
     is the first batch's chain only."""
     ckpt, _, _ = assets
-    sample = _load(SAMPLE)
+    sample = load_script(SAMPLE)
     sample.main(["--checkpoint", str(ckpt), "--n", "5", "--batch-size", "2", "--sampler", "ddim", "--steps", "2",
                  "--seed", "40", "--trajectory", "--out", str(tmp_path), "--no-progress"])
     run = _only_dir(tmp_path)
@@ -100,7 +92,7 @@ def test_sample_py_streams_several_batches(assets, tmp_path):
 
 def test_guide_py_modes(assets, tmp_path, monkeypatch):
     ckpt, _, _ = assets
-    guide = _load(GUIDE)
+    guide = load_script(GUIDE)
     common = ["--checkpoint", str(ckpt), "--steps", "3", "--out", str(tmp_path), "--no-progress"]
     assert guide.main(common + ["--grid", "--n", "2"])[0]["images"] == 2 * NUM_CLASSES
     _check_every_image(_only_dir(tmp_path), seeds=[0, 1] * NUM_CLASSES,
@@ -126,7 +118,7 @@ def test_guide_py_modes(assets, tmp_path, monkeypatch):
 
 def test_evaluate_py_reports_table_and_json(assets, tmp_path, capsys):
     ckpt, data, clf = assets
-    evaluate = _load(EVALUATE)
+    evaluate = load_script(EVALUATE)
     report = evaluate.main(["--checkpoint", str(ckpt), "--data-dir", str(data), "--classifier", str(clf),
                             "--heldout", "50", "--per-class", "2", "--runs", "ddpm,ddim:5", "--clip-x0",
                             "--guidance-scale", "2", "--seed", "7", "--out", str(tmp_path), "--no-progress"])
@@ -172,7 +164,7 @@ def test_bad_input_is_one_error_line_and_exit_2(assets, tmp_path, capsys, script
     from shared.interface import cli
 
     ckpt, _, _ = assets
-    module = _load(script)
+    module = load_script(script)
     argv = [a.replace("{ckpt}", str(ckpt)).replace("{dir}", str(tmp_path)) for a in args]
     argv += ["--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exit_info:
@@ -240,7 +232,7 @@ def nan_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("script,extra", [(SAMPLE, []), (GUIDE, ["--digit", "3"])])
 def test_non_finite_samples_write_nothing(nan_checkpoint, tmp_path, capsys, script, extra):
     out = tmp_path / "out"
-    line = _one_error_line(capsys, _load(script), ["--checkpoint", str(nan_checkpoint), "--n", "2", "--steps", "3",
+    line = _one_error_line(capsys, load_script(script), ["--checkpoint", str(nan_checkpoint), "--n", "2", "--steps", "3",
                                                    "--out", str(out), "--no-progress", *extra])
     assert "NaN" in line or "non-finite" in line, line
     assert not out.exists() or not any(out.iterdir())
@@ -266,7 +258,7 @@ def test_a_full_disk_leaves_no_output_folder(assets, tmp_path, capsys, monkeypat
     original = Image.Image.save
     monkeypatch.setattr(Image.Image, "save", full_disk)
     out = tmp_path / "out"
-    line = _one_error_line(capsys, _load(script), ["--checkpoint", str(ckpt), "--n", "2", "--steps", "2",
+    line = _one_error_line(capsys, load_script(script), ["--checkpoint", str(ckpt), "--n", "2", "--steps", "2",
                                                    "--out", str(out), "--no-progress", *extra])
     assert "No space left on device" in line and len(written) == fits
     assert out.is_dir() and not any(out.iterdir())
@@ -282,7 +274,7 @@ def test_unavailable_fused_kernels_create_no_folder(assets, tmp_path, capsys, mo
     ckpt, _, _ = assets
     out = tmp_path / "out"
     for script, extra in ((SAMPLE, []), (GUIDE, ["--interactive"])):
-        line = _one_error_line(capsys, _load(script), ["--checkpoint", str(ckpt), "--fused-kernels", "--out", str(out),
+        line = _one_error_line(capsys, load_script(script), ["--checkpoint", str(ckpt), "--fused-kernels", "--out", str(out),
                                                        *extra])
         assert "unavailable" in line
     assert not out.exists() or not any(out.iterdir())

@@ -16,7 +16,7 @@ from shared.training.config import TrainConfig
 from shared.training.loop import train
 from shared.training.recorder import TENSORBOARD_DIR
 from tests.stage3_helpers import TRAIN_SCRIPT, edge_bar_dataset, one_thread, write_edge_bar_idx  # noqa: F401
-from tests.test_stage4_5_scripts import _load
+from tests.scripts import load_script
 
 
 def _events(run):
@@ -77,7 +77,7 @@ def test_without_the_package_one_line_and_exit_2_before_any_run_dir(tmp_path, mo
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     data = write_edge_bar_idx(tmp_path / "data", n=40)
     out = tmp_path / "runs"
-    script = _load(TRAIN_SCRIPT)
+    script = load_script(TRAIN_SCRIPT)
     with pytest.raises(SystemExit) as stopped:
         cli.run_main(script.main, ["--dataset", "mnist", "--data-dir", str(data), "--preset", "tiny", "--max-steps",
                                    "2", "--device", "cpu", "--out", str(out), "--tensorboard"])

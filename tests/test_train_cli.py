@@ -3,7 +3,6 @@ an existing run directory exactly as it was; --dry-run prints the resolved optio
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,17 +16,11 @@ from shared.interface import cli
 from shared.training.config import CPU_RECIPE, DEFAULT_MAX_STEPS, TrainConfig, build_parser, resolve_precision
 from shared.training.loop import train
 from tests.idx_files import write_idx
+from tests.scripts import load_script
 from tests.stage3_helpers import TRAIN_SCRIPT, edge_bar_dataset, run_train, single_thread_env, write_edge_bar_idx
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("stage3_train_script", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-script = _load_script()
+script = load_script(TRAIN_SCRIPT, "stage3_train_script")
 
 
 @pytest.fixture(scope="module")

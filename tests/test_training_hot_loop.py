@@ -8,7 +8,6 @@ from contextlib import nullcontext
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.data import Dataset
 
 from shared.diffusion.schedule import NoiseSchedule
 from shared.model.ema import make_ema
@@ -19,7 +18,7 @@ from shared.training.distributed import DistContext
 from shared.training.heldout import split_heldout
 from shared.training.loop import train, training_step
 from shared.training.state import TrainState
-from tests.stage3_helpers import NUM_CLASSES, SIZE, edge_bar_dataset, one_thread  # noqa: F401 (autouse fixture)
+from tests.stage3_helpers import NUM_CLASSES, ItemsOnly, SIZE, edge_bar_dataset, one_thread  # noqa: F401 (autouse fixture)
 
 # Ops that make the host wait for the device: reading a value (item, bool, ==) or an output whose size
 # depends on the data.
@@ -105,25 +104,12 @@ def test_non_finite_step_changes_nothing_and_is_counted():
     assert changed  # the good step moved the weights
 
 
-class _ItemsOnly(Dataset):
-    """The same items without the tensor storage, so Batches falls back to a DataLoader."""
-
-    def __init__(self, base):
-        self.base, self.info = base, base.info
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        return self.base[i]
-
-
 @pytest.mark.parametrize("world_size,rank", [(1, 0), (2, 1)])
 def test_device_batches_follow_the_dataloader_order(world_size, rank):
     """Epoch 3 from batch 2 on, through a held-out split: the same images and labels, bit for bit."""
     data = edge_bar_dataset(100, seed=4)
     train_set, _ = split_heldout(data, 12, seed=5)
-    loader_train, _ = split_heldout(_ItemsOnly(data), 12, seed=5)
+    loader_train, _ = split_heldout(ItemsOnly(data), 12, seed=5)
     on_device = Batches(train_set, 8, world_size, rank, seed=9, device=torch.device("cpu"))
     by_loader = Batches(loader_train, 8, world_size, rank, seed=9, device=torch.device("cpu"))
     assert on_device.on_device and not by_loader.on_device

@@ -81,6 +81,15 @@ def trained_tiny_model() -> tuple[UNet, NoiseSchedule]:
     return model, schedule
 
 
+def random_conditional_unet() -> UNet:
+    """An untrained 8×8 tiny U-Net with 3 classes and a non-zero output layer (a fresh one outputs ε ≡ 0),
+    in eval mode: a model whose ε depends on x_t, t and y, for sampler tests that need no training."""
+    torch.manual_seed(0)
+    net = UNet.from_preset("tiny", image_size=8, attention_resolutions=(4,), num_classes=3)
+    torch.nn.init.normal_(net.out_conv.weight, std=0.1)
+    return net.eval()
+
+
 def save_tiny_checkpoint(folder: Path) -> Path:
     """Writes the trained tiny model as an EMA-only checkpoint (the format load_for_sampling reads)."""
     model, schedule = trained_tiny_model()
