@@ -13,6 +13,7 @@ folder that really holds the runtime library, and `use_cuda_home` hands it to cp
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -115,14 +116,17 @@ def use_cuda_home(cuda_home: str) -> None:
         module.CUDA_HOME = cuda_home
 
 
+_ARCH = re.compile(r"\d+\.\d+[af]?")   # 9.0, and 9.0a / 10.0f: the arch-specific feature sets
+
+
 def parse_arch_list(text: str) -> list[str]:
-    """'8.0;8.6 9.0+PTX' -> ['8.0', '8.6', '9.0'] (the PTX choice is ours: see cuda_arch_flags)."""
+    """'8.0;8.6 9.0a+PTX' -> ['8.0', '8.6', '9.0a'] (the PTX choice is ours: see cuda_arch_flags)."""
     archs = []
     for item in text.replace(",", ";").replace(" ", ";").split(";"):
         item = item.strip().removesuffix("+PTX")
         if item:
-            if not item.replace(".", "", 1).isdigit():
-                raise ValueError(f"bad CUDA arch {item!r} in {text!r}; expected e.g. '8.0;8.6;9.0'")
+            if not _ARCH.fullmatch(item):
+                raise ValueError(f"bad CUDA arch {item!r} in {text!r}; expected e.g. '8.0;8.6;9.0' or '9.0a'")
             archs.append(item)
     return archs
 
@@ -139,10 +143,10 @@ def cuda_archs(device_capabilities: list[tuple[int, int]] | None = None) -> list
 
 def cuda_arch_flags(archs: list[str]) -> list[str]:
     """-gencode flags: a cubin per arch and PTX for the newest. Giving them explicitly also stops
-    cpp_extension from adding its own arch list."""
+    cpp_extension from adding its own arch list. '9.0a' gives sm_90a (Hopper's arch-specific features)."""
     numbers = [arch.replace(".", "") for arch in archs]
     flags = [f"-gencode=arch=compute_{n},code=sm_{n}" for n in numbers]
-    newest = max(numbers, key=int)
+    newest = max(numbers, key=lambda n: (int(n.rstrip("af")), n))
     flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
     return flags
 

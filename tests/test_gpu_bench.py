@@ -25,7 +25,7 @@ def gpu_bench():
 
 def test_time_shares_fit_seven_minutes(gpu_bench):
     assert set(gpu_bench.SHARES) == set(gpu_bench.PHASES)
-    assert sum(gpu_bench.SHARES.values()) <= 7 * 60 == gpu_bench.TOTAL_BUDGET_S
+    assert sum(gpu_bench.SHARES.values()) == gpu_bench.TOTAL_BUDGET_S <= 8 * 60
 
 
 def test_a_failing_phase_is_recorded_and_the_next_runs(gpu_bench, tmp_path, monkeypatch):

@@ -312,3 +312,30 @@ def test_failed_build_names_what_is_missing(monkeypatch, tmp_path):
     from shared.errors import USER_ERRORS
 
     assert kernels.FusedKernelsUnavailable in USER_ERRORS
+
+
+@pytest.mark.parametrize("text, archs, flags", [
+    ("8.0;8.6 9.0+PTX", ["8.0", "8.6", "9.0"],
+     ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_86,code=sm_86",
+      "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"]),
+    # the H200 image sets TORCH_CUDA_ARCH_LIST=9.0a: Hopper's arch-specific target (wgmma, TMA)
+    ("9.0a", ["9.0a"], ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_90a,code=compute_90a"]),
+    ("8.0,10.0f", ["8.0", "10.0f"],
+     ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_100f,code=sm_100f",
+      "-gencode=arch=compute_100f,code=compute_100f"]),
+])
+def test_cuda_arch_list(text, archs, flags):
+    """TORCH_CUDA_ARCH_LIST as torch spells it, arch-specific suffixes included, gives one cubin per arch
+    and PTX for the newest."""
+    from kernels import build
+
+    assert build.parse_arch_list(text) == archs
+    assert build.cuda_arch_flags(archs) == flags
+
+
+@pytest.mark.parametrize("text", ["sm_90", "9", "9.0b", "nine"])
+def test_cuda_arch_list_rejects_bad_items(text):
+    from kernels import build
+
+    with pytest.raises(ValueError, match="bad CUDA arch"):
+        build.parse_arch_list(text)

@@ -89,6 +89,16 @@ def test_ema_update_matches_closed_form():
     assert isinstance(ema, AveragedModel) and not any(p.requires_grad for p in ema.parameters())
 
 
+def test_ema_counter_lives_on_the_model_device():
+    """The update counter sits beside the weights (AveragedModel alone would leave it on the CPU, and a
+    masked update on a GPU would then mix devices). The meta device stands in for a GPU here."""
+    model = torch.nn.Linear(3, 2, device="meta")
+    ema = make_ema(model)
+    assert ema.n_averaged.device == model.weight.device == ema.module.weight.device
+    ema.update_parameters(model, skip=torch.zeros((), dtype=torch.bool, device="meta"))
+    assert ema.n_averaged.device.type == "meta"
+
+
 def test_lr_warmup_and_cosine():
     assert lr_factor(0, 10, 100, cosine=False) == pytest.approx(0.1)
     assert lr_factor(9, 10, 100, cosine=False) == 1.0

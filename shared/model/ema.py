@@ -42,7 +42,10 @@ class EMA(AveragedModel):
     def __init__(self, model: torch.nn.Module, decay: float = DEFAULT_EMA_DECAY, warmup: int = DEFAULT_EMA_WARMUP):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
-        super().__init__(model, use_buffers=True)
+        # the update counter lives beside the weights: AveragedModel would put it on the CPU, and the
+        # device-side update (n_averaged += ~skip) needs it on the model's device
+        device = next(itertools.chain(model.parameters(), model.buffers())).device
+        super().__init__(model, device=device, use_buffers=True)
         self.decay, self.warmup = float(decay), int(warmup)
         self.requires_grad_(False)
         self.eval()  # evaluation and sampling use it: dropout off
