@@ -29,7 +29,7 @@ MAX_SEED = 2**62
 # Without CUDA, the default command trains this recipe instead of the GPU defaults (every flag the user
 # gives wins; giving --preset turns the recipe off). The one place its values live; what it reaches and
 # what else was tried: stage3_train/README.md, "The default run on a CPU".
-CPU_RECIPE = {"preset": "cpu", "batch_size": 128, "lr": 2e-3, "cosine": True, "min_snr_gamma": 5.0,
+CPU_RECIPE = {"preset": "cpu", "batch_size": 128, "lr": 2e-3, "cosine": True, "min_snr_gamma": 2.0,
               "max_steps": 1600, "precision": "auto"}
 
 
