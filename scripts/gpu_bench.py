@@ -130,11 +130,21 @@ class PhaseSkipped(Exception):
     """A phase cannot run here (e.g. it needs CUDA); the message says why."""
 
 
-def check(rc: int, what: str) -> None:
+def failure(rc: int, what: str) -> str | None:
+    """How a command with exit code rc failed, in words; None when it succeeded."""
     if rc == 124:
-        raise PhaseFailed(f"{what}: out of time")
+        return f"{what}: out of time"
+    if rc < 0:
+        return f"{what}: killed by signal {-rc}"
     if rc != 0:
-        raise PhaseFailed(f"{what}: exit {rc}")
+        return f"{what}: exit {rc}"
+    return None
+
+
+def check(rc: int, what: str) -> None:
+    problem = failure(rc, what)
+    if problem:
+        raise PhaseFailed(problem)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,14 +181,7 @@ def phase_kernel_tests(s: Settings, rec: Recorder, deadline: float, results: dic
     if rc == 5:  # pytest: nothing collected
         raise PhaseFailed("no CUDA kernel test was collected")
     alone = rec.run(pytest + ["-v", BAD_TENSORS_TEST], left(deadline))  # -v: which device crashed
-    problems = []
-    for what, code in (("kernel tests", rc), ("bad-tensors test", alone)):
-        if code == 124:
-            problems.append(f"{what}: out of time")
-        elif code < 0:
-            problems.append(f"{what}: killed by signal {-code}")
-        elif code != 0:
-            problems.append(f"{what}: exit {code}")
+    problems = [p for p in (failure(rc, "kernel tests"), failure(alone, "bad-tensors test")) if p]
     if problems:
         raise PhaseFailed("; ".join(problems))
 

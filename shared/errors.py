@@ -32,9 +32,9 @@ def _foreign_kernels_message(location: str) -> str:
             f"fix: `pip uninstall kernels`, or put {PROJECT_ROOT} first on PYTHONPATH")
 
 
-# Where this project's programs live (stage scripts, scripts/, `python -m shared.…`): a file elsewhere in the
-# checkout, such as a virtual environment's pytest inside it, is not one of them.
-PROGRAM_FOLDERS = ("stage", "scripts", "shared", "kernels", "benches")
+# Where this project's programs live besides the stage*/ folders (scripts/, `python -m shared.…`): a file
+# elsewhere in the checkout, such as a virtual environment's pytest inside it, is not one of them.
+PROGRAM_FOLDERS = ("scripts", "shared", "kernels", "benches")
 
 
 def _started_from_this_project() -> bool:
@@ -46,7 +46,7 @@ def _started_from_this_project() -> bool:
     if PROJECT_ROOT not in path.parents:
         return False
     top = path.relative_to(PROJECT_ROOT).parts[0]
-    return any(top == name or (name == "stage" and top.startswith("stage")) for name in PROGRAM_FOLDERS)
+    return top.startswith("stage") or top in PROGRAM_FOLDERS
 
 
 def _refuse_foreign_kernels(location: str):
