@@ -140,7 +140,7 @@ LOOP_RESULTS: dict[str, float] = {}  # preset → images/s of `before`, for the 
 
 def _loop_parts(preset: str, device: torch.device):
     """Fresh model, optimizer inputs and data for one loop variant (identical for both)."""
-    from shared.training.data import DatasetInfo, TensorImageDataset
+    from shared.data.datasets import DatasetInfo, TensorImageDataset
     torch.manual_seed(0)
     model = randomise_zero_init(UNet.from_preset(preset, num_classes=10)).to(device).train()
     gen = torch.Generator().manual_seed(1)

@@ -22,7 +22,7 @@ from typing import Callable
 if __package__ in (None, ""):  # run as a script: make `shared` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.interface.cli import run_main  # noqa: E402
+from shared.flags import run_main  # noqa: E402
 from shared.errors import UserError  # noqa: E402
 
 KERNEL_IMPLS = ["eager", "compile", "sdpa", "fused"]

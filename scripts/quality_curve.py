@@ -22,8 +22,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from shared.errors import UserError  # noqa: E402
-from shared.interface import cli  # noqa: E402
+from shared import flags  # noqa: E402
 from shared.records.checkpoint import load_checkpoint  # noqa: E402
+from shared.records.plots import plt, save_figure_atomically  # noqa: E402  (pyplot on the Agg backend)
 
 
 def points(evals: list[Path]) -> dict[int, dict]:
@@ -45,9 +46,9 @@ def points(evals: list[Path]) -> dict[int, dict]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images-per-s", type=cli.positive_float, required=True,
+    p.add_argument("--images-per-s", type=flags.positive_float, required=True,
                    help="training speed for the time axis (e.g. the median of log.csv's images_per_s)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=128)
+    p.add_argument("--batch-size", type=flags.positive_int, default=128)
     p.add_argument("--evals", type=Path, nargs="+", required=True, help="evaluate.py output folders")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -60,11 +61,6 @@ def main(argv=None) -> None:
         print(f"{s:5d}  {m:7.1f}  {t['samples']:7d}  {t.get('acc_w1', float('nan')):6.1f}%  "
               f"{t.get('acc_w3', float('nan')):6.1f}%  {t.get('fd_ratio_w1', float('nan')):12.2f}  "
               f"{t.get('fd_ratio_w3', float('nan')):12.2f}")
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from shared.records.plots import save_figure_atomically
 
     fig, (acc, fd) = plt.subplots(1, 2, figsize=(9, 3.4))
     for key, label in (("acc_w1", "w = 1 (no guidance)"), ("acc_w3", "w = 3")):
@@ -86,4 +82,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    flags.run_main(main)

@@ -1,6 +1,7 @@
-"""The shared core: schedules, the forward process, the U-Net, data and small utilities.
+"""The shared core: the diffusion math, the U-Net, data, training, evaluation, records and the interface.
 
-Every stage script imports from here; the math lives here once.
+Every stage script imports from here; each idea lives here once. The names below are the ones a reader
+reaches for first.
 """
 from shared.diffusion.forward import q_sample
 from shared.errors import UserError
@@ -9,11 +10,3 @@ from shared.model.unet import UNet
 
 __all__ = ["NoiseSchedule", "extract", "q_sample", "UNet", "UserError"]
 
-
-def __getattr__(name):
-    # The samplers' step functions live in shared.diffusion.steps; re-exported lazily so the core
-    # imports without them.
-    if name in ("ddpm_step", "ddim_step", "ddim_timesteps"):
-        from shared.diffusion import steps as sampling
-        return getattr(sampling, name)
-    raise AttributeError(f"module 'shared' has no attribute {name!r}")

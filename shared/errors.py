@@ -1,6 +1,6 @@
 """The one exception type for mistakes in what the user gave us (flags, paths, checkpoints, tensors).
 
-Scripts catch it at the top (`shared.interface.cli.run_main`) and print a single `error: ...` line instead of a
+Scripts catch it at the top (`shared.flags.run_main`) and print a single `error: ...` line instead of a
 traceback; library callers can catch it like any other exception.
 
 This module is also where the core first imports the `kernels` package, so it checks that the name resolves
@@ -32,9 +32,9 @@ def _foreign_kernels_message(location: str) -> str:
             f"fix: `pip uninstall kernels`, or put {PROJECT_ROOT} first on PYTHONPATH")
 
 
-# Where this project's programs live besides the stage*/ folders (scripts/, `python -m shared.…`): a file
+# Where this project's programs live besides the stage*/ folders (scripts/, `python -m kernels.…`): a file
 # elsewhere in the checkout, such as a virtual environment's pytest inside it, is not one of them.
-PROGRAM_FOLDERS = ("scripts", "shared", "kernels", "benches")
+PROGRAM_FOLDERS = ("scripts", "kernels", "benches")
 
 
 def _started_from_this_project() -> bool:
@@ -52,7 +52,7 @@ def _started_from_this_project() -> bool:
 def _refuse_foreign_kernels(location: str):
     message = _foreign_kernels_message(location)
     if _started_from_this_project():
-        # The scripts import the core at their top, before cli.run_main could catch anything: say it in
+        # The scripts import the core at their top, before flags.run_main could catch anything: say it in
         # one line and exit as run_main does for a user error.
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)

@@ -16,8 +16,9 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from shared import NoiseSchedule, UserError, q_sample
-from shared.interface.cli import add_dataset_args, add_schedule_args, int_in, make_parser, nonneg_int, run_main
-from shared.training.data import load_dataset
+from shared.flags import int_in, make_parser, nonneg_int, run_main
+from shared.interface.cli import add_dataset_args, add_schedule_args
+from shared.data.datasets import load_dataset
 from shared.diffusion.forward import prior_match_statistics
 from shared.records.plots import plot_noising_grid, plot_schedules
 

@@ -14,8 +14,8 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from shared import UNet, UserError
-from shared.interface.cli import int_in, make_parser, pick_device, run_main
-from shared.model.diagram import draw_unet
+from shared.flags import int_in, make_parser, pick_device, run_main
+from shared.records.diagram import draw_unet
 from shared.model.summary import block_table, flops_per_image, time_forward
 from shared.model.unet import PRESETS
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from shared.interface import cli  # noqa: E402
+from shared import flags  # noqa: E402
 from shared.records.checkpoint import LAST_NAME, load_checkpoint, resolve_checkpoint  # noqa: E402
 from shared.training.config import (DEFAULT_MAX_STEPS, apply_cpu_recipe, check_config,  # noqa: E402
                                     merge_resume_options, parse_config, resolve_precision)
@@ -31,7 +31,7 @@ from shared.training.signals import Interrupted  # noqa: E402
 def main(argv: Sequence[str] | None = None):
     cfg, given, dry_run = parse_config(argv, __doc__)
     check_config(cfg)
-    device = cli.pick_device(cfg.device)
+    device = flags.pick_device(cfg.device)
     cfg, note = apply_cpu_recipe(cfg, given, device)
     if dry_run:
         if cfg.resume is not None:  # show what the resumed run would use
@@ -59,4 +59,4 @@ def main(argv: Sequence[str] | None = None):
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    flags.run_main(main)

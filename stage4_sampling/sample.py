@@ -24,6 +24,10 @@ import torch  # noqa: E402
 
 from shared.diffusion.samplers import default_steps  # noqa: E402
 from shared.errors import UserError  # noqa: E402
+from shared.evaluation.classifier import per_class_accuracy  # noqa: E402
+from shared.evaluation.frechet import frechet_distance  # noqa: E402
+from shared.evaluation.judge import prepare_judge  # noqa: E402
+from shared import flags  # noqa: E402
 from shared.interface import cli  # noqa: E402
 from shared.interface.sampling_args import (add_sampler_args, check_seeds, default_labels, load_model,  # noqa: E402
                                             output_run_dir, sampler_kwargs, timed_batches, timed_sample)
@@ -31,28 +35,28 @@ from shared.records.images import PICTURE_SCALE, SampleWriter, save_grid  # noqa
 from shared.records.plots import plot_quality_vs_steps  # noqa: E402
 from shared.records.runs import check_writable_dir, write_options  # noqa: E402
 from shared.records.trajectory import TrajectoryRecorder  # noqa: E402
-from shared.training.data import JUDGE_HELDOUT  # noqa: E402
+from shared.data.datasets import JUDGE_HELDOUT  # noqa: E402
 
 COMPARE_COLUMNS = 10  # images per row of compare.png and samples.png
 GRID_IMAGES = 100  # samples.png shows the first 100 samples; images/ and samples.npz hold every one
 
 
 def build_parser():
-    parser = cli.make_parser(__doc__)
+    parser = flags.make_parser(__doc__)
     add_sampler_args(parser)
     g = parser.add_argument_group("what to draw")
-    g.add_argument("--n", type=cli.int_in(1, 100_000), default=64, help="number of samples")
-    g.add_argument("--label", type=cli.nonneg_int, default=None,
+    g.add_argument("--n", type=flags.int_in(1, 100_000), default=64, help="number of samples")
+    g.add_argument("--label", type=flags.nonneg_int, default=None,
                    help="class of every sample (class-conditional models; default: round-robin over classes)")
     g.add_argument("--trajectory", action="store_true", help="also write trajectory.png and trajectory.gif")
-    g.add_argument("--compare-steps", type=cli.int_list, default=None,
+    g.add_argument("--compare-steps", type=flags.int_list, default=None,
                    help="comma-separated step counts: the same seeds at each, one row per count")
     g.add_argument("--out", default="runs/samples", help="parent of the auto-numbered output directory")
     e = parser.add_argument_group("quality against step count (with --compare-steps)")
     e.add_argument("--classifier", default=None,
                    help="a classifier file of stage5_guidance/evaluate.py; trained there if missing")
     cli.add_dataset_args(e)
-    e.add_argument("--heldout", type=cli.positive_int, default=JUDGE_HELDOUT, help="real images held out for the FD")
+    e.add_argument("--heldout", type=flags.positive_int, default=JUDGE_HELDOUT, help="real images held out for the FD")
     return parser
 
 
@@ -76,9 +80,6 @@ def _draw_all(args, model, schedule, seeds, labels, device, run_dir, recorder) -
 
 def _compare(args, model, schedule, seeds, labels, device, judge) -> tuple[list[dict], torch.Tensor]:
     """The same seeds at each of --compare-steps: (result rows, the first COMPARE_COLUMNS images of each)."""
-    from shared.evaluation.classifier import per_class_accuracy
-    from shared.evaluation.frechet import frechet_distance
-
     rows, entries = [], []
     floor = judge.floor(args.n) if judge is not None else None
     for steps in args.compare_steps:
@@ -108,8 +109,6 @@ def main(argv=None) -> dict:
     labels = default_labels(model, args.n, args.label)
     judge = None
     if args.compare_steps and args.classifier:
-        from shared.evaluation.judge import prepare_judge
-
         judge = prepare_judge(args.dataset, args.data_dir, args.classifier, args.heldout,
                               meta.get("image_shape", (model.in_channels, model.image_size, model.image_size)),
                               model.num_classes, device, progress=not args.no_progress)
@@ -139,4 +138,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    flags.run_main(main)

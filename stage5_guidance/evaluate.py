@@ -42,26 +42,27 @@ from shared.evaluation.inception_score import torchmetrics_inception_score  # no
 from shared.evaluation.judge import prepare_judge  # noqa: E402
 from shared.evaluation.report import (balanced_labels, check_runs, format_table, parse_runs, seeds_for,  # noqa: E402
                                       summarise_run)
+from shared import flags  # noqa: E402
 from shared.interface import cli  # noqa: E402
 from shared.interface.sampling_args import add_sampler_args, load_model, sampler_kwargs, timed_sample  # noqa: E402
 from shared.records.runs import check_writable_dir, make_run_dir, write_options  # noqa: E402
-from shared.training.data import JUDGE_HELDOUT  # noqa: E402
+from shared.data.datasets import JUDGE_HELDOUT  # noqa: E402
 
 
 def build_parser():
-    parser = cli.make_parser(__doc__)
+    parser = flags.make_parser(__doc__)
     add_sampler_args(parser)
     cli.add_dataset_args(parser)
     g = parser.add_argument_group("evaluation")
     g.add_argument("--classifier", default="runs/classifier.pt",
                    help="classifier file: loaded if it exists, else trained on the non-held-out images and saved")
-    g.add_argument("--classifier-epochs", type=cli.positive_int, default=DEFAULT_EPOCHS,
+    g.add_argument("--classifier-epochs", type=flags.positive_int, default=DEFAULT_EPOCHS,
                    help="epochs when the classifier is trained")
-    g.add_argument("--classifier-shift", type=cli.int_in(0, 4), default=SHIFT_PIXELS,
+    g.add_argument("--classifier-shift", type=flags.int_in(0, 4), default=SHIFT_PIXELS,
                    help="± pixels of random translation when the classifier is trained")
-    g.add_argument("--heldout", type=cli.positive_int, default=JUDGE_HELDOUT,
+    g.add_argument("--heldout", type=flags.positive_int, default=JUDGE_HELDOUT,
                    help="the last N real images: classifier accuracy and FD reference (never trained on)")
-    g.add_argument("--per-class", type=cli.int_in(1, 10_000), default=20,
+    g.add_argument("--per-class", type=flags.int_in(1, 10_000), default=20,
                    help="samples per class (or samples / 10 for an unconditional model)")
     g.add_argument("--runs", default=None,
                    help="several sampler:steps runs, e.g. ddpm:1000,ddim:50 (default: --sampler/--steps)")
@@ -172,4 +173,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    flags.run_main(main)

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from shared.diffusion.guidance import MAX_GUIDANCE  # noqa: E402
 from shared.errors import UserError  # noqa: E402
-from shared.interface import cli  # noqa: E402
+from shared import flags  # noqa: E402
 from shared.interface.prompts import parse_prompt, prompt_loop  # noqa: E402
 from shared.interface.sampling_args import (add_sampler_args, check_seeds, load_model, output_run_dir,  # noqa: E402
                                             sampler_kwargs, timed_sample)
@@ -33,17 +33,17 @@ from shared.records.runs import check_writable_dir, write_options  # noqa: E402
 
 
 def build_parser():
-    parser = cli.make_parser(__doc__)
+    parser = flags.make_parser(__doc__)
     add_sampler_args(parser)
     g = parser.add_argument_group("what to draw (one of)")
     mode = g.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--digit", type=cli.nonneg_int, help="samples of this class")
+    mode.add_argument("--digit", type=flags.nonneg_int, help="samples of this class")
     mode.add_argument("--prompt", help="a class as text: '7', 'seven', ' Seven ' (case and spaces ignored)")
     mode.add_argument("--grid", action="store_true", help="one row per class, the same seeds in every row")
-    mode.add_argument("--sweep", type=cli.float_list, help="comma-separated guidance scales: one row each")
+    mode.add_argument("--sweep", type=flags.float_list, help="comma-separated guidance scales: one row each")
     mode.add_argument("--interactive", action="store_true", help="prompt loop: a digit, a word, grid, quit")
-    g.add_argument("--n", type=cli.int_in(1, 1000), default=8, help="images per row (or per request)")
-    g.add_argument("--sweep-label", type=cli.nonneg_int, default=None,
+    g.add_argument("--n", type=flags.int_in(1, 1000), default=8, help="images per row (or per request)")
+    g.add_argument("--sweep-label", type=flags.nonneg_int, default=None,
                    help="class of every --sweep image (default: column j shows class j mod K)")
     g.add_argument("--out", default="runs/guide", help="parent of the auto-numbered output directory")
     return parser
@@ -161,4 +161,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    flags.run_main(main)

@@ -21,16 +21,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from shared.interface import cli  # noqa: E402
+from shared import flags  # noqa: E402
 from shared.errors import UserError  # noqa: E402
+from shared.interface.sampling_args import add_sampler_args, load_model  # noqa: E402
+from shared.interface.server import create_app, probe_fused  # noqa: E402
 from shared.model.precision import PRECISIONS  # noqa: E402
 
 
 def build_parser():
-    parser = cli.make_parser(__doc__)
+    parser = flags.make_parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="a run directory (its ema.pt) or a checkpoint file")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=cli.int_in(0, 65535), default=8000, help="TCP port (0: any free port)")
+    parser.add_argument("--port", type=flags.int_in(0, 65535), default=8000, help="TCP port (0: any free port)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast dtype of the U-Net")
     parser.add_argument("--fused-kernels", action="store_true",
@@ -58,8 +60,6 @@ def bind(host: str, port: int) -> socket.socket:
 def sampler_flags(args: argparse.Namespace) -> argparse.Namespace:
     """The stage 4/5 sampler flags at their defaults, with this server's checkpoint, device, precision and
     kernels: what sampling_args.load_model reads."""
-    from shared.interface.sampling_args import add_sampler_args
-
     parser = argparse.ArgumentParser()
     add_sampler_args(parser)
     return parser.parse_args(["--checkpoint", args.checkpoint, "--device", args.device, "--precision", args.precision]
@@ -72,8 +72,6 @@ def main(argv=None) -> None:
         import uvicorn
     except ImportError:
         raise UserError("serve.py needs fastapi and uvicorn: pip install fastapi uvicorn") from None
-    from shared.interface.sampling_args import load_model
-    from shared.interface.server import create_app, probe_fused
 
     sock = bind(args.host, args.port)  # first: a port in use fails before the slow model load
     try:
@@ -90,4 +88,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    flags.run_main(main)

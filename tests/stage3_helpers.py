@@ -16,7 +16,7 @@ import torch
 
 from torch.utils.data import Dataset
 
-from shared.training.data import DatasetInfo, TensorImageDataset
+from shared.data.datasets import DatasetInfo, TensorImageDataset
 from tests.idx_files import write_idx
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,7 +40,7 @@ def edge_bars(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def edge_bar_dataset(n: int = 256, seed: int = 0) -> TensorImageDataset:
-    """The in-memory form of edge_bars, as shared.training.data serves datasets (uint8 storage, .info)."""
+    """The in-memory form of edge_bars, as shared.data.datasets serves datasets (uint8 storage, .info)."""
     images, labels = edge_bars(n, seed)
     pixels = ((images + 1) * 127.5).round().to(torch.uint8)
     info = DatasetInfo("mnist", "train", NUM_CLASSES, (1, SIZE, SIZE), "generated edge bars")

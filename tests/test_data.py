@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.training.data import DataError, load_dataset
+from shared.data.datasets import DataError, load_dataset
 from tests.idx_files import make_mnist_dir, write_idx
 
 

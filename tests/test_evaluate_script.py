@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.interface import cli
+from shared import flags
 from tests.scripts import load_script
 from tests.tiny_trained import bar_patterns, one_thread, save_tiny_checkpoint, write_bar_idx  # noqa: F401
 
@@ -29,7 +29,7 @@ def assets(tmp_path_factory):
 
 def _fails_in_one_line(evaluate, argv, capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        cli.run_main(evaluate.main, argv)
+        flags.run_main(evaluate.main, argv)
     assert exit_info.value.code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in lines[0], lines

@@ -73,7 +73,7 @@ def test_export_command_from_a_checkpoint(tmp_path):
     meta = {"dataset": "mnist", "num_classes": 10, "image_shape": [1, 16, 16], "schedule": schedule.to_dict()}
     (tmp_path / "run").mkdir()
     atomic_save(ema_file(model.config, model.state_dict(), schedule.to_dict(), meta), tmp_path / "run" / EMA_NAME)
-    res = subprocess.run([sys.executable, "-m", "shared.model.export_diffusers", str(tmp_path / "run"),
+    res = subprocess.run([sys.executable, str(ROOT / "stage2_unet" / "export.py"), str(tmp_path / "run"),
                           str(tmp_path / "pipe")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
@@ -101,7 +101,7 @@ def test_bad_exports_are_one_line_errors_and_change_nothing(tmp_path):
         export_diffusers(model, betas, tmp_path / "missing" / "pipe")
     with pytest.raises(UserError, match=r"channel_mult\[0\]"):
         unet2d_config(UNet.from_preset("tiny", channel_mult=(2, 2)))
-    res = subprocess.run([sys.executable, "-m", "shared.model.export_diffusers", str(tmp_path / "nothing"),
+    res = subprocess.run([sys.executable, str(ROOT / "stage2_unet" / "export.py"), str(tmp_path / "nothing"),
                           str(tmp_path / "pipe")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
     assert res.stderr.startswith("error:") and not (tmp_path / "pipe").exists()

@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-import shared.training.data as data_module
+import shared.data.datasets as data_module
 from shared.records.checkpoint import LAST_NAME, load_checkpoint
 from shared.records.runs import read_log
 from shared.training.batches import FLIP_SEED_OFFSET, Batches
 from shared.training.config import TrainConfig
-from shared.training.data import (DataError, FolderImages, TensorImageDataset, load_dataset, load_training_dataset,
+from shared.data.datasets import (DataError, FolderImages, TensorImageDataset, load_dataset, load_training_dataset,
                                   without_judge_heldout)
 from shared.training.loop import train
 from tests.stage3_helpers import ItemsOnly, edge_bar_dataset, one_thread, run_train  # noqa: F401 (autouse fixture)

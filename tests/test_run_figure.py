@@ -64,6 +64,6 @@ def test_bad_run_directories_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="not a readable PNG"):
         run_figure(tmp_path / "run", tmp_path / "x.png", grids=1)
     assert not (tmp_path / "x.png").exists()
-    res = subprocess.run([sys.executable, "-m", "shared.records.run_figure", str(tmp_path / "missing"),
+    res = subprocess.run([sys.executable, str(ROOT / "stage3_train" / "run_figure.py"), str(tmp_path / "missing"),
                           str(tmp_path / "x.png")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "not a run directory" in res.stderr

@@ -269,7 +269,7 @@ def test_serve_py_under_uvicorn_on_loopback(checkpoint):
 
 
 def _serve_main(argv, capsys) -> list[str]:
-    from shared.interface import cli
+    from shared import flags
 
     sys.path.insert(0, str(SERVE.parent))
     try:
@@ -281,7 +281,7 @@ def _serve_main(argv, capsys) -> list[str]:
     finally:
         sys.path.remove(str(SERVE.parent))
     with pytest.raises(SystemExit) as exit_info:
-        cli.run_main(module.main, argv)
+        flags.run_main(module.main, argv)
     assert exit_info.value.code == 2
     return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 

@@ -160,15 +160,15 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize("script,args,needle", BAD_INPUT, ids=[f"{s.stem}-{n[:12]}" for s, _, n in BAD_INPUT])
 def test_bad_input_is_one_error_line_and_exit_2(assets, tmp_path, capsys, script, args, needle):
-    """In-process through shared.interface.cli.run_main (what `python script.py` runs): exit 2, one line, no output."""
-    from shared.interface import cli
+    """In-process through shared.flags.run_main (what `python script.py` runs): exit 2, one line, no output."""
+    from shared import flags
 
     ckpt, _, _ = assets
     module = load_script(script)
     argv = [a.replace("{ckpt}", str(ckpt)).replace("{dir}", str(tmp_path)) for a in args]
     argv += ["--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exit_info:
-        cli.run_main(module.main, argv)
+        flags.run_main(module.main, argv)
     assert exit_info.value.code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), lines
@@ -202,11 +202,11 @@ def test_fused_kernels_flag(assets, tmp_path):
 
 
 def _one_error_line(capsys, module, argv) -> str:
-    """Runs module.main through cli.run_main; asserts exit 2 and one 'error:' line, returns it."""
-    from shared.interface import cli
+    """Runs module.main through flags.run_main; asserts exit 2 and one 'error:' line, returns it."""
+    from shared import flags
 
     with pytest.raises(SystemExit) as exit_info:
-        cli.run_main(module.main, argv)
+        flags.run_main(module.main, argv)
     assert exit_info.value.code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), lines

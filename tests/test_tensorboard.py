@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.interface import cli
+from shared import flags
 from shared.records.runs import LOG_COLUMNS, read_log
 from shared.training.config import TrainConfig
 from shared.training.loop import train
@@ -79,7 +79,7 @@ def test_without_the_package_one_line_and_exit_2_before_any_run_dir(tmp_path, mo
     out = tmp_path / "runs"
     script = load_script(TRAIN_SCRIPT)
     with pytest.raises(SystemExit) as stopped:
-        cli.run_main(script.main, ["--dataset", "mnist", "--data-dir", str(data), "--preset", "tiny", "--max-steps",
+        flags.run_main(script.main, ["--dataset", "mnist", "--data-dir", str(data), "--preset", "tiny", "--max-steps",
                                    "2", "--device", "cpu", "--out", str(out), "--tensorboard"])
     assert stopped.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()

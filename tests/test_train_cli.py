@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.interface import cli
+from shared import flags
 from shared.training.config import CPU_RECIPE, DEFAULT_MAX_STEPS, TrainConfig, build_parser, resolve_precision
 from shared.training.loop import train
 from tests.idx_files import write_idx
@@ -54,7 +54,7 @@ def _snapshot(folder):
 
 def _run_in_process(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.run_main(script.main, argv)
+        flags.run_main(script.main, argv)
     captured = capsys.readouterr()
     return exit_info.value.code, captured.out, captured.err
 

@@ -23,7 +23,7 @@ from shared.errors import UserError
 from shared.records.checkpoint import EMA_NAME, LAST_NAME, atomic_save, load_checkpoint, load_for_sampling
 from shared.records.runs import read_log
 from shared.training.config import TrainConfig
-from shared.training.data import DataError, load_dataset, without_judge_heldout
+from shared.data.datasets import DataError, load_dataset, without_judge_heldout
 from shared.training.loop import train
 from shared.training.signals import Interrupted
 from tests.idx_files import write_idx
@@ -206,7 +206,7 @@ def test_damaged_schedule_and_options_in_a_checkpoint_are_one_line(tmp_path):
 
 def test_the_evaluators_heldout_images_are_left_out_of_training(tmp_path):
     """A labelled in-memory dataset larger than judge_heldout trains on all but its last judge_heldout
-    images (shared.training.data.judge_split), and options.json says how many were left out."""
+    images (shared.data.datasets.judge_split), and options.json says how many were left out."""
     data = edge_bar_dataset(96)
     kept, excluded = without_judge_heldout(data, 40)
     assert excluded == 40 and len(kept) == 56 and torch.equal(kept.images, data.images[:56])

@@ -6,7 +6,7 @@ import torch
 
 from shared import UNet, UserError
 from shared.model.blocks import EmbeddingBlock, EmbeddingSequential, GroupNormAct, ResBlock, SelfAttention
-from shared.model.diagram import draw_unet, unet_blocks, unet_levels
+from shared.records.diagram import draw_unet, unet_blocks, unet_levels
 from shared.model.summary import block_table
 
 # Ho et al. 2020 report 35.7 M parameters for their CIFAR-10 model. Ours is that network with FiLM

@@ -49,7 +49,7 @@ def bar_patterns(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def write_bar_idx(folder: Path, images: torch.Tensor, labels: torch.Tensor, split: str = "train") -> Path:
     """Writes images [N x 1 x H x W] in [-1, 1] and labels as MNIST-format gzipped IDX files (what
-    shared.training.data reads with --data-dir)."""
+    shared.data.datasets reads with --data-dir)."""
     folder.mkdir(parents=True, exist_ok=True)
     pixels = to_uint8(images).squeeze(1).numpy()
     write_idx(folder / f"{split}-images-idx3-ubyte", pixels, gz=True)

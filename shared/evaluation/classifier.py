@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from shared.errors import UserError
+from shared.records.checkpoint import atomic_save
 
 CLASSIFIER_FORMAT = "ddpm-from-scratch/classifier/1"
 FEATURE_DIM = 128
@@ -155,8 +156,6 @@ def check_classifier_path(path: str | os.PathLike) -> Path:
 
 def save_classifier(model: SmallCNN, path: str | os.PathLike, meta: dict) -> Path:
     """Writes the classifier atomically (never a half-written file); a full disk is a one-line UserError."""
-    from shared.records.checkpoint import atomic_save
-
     path = check_classifier_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

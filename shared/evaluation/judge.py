@@ -1,6 +1,6 @@
 """The judge: a classifier with the real images it is measured against.
 
-`prepare_judge` loads the dataset, splits off the last `heldout` images (`shared.training.data.judge_split`,
+`prepare_judge` loads the dataset, splits off the last `heldout` images (`shared.data.datasets.judge_split`,
 the one split definition), and loads the classifier from its file or trains one on the other images and
 saves it there before any sampling starts, so a later failure never loses it. A `Judge` then scores
 samples: classifier accuracy on the held-out images, the FD floor and the real-data Inception Score at a
@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from shared.data.datasets import judge_split, load_dataset
 from shared.errors import UserError
 from shared.evaluation.classifier import (DEFAULT_EPOCHS, SHIFT_PIXELS, SmallCNN, accuracy, check_classifier_path,
                                           load_classifier, save_classifier, train_classifier)
@@ -22,8 +23,6 @@ from shared.evaluation.inception_score import classifier_inception_score
 
 def split_real(images: torch.Tensor, labels: torch.Tensor, heldout: int) -> tuple[tuple, tuple]:
     """((train images, labels), (held-out images, labels)): the last `heldout` images are held out."""
-    from shared.training.data import judge_split
-
     if not 0 < heldout < images.shape[0]:
         raise UserError(f"--heldout must lie in [1, {images.shape[0] - 1}] for {images.shape[0]} images, got {heldout}")
     train, held = (slice(r.start, r.stop) for r in judge_split(images.shape[0], heldout))
@@ -78,8 +77,6 @@ def prepare_judge(dataset: str, data_dir: str | None, classifier_path: str | Non
                   epochs: int = DEFAULT_EPOCHS, shift_pixels: int = SHIFT_PIXELS, progress: bool = True) -> Judge:
     """Loads the real data, splits off the held-out images, and loads the classifier from
     `classifier_path` or trains one on the rest (saving it there when a path is given, before returning)."""
-    from shared.training.data import load_dataset
-
     if classifier_path is not None:
         check_classifier_path(classifier_path)  # a directory or a file-as-parent fails before the data load
 

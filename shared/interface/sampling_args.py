@@ -12,13 +12,17 @@ from typing import Iterator, Sequence
 
 import torch
 
-from shared.interface import cli
+import kernels
+
+from shared import flags
 from shared.errors import UserError
 from shared.diffusion.guidance import MAX_GUIDANCE
 from shared.diffusion.noise import MAX_SEED
 from shared.diffusion.samplers import SAMPLERS, sample, sample_batches
 from shared.diffusion.steps import SPACINGS, VARIANCES
 from shared.model.precision import PRECISIONS
+from shared.records.checkpoint import load_for_sampling
+from shared.records.runs import make_run_dir
 
 # DDIM η: σ grows with η and past 1 the direction term is already clamped to 0, so a larger η only adds
 # noise; the bound keeps σ (and the samples) finite.
@@ -31,16 +35,16 @@ def add_sampler_args(parser: argparse.ArgumentParser, default_sampler: str = "dd
     g.add_argument("--checkpoint", required=True, help="a run directory (its ema.pt) or a checkpoint file")
     g.add_argument("--sampler", choices=SAMPLERS, default=default_sampler,
                    help="ddpm: ancestral (Ho et al. Alg. 2); ddim: Song et al. Eq. 12; dpmpp: DPM-Solver++(2M)")
-    g.add_argument("--steps", type=cli.positive_int, default=None,
+    g.add_argument("--steps", type=flags.positive_int, default=None,
                    help="sampling steps S; None means T for ddpm and 50 for ddim/dpmpp")
-    g.add_argument("--eta", type=cli.float_in(0.0, MAX_ETA), default=0.0, help="DDIM η (0: deterministic)")
+    g.add_argument("--eta", type=flags.float_in(0.0, MAX_ETA), default=0.0, help="DDIM η (0: deterministic)")
     g.add_argument("--spacing", choices=SPACINGS, default="trailing", help="how S of the T timesteps are picked")
     g.add_argument("--variance", choices=VARIANCES, default="fixed_small", help="DDPM σ_t²: β̃_t or β_t")
     g.add_argument("--clip-x0", action="store_true", help="clip the predicted x̂0 to [-1, 1] at every step")
-    g.add_argument("--guidance-scale", type=cli.float_in(0.0, MAX_GUIDANCE), default=1.0,
+    g.add_argument("--guidance-scale", type=flags.float_in(0.0, MAX_GUIDANCE), default=1.0,
                    help="classifier-free guidance w: 0 unconditional, 1 conditional, >1 guided")
-    g.add_argument("--batch-size", type=cli.positive_int, default=64, help="images per forward pass")
-    g.add_argument("--seed", type=cli.int_in(0, MAX_SEED), default=0, help="seed of the first image; image i uses seed+i")
+    g.add_argument("--batch-size", type=flags.positive_int, default=64, help="images per forward pass")
+    g.add_argument("--seed", type=flags.int_in(0, MAX_SEED), default=0, help="seed of the first image; image i uses seed+i")
     g.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast dtype of the U-Net")
     g.add_argument("--fused-kernels", action="store_true",
                    help="fused Triton U-Net ops and the fused C++/CUDA sampling step (fails if unavailable)")
@@ -53,15 +57,11 @@ def add_sampler_args(parser: argparse.ArgumentParser, default_sampler: str = "dd
 
 def load_model(args: argparse.Namespace):
     """(model, schedule, meta, device) from --checkpoint/--device/--fused-kernels; errors are UserErrors."""
-    from shared.records.checkpoint import load_for_sampling
-
-    device = cli.pick_device(args.device)
+    device = flags.pick_device(args.device)
     if args.cuda_graphs and device.type != "cuda":
         raise UserError(f"--cuda-graphs needs a CUDA device, but this run uses {device}")
     model, schedule, meta = load_for_sampling(args.checkpoint, device)
     if args.fused_kernels:
-        import kernels
-
         model.set_fused_kernels(True)  # raises FusedKernelsUnavailable (a UserError) with the reason
         kernels.load("ddpm_step"), kernels.load("ddim_step")  # the fused step too, before any output exists
     if args.steps is not None and args.steps > schedule.num_timesteps:
@@ -103,8 +103,6 @@ def output_run_dir(out: str, name: str) -> Iterator[Path]:
     A failed write (a full disk, a permission change) removes the folder and becomes one UserError,
     so a run leaves either every output or nothing.
     """
-    from shared.records.runs import make_run_dir
-
     run_dir = make_run_dir(out, name)
     try:
         yield run_dir

@@ -26,6 +26,7 @@ import io
 import threading
 import time
 from pathlib import Path
+from typing import Literal, Optional
 
 import torch
 
@@ -321,8 +322,6 @@ def create_app(model: torch.nn.Module, schedule, meta: dict, device: torch.devic
 
 def request_models():
     """(GenerateRequest, TrajectoryRequest): the pydantic request bodies; every float must be finite."""
-    from typing import Literal, Optional
-
     from pydantic import BaseModel, ConfigDict, Field
 
     class TrajectoryRequest(BaseModel):

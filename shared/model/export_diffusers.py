@@ -1,6 +1,6 @@
 """Export a trained U-Net and its schedule as a diffusers pipeline folder (DDPMPipeline layout).
 
-    python -m shared.model.export_diffusers runs/00003-mnist-mnist-bf16 exported/
+    python stage2_unet/export.py runs/00003-mnist-mnist-bf16 exported/
     # then, with diffusers installed:  DDPMPipeline.from_pretrained("exported/")
 
 The folder holds `model_index.json`, `unet/` (config.json and diffusion_pytorch_model.safetensors for
@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -179,25 +178,3 @@ def export_diffusers(model: UNet, betas: torch.Tensor, out_dir: str | os.PathLik
 
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def main(argv=None) -> None:
-    from shared.interface.cli import make_parser, run_main
-    from shared.records.checkpoint import load_for_sampling
-
-    def export(argv):
-        parser = make_parser(__doc__)
-        parser.add_argument("checkpoint", help="a run directory or a checkpoint file (ema.pt, last.pt, best.pt)")
-        parser.add_argument("out", help="the pipeline folder to create (must not exist)")
-        parser.add_argument("--weights", choices=("ema", "model"), default="ema",
-                            help="the EMA weights (for sampling) or the raw trained ones")
-        args = parser.parse_args(argv)
-        model, schedule, _ = load_for_sampling(args.checkpoint, which=args.weights)
-        export_diffusers(model, schedule.betas, args.out)
-        print(f"wrote {args.out}: model_index.json, unet/ (UNet2DModel), scheduler/ (DDPMScheduler)")
-
-    run_main(export, argv)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

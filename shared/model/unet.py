@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 import kernels
+from kernels.flash_attention import SUPPORTED_HEAD_DIMS
 from shared.errors import UserError
 from shared.model.blocks import (Downsample, EmbeddingSequential, GroupNormAct, ResBlock, SelfAttention, Upsample,
                                  timestep_embedding, zero_module)
@@ -148,8 +149,6 @@ class UNet(nn.Module):
         if enabled:
             kernels.load("group_norm_film_silu")
             kernels.load("attention")
-            from kernels.flash_attention import SUPPORTED_HEAD_DIMS
-
             head_dims = {m.head_dim for m in self.modules() if isinstance(m, SelfAttention)}
             if not head_dims <= set(SUPPORTED_HEAD_DIMS):
                 raise kernels.FusedKernelsUnavailable(

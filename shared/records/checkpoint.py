@@ -24,7 +24,9 @@ from typing import Any
 
 import torch
 
+from shared.diffusion.schedule import NoiseSchedule
 from shared.errors import UserError
+from shared.model.unet import UNet
 
 TRAIN_FORMAT = "ddpm-from-scratch/train/1"
 EMA_FORMAT = "ddpm-from-scratch/ema/1"
@@ -207,8 +209,6 @@ def strip_averaged_prefix(state_dict: dict) -> dict:
 
 def build_model(model_config: dict, path: str | os.PathLike) -> torch.nn.Module:
     """UNet(**model_config), with a foreign config reported as a UserError."""
-    from shared.model.unet import UNet  # imported here so checkpoint utilities load without the network
-
     try:
         return UNet(**model_config)
     except (TypeError, ValueError, UserError) as err:
@@ -225,8 +225,6 @@ def load_for_sampling(path: str | os.PathLike, device: str | torch.device = "cpu
     meta: {"dataset", "num_classes", "image_shape": [C, H, W], "schedule": {"kind", "num_timesteps"},
     "options", ...} as recorded at training time.
     """
-    from shared.diffusion.schedule import NoiseSchedule
-
     if which not in ("ema", "model"):
         raise UserError(f"which must be 'ema' or 'model', got {which!r}")
     file = resolve_checkpoint(path, prefer=(EMA_NAME, LAST_NAME) if which == "ema" else (LAST_NAME,))

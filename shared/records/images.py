@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
 PICTURE_SCALE = 3  # 28-pixel digits are enlarged (nearest) to be visible in the stage pictures
 
@@ -17,11 +17,21 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def grid_image(x: torch.Tensor, nrow: int, padding: int = 2) -> Image.Image:
-    """A PIL image of a batch [N x C x H x W] in [-1, 1] laid out nrow images per row."""
+    """A PIL image of a batch [N x C x H x W] in [-1, 1] laid out nrow images per row, `padding` white
+    pixels around each; one image comes back alone, without the frame."""
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"expected images of shape N x 1|3 x H x W, got {tuple(x.shape)}")
-    grid = make_grid(to_uint8(x.cpu()), nrow=nrow, padding=padding, pad_value=255)  # (3, H', W')
-    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+    images = to_uint8(x.cpu()).expand(-1, 3, -1, -1)                      # grey is shown as RGB
+    n, _, height, width = images.shape
+    if n == 1:
+        return Image.fromarray(images[0].permute(1, 2, 0).numpy())
+    cols, rows = min(nrow, n), -(-n // nrow)
+    cell_h, cell_w = height + padding, width + padding
+    grid = torch.full((3, rows * cell_h + padding, cols * cell_w + padding), 255, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        top, left = (i // cols) * cell_h + padding, (i % cols) * cell_w + padding
+        grid[:, top:top + height, left:left + width] = image
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())                 # (H', W', 3)
 
 
 def save_grid(x: torch.Tensor, path: str | os.PathLike, nrow: int = 8, scale: int = 1) -> None:
@@ -45,8 +55,6 @@ class SampleWriter:
     IMAGES_DIR, ARCHIVE, PENDING = "images", "samples.npz", ".samples-images.npy"
 
     def __init__(self, run_dir: str | os.PathLike, n: int, shape_chw: tuple[int, int, int]):
-        import numpy as np
-
         self.run_dir, self.n, self.count = Path(run_dir), n, 0
         (self.run_dir / self.IMAGES_DIR).mkdir()
         channels, height, width = shape_chw
@@ -72,8 +80,6 @@ class SampleWriter:
 
     def close(self) -> Path:
         """Writes samples.npz from everything added and removes the pending file."""
-        import numpy as np
-
         path = self.run_dir / self.ARCHIVE
         np.savez(path, images=self.pending[:self.count], labels=self.labels[:self.count],
                  seeds=self.seeds[:self.count])

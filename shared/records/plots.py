@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import torch  # noqa: E402
 
 from shared.records.images import to_uint8  # noqa: E402
+from shared.records.runs import read_log  # noqa: E402
 from shared.diffusion.schedule import NoiseSchedule  # noqa: E402
 
 
@@ -78,6 +79,29 @@ def plot_quality_vs_steps(rows: list[dict], path: Path) -> Path:
     fig.suptitle(f"{rows[0]['sampler']}: quality against step count", fontsize=10)
     _save(fig, path)
     return path
+
+
+def plot_loss(log_path: Path, png_path: Path) -> None:
+    """Draws training loss (and held-out loss where evaluated) against step, log-scaled, to png_path."""
+    rows = read_log(log_path)
+    steps = [int(r["step"]) for r in rows if r["loss"]]
+    losses = [float(r["loss"]) for r in rows if r["loss"]]
+    held = [(int(r["step"]), float(r["heldout_loss"])) for r in rows if r.get("heldout_loss")]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, lw=1, label="training loss (L_simple)")
+    if held:
+        ax.plot(*zip(*held), "o-", ms=4, label="held-out loss (fixed t, ε)")
+    if losses and min(losses) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE(ε, ε_θ)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png_path)  # a viewer never sees a half-drawn plot
 
 
 def _save(fig, path: str) -> None:

@@ -1,6 +1,6 @@
 """One picture of a training run: the loss curve beside the EMA sample grids drawn along the way.
 
-    python -m shared.records.run_figure runs/00003-mnist-tiny-fp32 run.png [--grids 4]
+    python stage3_train/run_figure.py runs/00003-mnist-tiny-fp32 run.png [--grids 4]
 
 Reads the run directory's `log.csv` (training loss per logged window, held-out loss at each evaluation)
 and its `samples-NNNNNNN.png` grids; the loss panel marks the steps whose grids are shown.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -99,25 +98,3 @@ def _save_whole(fig, out_path: str | os.PathLike) -> None:
         plt.close(fig)
         raise UserError(f"cannot write {out_path}: the folder {folder} does not exist")
     save_figure_atomically(fig, out_path, dpi=110)
-
-
-def main(argv=None) -> None:
-    from shared.interface.cli import make_parser, run_main, int_in
-
-    def parse_and_draw(argv):
-        parser = make_parser(__doc__)
-        parser.add_argument("run_dir", help="a run directory written by stage3_train/train.py")
-        parser.add_argument("out", help="the PNG to write")
-        parser.add_argument("--grids", type=int_in(1, 12), default=4, help="sample grids to show")
-        parser.add_argument("--title", help="a title above the figure")
-        args = parser.parse_args(argv)
-        if not args.out.lower().endswith(".png"):
-            raise UserError(f"{args.out}: the figure is a PNG; give a path ending in .png")
-        run_figure(args.run_dir, args.out, args.grids, args.title)
-        print(f"wrote {args.out}")
-
-    run_main(parse_and_draw, argv)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -145,31 +145,3 @@ def read_log(path: str | os.PathLike) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def plot_loss(log_path: Path, png_path: Path) -> None:
-    """Draws training loss (and held-out loss where evaluated) against step, log-scaled, to png_path."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    rows = read_log(log_path)
-    steps = [int(r["step"]) for r in rows if r["loss"]]
-    losses = [float(r["loss"]) for r in rows if r["loss"]]
-    held = [(int(r["step"]), float(r["heldout_loss"])) for r in rows if r.get("heldout_loss")]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, losses, lw=1, label="training loss (L_simple)")
-    if held:
-        ax.plot(*zip(*held), "o-", ms=4, label="held-out loss (fixed t, ε)")
-    if losses and min(losses) > 0:
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("MSE(ε, ε_θ)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)  # a viewer never sees a half-drawn plot

@@ -4,9 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from shared.errors import UserError
-from shared.records.images import PICTURE_SCALE
+from shared.records.images import PICTURE_SCALE, grid_image, save_grid
 
 # Trajectory pictures: how many columns the x_t / x̂0 strip has, and the GIF's frame time.
 TRAJECTORY_COLUMNS = 10
@@ -35,10 +36,6 @@ class TrajectoryRecorder:
 
     def save(self, final: torch.Tensor, folder: Path) -> list[Path]:
         """trajectory.png (top: x_t, bottom: x̂0, at evenly spaced steps) and trajectory.gif."""
-        from PIL import Image
-
-        from shared.records.images import grid_image, save_grid
-
         n = len(self.timesteps)
         if n == 0:
             raise UserError("no steps were recorded")

@@ -5,7 +5,7 @@ truncated to a multiple of the world size, rank r taking every world_size-th ind
 run starts at batch b of epoch e and sees exactly the batches an uninterrupted run would have seen.
 
 In-memory datasets (the uint8 tensors of MNIST-family, CIFAR-10 and image folders of up to
-shared.training.data.IN_MEMORY_MAX_BYTES) live on the device whole; a batch is one index_select by a slice of the epoch's permutation, so the hot loop has no
+shared.data.datasets.IN_MEMORY_MAX_BYTES) live on the device whole; a batch is one index_select by a slice of the epoch's permutation, so the hot loop has no
 per-sample Python and no host-to-device copy (the permutation is copied once per epoch). Image folders
 too large for memory keep a DataLoader with the same order.
 
@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from shared.training.data import DataError, TensorImageDataset, worker_error_line
+from shared.data.datasets import DataError, TensorImageDataset, worker_error_line
 
 # The flip stream's seeds start above every seed a run can be given (shared.training.config.MAX_SEED = 2**62)
 # so they never coincide with the order's seed + e or the noise streams' seed + small offsets.

@@ -16,11 +16,11 @@ import torch
 
 from shared.diffusion.schedule import SCHEDULE_KINDS
 from shared.errors import UserError
-from shared.interface import cli
+from shared import flags
 from shared.model.ema import DEFAULT_EMA_DECAY, DEFAULT_EMA_WARMUP
 from shared.model.precision import TRAIN_PRECISIONS, check_precision
 from shared.model.unet import PRESETS
-from shared.training.data import DATASET_NAMES, JUDGE_HELDOUT
+from shared.data.datasets import DATASET_NAMES, JUDGE_HELDOUT
 
 DEFAULT_MAX_STEPS = 6000        # with batch 128: ~12.8 epochs of 60k MNIST, recognisable digits with EMA
 # Seeds are offset per rank, per held-out draw and per grid image; this bound keeps every offset seed
@@ -33,9 +33,9 @@ CPU_RECIPE = {"preset": "cpu", "batch_size": 128, "lr": 2e-3, "cosine": True, "m
               "max_steps": 1600, "precision": "auto"}
 
 
-positive_float = cli.positive_float  # finite: the cli's float parsers refuse NaN, inf and 1e309
-nonneg_float = cli.nonneg_float
-seed_int = cli.int_in(0, MAX_SEED)
+positive_float = flags.positive_float  # finite: the cli's float parsers refuse NaN, inf and 1e309
+nonneg_float = flags.nonneg_float
+seed_int = flags.int_in(0, MAX_SEED)
 
 
 def option(default, help: str, group: str, parse=None, choices=None, exclusive: str | None = None):
@@ -56,57 +56,57 @@ class TrainConfig:
                                   "(--dataset folder), or a torchvision root; default ./data", DATA)
     preset: str = option("mnist", "U-Net size (tiny for tests and CPUs)", DATA, choices=tuple(PRESETS))
     schedule: str = option("linear", "noise schedule β_t", DATA, choices=SCHEDULE_KINDS)
-    timesteps: int = option(1000, "T, diffusion steps", DATA, parse=cli.int_in(1, 100_000))
+    timesteps: int = option(1000, "T, diffusion steps", DATA, parse=flags.int_in(1, 100_000))
     class_cond: bool = option(True, "condition on labels (label dropout to the null class prepares "
                               "classifier-free guidance); --no-class-cond trains an unconditional model", DATA)
     p_uncond: float = option(0.1, "probability that a label is replaced by the null class (class-cond runs)",
-                             DATA, parse=cli.float_in(0.0, 1.0))
+                             DATA, parse=flags.float_in(0.0, 1.0))
     heldout_size: int = option(256, "images held out for the denoising loss with fixed t and ε (0: no "
-                               "evaluation)", DATA, parse=cli.nonneg_int)
+                               "evaluation)", DATA, parse=flags.nonneg_int)
     judge_heldout: int = option(JUDGE_HELDOUT, "the evaluator's held-out images (the last N of a labelled "
                                 "in-memory dataset larger than N) are left out of training; 0 trains on all",
-                                DATA, parse=cli.nonneg_int)
+                                DATA, parse=flags.nonneg_int)
     image_size: int | None = option(None, "resize (and centre-crop) folder images to this side; default: the "
-                                    "dataset's own size (folder: the preset's)", DATA, parse=cli.int_in(8, 1024))
+                                    "dataset's own size (folder: the preset's)", DATA, parse=flags.int_in(8, 1024))
     channels: int | None = option(None, "1 (grey) or 3 (RGB) for folder images; default: the preset's",
-                                  DATA, parse=cli.int_in(1, 3), choices=(1, 3))
+                                  DATA, parse=flags.int_in(1, 3), choices=(1, 3))
     random_flip: bool = option(False, "flip each training image left-right with probability 1/2", DATA)
-    epochs: int | None = option(None, "train this many epochs", LENGTH, parse=cli.positive_int, exclusive="length")
+    epochs: int | None = option(None, "train this many epochs", LENGTH, parse=flags.positive_int, exclusive="length")
     max_steps: int | None = option(None, f"train this many steps (default {DEFAULT_MAX_STEPS} when --epochs is "
-                                   "not given)", LENGTH, parse=cli.positive_int, exclusive="length")
-    batch_size: int = option(128, "images per step per process", LENGTH, parse=cli.positive_int)
+                                   "not given)", LENGTH, parse=flags.positive_int, exclusive="length")
+    batch_size: int = option(128, "images per step per process", LENGTH, parse=flags.positive_int)
     grad_accum: int = option(1, "micro-batches of --batch-size per optimizer step (the gradient of a K-times "
-                             "larger batch)", LENGTH, parse=cli.int_in(1, 1024))
+                             "larger batch)", LENGTH, parse=flags.int_in(1, 1024))
     num_workers: int = option(0, "DataLoader workers for folder datasets (in-memory datasets are gathered "
-                              "on the device)", LENGTH, parse=cli.nonneg_int)
+                              "on the device)", LENGTH, parse=flags.nonneg_int)
     seed: int = option(0, "seed of weights, data order and noise", LENGTH, parse=seed_int)
     lr: float = option(2e-4, "AdamW learning rate", OPTIM, parse=positive_float)
     weight_decay: float = option(0.0, "AdamW weight decay", OPTIM, parse=nonneg_float)
-    warmup_steps: int = option(100, "linear LR warm-up", OPTIM, parse=cli.nonneg_int)
+    warmup_steps: int = option(100, "linear LR warm-up", OPTIM, parse=flags.nonneg_int)
     cosine: bool = option(False, "cosine-decay the LR to 0 after the warm-up", OPTIM)
     grad_clip: float = option(1.0, "max gradient norm (0: off)", OPTIM, parse=nonneg_float)
-    ema_decay: float = option(DEFAULT_EMA_DECAY, "EMA decay", OPTIM, parse=cli.float_in(0.0, 1.0))
+    ema_decay: float = option(DEFAULT_EMA_DECAY, "EMA decay", OPTIM, parse=flags.float_in(0.0, 1.0))
     ema_warmup: int = option(DEFAULT_EMA_WARMUP, "EMA decay warm-up: decay_n = min(decay, (1+n)/(warmup+n)); "
-                             "0: off", OPTIM, parse=cli.nonneg_int)
+                             "0: off", OPTIM, parse=flags.nonneg_int)
     precision: str = option("auto", "autocast dtype; auto = bf16 where the device computes it natively (a "
                             "CUDA GPU, a CPU with AVX-512 BF16/AMX), else fp32; fp16 uses a GradScaler", OPTIM,
                             choices=TRAIN_PRECISIONS)
     min_snr_gamma: float = option(0.0, "min-SNR-γ loss weights w_t = min(1, γ/SNR_t) (Hang et al. 2023); "
                                   "0: plain L_simple", OPTIM, parse=nonneg_float)
     max_consecutive_skips: int = option(20, "stop after this many consecutive steps with a non-finite loss or "
-                                        "gradient (checked at log rows)", OPTIM, parse=cli.positive_int)
+                                        "gradient (checked at log rows)", OPTIM, parse=flags.positive_int)
     out: str = option("runs", "parent of the auto-numbered run directories", RECORDS)
-    log_every: int = option(10, "steps per log.csv row", RECORDS, parse=cli.positive_int)
-    eval_every: int = option(500, "steps per held-out evaluation", RECORDS, parse=cli.positive_int)
-    sample_every: int = option(1000, "steps per sample grid", RECORDS, parse=cli.positive_int)
-    sample_steps: int = option(50, "DDIM steps of the sample grids (EMA weights)", RECORDS, parse=cli.positive_int)
-    ckpt_every: int = option(1000, "steps per last.pt/ema.pt", RECORDS, parse=cli.positive_int)
+    log_every: int = option(10, "steps per log.csv row", RECORDS, parse=flags.positive_int)
+    eval_every: int = option(500, "steps per held-out evaluation", RECORDS, parse=flags.positive_int)
+    sample_every: int = option(1000, "steps per sample grid", RECORDS, parse=flags.positive_int)
+    sample_steps: int = option(50, "DDIM steps of the sample grids (EMA weights)", RECORDS, parse=flags.positive_int)
+    ckpt_every: int = option(1000, "steps per last.pt/ema.pt", RECORDS, parse=flags.positive_int)
     keep_snapshots: int = option(0, "also keep the last K EMA weights as ema-<step>.pt, one per checkpoint "
-                                 "(0: only ema.pt)", RECORDS, parse=cli.nonneg_int)
+                                 "(0: only ema.pt)", RECORDS, parse=flags.nonneg_int)
     tensorboard: bool = option(False, "also write log.csv's scalars and the sample grids to TensorBoard "
                                "(<run>/tensorboard; needs the tensorboard package)", RECORDS)
     early_stop_patience: int = option(0, "stop after this many evaluations without a better held-out loss "
-                                      "(0: never)", RECORDS, parse=cli.nonneg_int)
+                                      "(0: never)", RECORDS, parse=flags.nonneg_int)
     resume: str | None = option(None, "continue a run: its directory or a last.pt/best.pt", RECORDS)
     device: str = option("auto", "auto, cpu, cuda or cuda:N", SPEED)
     fused_kernels: bool = option(False, "use the fused Triton kernels (fails if unavailable)", SPEED)
@@ -123,7 +123,7 @@ def build_parser(description: str, suppress_defaults: bool = False) -> argparse.
 
     suppress_defaults: leave every flag that is not given out of the parsed namespace (given_options).
     """
-    p = cli.make_parser(description)
+    p = flags.make_parser(description)
     groups: dict[str, argparse._ArgumentGroup] = {}
     exclusive: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for f in fields(TrainConfig):

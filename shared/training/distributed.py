@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from shared.interface.cli import pick_device
+from shared.flags import pick_device
 from shared.errors import UserError
 
 

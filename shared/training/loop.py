@@ -44,7 +44,7 @@ from shared.records.runs import check_not_run_dir, check_writable_dir
 from shared.training import distributed
 from shared.training.batches import Batches
 from shared.training.config import TrainConfig, check_config, merge_resume_options, resolve_precision, resolved_length
-from shared.training.data import without_judge_heldout
+from shared.data.datasets import load_training_dataset, without_judge_heldout
 from shared.training.heldout import fixed_heldout_batch, heldout_loss, split_heldout
 from shared.training.loss import drop_labels, l_simple, min_snr_weight
 from shared.training.recorder import Due, Recorder, Window, agree, check_tensorboard, due_at
@@ -174,7 +174,6 @@ def _resume_point(cfg: TrainConfig, given: set[str] | None):
 def _data(cfg: TrainConfig, dataset, ctx, device):
     """(dataset info, Batches, held-out images or None, evaluator images left out)."""
     if dataset is None:
-        from shared.training.data import load_training_dataset
         dataset = load_training_dataset(cfg, quiet=not ctx.is_main)
     if len(dataset) == 0:
         raise UserError(f"the dataset {cfg.dataset!r} holds no images")
@@ -229,7 +228,7 @@ def train(cfg: TrainConfig, dataset=None, given: set[str] | None = None, note: s
     """Runs (or resumes) one training job; returns counters, throughput and the trained networks.
 
     dataset: a dataset yielding (image [C x H x W] in [-1, 1], label) with an `.info`
-    (shared.training.data.DatasetInfo); None loads cfg.dataset from cfg.data_dir.
+    (shared.data.datasets.DatasetInfo); None loads cfg.dataset from cfg.data_dir.
     given: with cfg.resume, the options set explicitly (see merge_resume_options).
     note: one line printed (stderr, rank 0) once the run directory exists, e.g. the CPU recipe note.
     Raises UserError for bad input and for a run stopped by non-finite steps; signals.Interrupted

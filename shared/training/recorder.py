@@ -19,12 +19,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from shared.diffusion.samplers import sample
 from shared.errors import UserError
 from shared.records.checkpoint import (EMA_NAME, LAST_NAME, TRAIN_FORMAT, atomic_save, ema_file,
                                        remove_stale_temp_files)
-from shared.records.runs import CsvLog, make_run_dir, plot_loss, read_log, write_options
+from shared.records.images import grid_image
+from shared.records.plots import plot_loss
+from shared.records.runs import CsvLog, make_run_dir, read_log, write_options
 from shared.training import distributed
 from shared.training.state import TrainState, capture_rng
 
@@ -162,8 +166,6 @@ class Recorder:
         """A DDIM grid from the EMA weights with fixed per-image seeds, so grids compare across steps."""
         if self.run_dir is None:
             return
-        from shared.diffusion.samplers import sample  # imports torchvision (seconds): only when a grid is due
-        from shared.records.images import grid_image
         num_classes = ema_module.num_classes
         # Class-conditional grids give each class a column (up to MAX_GRID_CLASSES); else 8×8.
         columns = min(num_classes, MAX_GRID_CLASSES) if num_classes else SAMPLE_GRID_ROWS
@@ -218,7 +220,6 @@ class TensorBoardLog:
 
     def image(self, tag: str, image, step: int) -> None:
         """image: a PIL RGB image."""
-        import numpy as np
         self.writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
 
     def flush(self) -> None:

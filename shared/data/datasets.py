@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from shared.errors import UserError
 from shared.model.unet import PRESETS
@@ -372,13 +373,12 @@ def worker_error_line(err: DataError) -> str:
     text = str(err).strip()
     if not text.startswith("Caught "):
         return text
-    last = text.splitlines()[-1]  # "shared.training.data.DataError: <the line>"
+    last = text.splitlines()[-1]  # "shared.data.datasets.DataError: <the line>"
     return last.split(": ", 1)[1] if ": " in last else last
 
 
 def _progress(total: int, quiet: bool):
     """iterable, description → the iterable with a progress bar on stderr (none when quiet or small)."""
-    from tqdm.auto import tqdm
 
     def wrap(items, desc: str):
         return tqdm(items, total=total, desc=desc, unit="image", disable=quiet or total < PROGRESS_MIN_IMAGES,
