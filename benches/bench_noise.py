@@ -20,8 +20,10 @@ import kernels
 from benches.measure import budget_skip_reason, record, time_call
 from kernels.sampling_step import op as sampling_step
 from kernels.sampling_step import philox_op
+from kernels.sampling_step.op import InKernelNoise
 from kernels.sampling_step.philox_reference import philox_normal as reference_normal
 from shared import NoiseSchedule
+from shared.diffusion.coefficients import ddpm_coefficients
 
 NOISE_SHAPE = (1024, 3, 32, 32)
 CASE = f"per-sample noise {'×'.join(map(str, NOISE_SHAPE))} fp32"
@@ -86,10 +88,10 @@ def test_step_with_noise(benchmark, device, impl):
     if impl == "op noise + fused step":
         def fn():
             noise = philox_op.philox_normal(seeds, stream, chw)
-            return kernels.ddpm_step(schedule, x, eps, T_STEP, noise=noise)
+            return kernels.ddpm_step(x, eps, ddpm_coefficients(schedule, T_STEP), noise)
     else:
         def fn():
-            return kernels.ddpm_step(schedule, x, eps, T_STEP, noise_seeds=seeds, noise_stream=stream)
+            return kernels.ddpm_step(x, eps, ddpm_coefficients(schedule, T_STEP), InKernelNoise(seeds, stream))
     fn()
     time_call(benchmark, fn, device, rounds=20, warmup_rounds=1, kernel=True)
     record(benchmark, family="noise", case=STEP_CASE, impl=impl, op="ddpm_step_noise", elements=x.numel())

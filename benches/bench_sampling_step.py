@@ -25,6 +25,8 @@ import kernels
 from benches.measure import budget_skip_reason, module_missing, on_cuda, record, record_bandwidth, time_call
 from shared import NoiseSchedule
 from shared.diffusion import steps as eager_sampling
+from shared.diffusion.coefficients import ddim_coefficients, ddpm_coefficients
+from shared.diffusion.guidance import cfg_combine
 
 NUM_TIMESTEPS = 1000
 T_STEP, T_PREV = 500, 480          # a mid-trajectory DDIM-50 step (any t costs the same)
@@ -62,7 +64,7 @@ def _fused_step(sampler: str):
 def _eager_call(mode, schedule, x, eps, eps_u, noise):
     sampler, eta, guided, clip, _ = MODES[mode]
     if guided:
-        eps = eps_u + GUIDANCE_SCALE * (eps - eps_u)  # classifier-free guidance, unfused
+        eps = cfg_combine(eps, eps_u, GUIDANCE_SCALE)  # classifier-free guidance, unfused
     if sampler == "ddpm":
         return eager_sampling.ddpm_step(schedule, x, eps, T_STEP, noise=noise, clip_x0=clip)
     return eager_sampling.ddim_step(schedule, x, eps, T_STEP, T_PREV, eta=eta, noise=noise, clip_x0=clip)
@@ -82,9 +84,10 @@ def _step_fn(impl: str, mode: str, schedule, x, eps, eps_u, noise):
     sampler, eta, guided, clip, _ = MODES[mode]
     step = _fused_step(sampler)
     cfg = dict(eps_uncond=eps_u, guidance_scale=GUIDANCE_SCALE) if guided else {}
+    # The per-step scalars inside the timed call, as the eager step computes them on every call.
     if sampler == "ddpm":
-        return lambda: step(schedule, x, eps, T_STEP, noise=noise, clip_x0=clip, **cfg)
-    return lambda: step(schedule, x, eps, T_STEP, T_PREV, eta=eta, noise=noise, clip_x0=clip, **cfg)
+        return lambda: step(x, eps, ddpm_coefficients(schedule, T_STEP), noise, clip, **cfg)
+    return lambda: step(x, eps, ddim_coefficients(schedule, T_STEP, T_PREV, eta), noise, clip, **cfg)
 
 
 # Eager and fused first; compile variants after every other kernel figure (they cost a compile each).

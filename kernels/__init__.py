@@ -4,8 +4,8 @@ One folder per op, each holding the kernel, the torch.library op and the eager r
 
     kernels/group_norm/        GroupNorm + FiLM + SiLU   kernel.py (Triton), op.py, reference.py
     kernels/flash_attention/   softmax(q kᵀ/√d) v        kernel.py (Triton), op.py, reference.py
-    kernels/sampling_step/     DDPM / DDIM update        csrc/ (C++ and CUDA), op.py, coefficients.py,
-                                                         reference.py
+    kernels/sampling_step/     DDPM / DDIM update        csrc/ (C++ and CUDA), op.py; its formulas and
+                                                         eager reference live in shared/diffusion
     kernels/triton_common.py   what the Triton ops share (device guard, dtype checks, interpreter flag,
                                buffers, the dot helper, the pinned launch configurations)
 
@@ -13,7 +13,8 @@ The entry points:
 
     kernels.group_norm_film_silu   fused GroupNorm + FiLM + SiLU      (kernels.reference has the eager one)
     kernels.attention              fused flash attention              (kernels.reference has the eager one)
-    kernels.ddpm_step / ddim_step  fused sampler update
+    kernels.ddpm_step / ddim_step  fused sampler update      (shared.diffusion.steps.ddpm_update /
+                                                                 ddim_update are the eager ones)
 
 The fused entry points load lazily on first use, so `import kernels` never imports Triton or builds the
 C++ extension (Triton's CPU interpreter must be chosen, with TRITON_INTERPRET=1, before Triton is first

@@ -3,7 +3,8 @@ kernels are off, and the ground truth the fused ops are tested against.
 
 Each is defined beside its kernel (kernels/group_norm/reference.py, kernels/flash_attention/reference.py)
 and has exactly the signature of its fused counterpart (`kernels.group_norm_film_silu`,
-`kernels.attention`). The sampling step's reference is kernels/sampling_step/reference.py.
+`kernels.attention`). The sampling step's reference is the diffusion math itself:
+`shared.diffusion.steps.ddpm_update` / `ddim_update`, from the scalars of `shared.diffusion.coefficients`.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from shared.evaluation.judge import prepare_judge  # noqa: E402
 from shared import flags  # noqa: E402
 from shared.interface import cli  # noqa: E402
 from shared.interface.sampling_args import (add_sampler_args, check_seeds, default_labels, load_model,  # noqa: E402
-                                            output_run_dir, sampler_kwargs, timed_batches, timed_sample)
+                                            output_run_dir, sampler_options, timed_batches, timed_sample)
 from shared.records.images import PICTURE_SCALE, SampleWriter, save_grid  # noqa: E402
 from shared.records.plots import plot_quality_vs_steps  # noqa: E402
 from shared.records.runs import check_writable_dir, write_options  # noqa: E402
@@ -66,8 +66,8 @@ def _draw_all(args, model, schedule, seeds, labels, device, run_dir, recorder) -
     Returns (the first GRID_IMAGES samples, images/s of the sampling alone)."""
     writer = SampleWriter(run_dir, len(seeds), (model.in_channels, model.image_size, model.image_size))
     shown, kept, seconds = [], 0, 0.0
-    for first, images, spent in timed_batches(model, schedule, seeds, device, labels=labels,
-                                              **sampler_kwargs(args, callback=recorder)):
+    for first, images, spent in timed_batches(model, schedule, seeds, sampler_options(args), labels, device,
+                                              callback=recorder, progress=not args.no_progress):
         seconds += spent
         batch = slice(first, first + images.shape[0])
         writer.add(images, labels[batch] if labels is not None else None, seeds[batch])
@@ -83,7 +83,8 @@ def _compare(args, model, schedule, seeds, labels, device, judge) -> tuple[list[
     rows, entries = [], []
     floor = judge.floor(args.n) if judge is not None else None
     for steps in args.compare_steps:
-        out, rate = timed_sample(model, schedule, seeds, device, labels=labels, **sampler_kwargs(args, num_steps=steps))
+        out, rate = timed_sample(model, schedule, seeds, sampler_options(args, num_steps=steps), labels, device,
+                                 progress=not args.no_progress)
         rows.append(out[:COMPARE_COLUMNS])
         entry = {"sampler": args.sampler, "steps": steps, "images_per_s": rate}
         if judge is not None:

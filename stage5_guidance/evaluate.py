@@ -44,7 +44,7 @@ from shared.evaluation.report import (balanced_labels, check_runs, format_table,
                                       summarise_run)
 from shared import flags  # noqa: E402
 from shared.interface import cli  # noqa: E402
-from shared.interface.sampling_args import add_sampler_args, load_model, sampler_kwargs, timed_sample  # noqa: E402
+from shared.interface.sampling_args import add_sampler_args, load_model, sampler_options, timed_sample  # noqa: E402
 from shared.records.runs import check_writable_dir, make_run_dir, write_options  # noqa: E402
 from shared.data.datasets import JUDGE_HELDOUT  # noqa: E402
 
@@ -148,8 +148,8 @@ def main(argv=None) -> dict:
     samples_by_run = {}
     for name, steps in runs:
         labels = asked if model.num_classes else None
-        images, rate = timed_sample(model, schedule, seeds, device, labels=labels,
-                                    **sampler_kwargs(args, sampler=name, num_steps=steps))
+        images, rate = timed_sample(model, schedule, seeds, sampler_options(args, sampler=name, num_steps=steps),
+                                    labels, device, progress=not args.no_progress)
         steps_used = default_steps(name, steps, schedule.num_timesteps)
         if not bool(torch.isfinite(images).all()):
             raise UserError(f"{name}-{steps_used}: the samples contain NaN or infinite values (a diverged "

@@ -27,7 +27,7 @@ from shared.errors import UserError  # noqa: E402
 from shared import flags  # noqa: E402
 from shared.interface.prompts import parse_prompt, prompt_loop  # noqa: E402
 from shared.interface.sampling_args import (add_sampler_args, check_seeds, load_model, output_run_dir,  # noqa: E402
-                                            sampler_kwargs, timed_sample)
+                                            sampler_options, timed_sample)
 from shared.records.images import PICTURE_SCALE, SampleWriter, save_grid  # noqa: E402
 from shared.records.runs import check_writable_dir, write_options  # noqa: E402
 
@@ -61,8 +61,8 @@ class Drawer:
 
     def _draw(self, labels: torch.Tensor, name: str, nrow: int) -> str:
         seeds = (self.seeds * (labels.numel() // len(self.seeds)))[:labels.numel()]
-        images, rate = timed_sample(self.model, self.schedule, seeds, self.device, labels=labels,
-                                    **sampler_kwargs(self.args))
+        images, rate = timed_sample(self.model, self.schedule, seeds, sampler_options(self.args), labels,
+                                    self.device, progress=not self.args.no_progress)
         self.pending.append((f"{name}.png", images, nrow, labels, seeds))
         self.results.append({"picture": f"{name}.png", "images": labels.numel(), "images_per_s": rate,
                              "guidance_scale": self.args.guidance_scale})
@@ -82,8 +82,9 @@ class Drawer:
                else torch.arange(self.args.n) % self.model.num_classes)
         rows, seeds = [], []
         for w in scales:  # same seeds and labels in every row: only w changes
-            kw = sampler_kwargs(self.args, guidance_scale=w)
-            images, rate = timed_sample(self.model, self.schedule, self.seeds, self.device, labels=row, **kw)
+            opts = sampler_options(self.args, guidance_scale=w)
+            images, rate = timed_sample(self.model, self.schedule, self.seeds, opts, row, self.device,
+                                        progress=not self.args.no_progress)
             rows.append(images)
             seeds += self.seeds
             self.results.append({"guidance_scale": w, "images": self.args.n, "images_per_s": rate})

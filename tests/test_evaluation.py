@@ -13,8 +13,7 @@ from shared.evaluation.frechet import frechet_distance
 from shared.evaluation.inception_score import inception_score, torchmetrics_inception_score
 from shared.evaluation.judge import prepare_judge, split_real
 from shared.evaluation.report import balanced_labels, check_runs, format_table, parse_runs, summarise_run
-from shared.diffusion.samplers import sample
-from tests.tiny_trained import NUM_CLASSES, bar_patterns, one_thread, trained_tiny_model, write_bar_idx  # noqa: F401
+from tests.tiny_trained import NUM_CLASSES, bar_patterns, one_thread, trained_tiny_model, write_bar_idx, draw  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +125,7 @@ def test_evaluator_end_to_end_on_the_trained_tiny_model(tmp_path):
     assert judge.accuracy >= 0.95 and (tmp_path / "clf.pt").exists()
     model, schedule = trained_tiny_model()
     asked = balanced_labels(NUM_CLASSES, 2)
-    samples = sample(model, schedule, range(asked.numel()), labels=asked, sampler="ddim", num_steps=10,
+    samples = draw(model, schedule, range(asked.numel()), labels=asked, sampler="ddim", num_steps=10,
                      clip_x0=True, progress=False)
     reference = {"real_floor": judge.floor(asked.numel()), "real_inception_score": judge.real_inception_score(20)}
     run = summarise_run("ddim-10", judge.classifier, judge.feature, samples, asked, judge.heldout_images, reference,

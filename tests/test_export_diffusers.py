@@ -61,7 +61,7 @@ def test_scheduler_has_our_betas_and_our_ddpm_step(tmp_path, kind, steps):
     x_t, eps = torch.randn(3, 1, 8, 8, generator=gen), torch.randn(3, 1, 8, 8, generator=gen)
     for t in (steps - 1, steps // 2, 1, 0):
         noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(t))
-        ours = ddpm_step(schedule, x_t, eps, t, noise=noise if t > 0 else None, clip_x0=True)
+        ours = ddpm_step(schedule, x_t, eps, t, noise=noise if t > 0 else None, clip_x0=True).x_prev
         theirs = sched.step(eps, t, x_t, generator=torch.Generator().manual_seed(t)).prev_sample
         torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
 

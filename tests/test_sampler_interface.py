@@ -8,10 +8,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from shared.diffusion.noise import seeds_tensor
-from shared.diffusion.samplers import GraphedSampling, SamplerOptions, make_sampler, sample, sample_batch
+from shared.diffusion.samplers import GraphedSampling, SamplerOptions, make_sampler, sample_batch
 from shared.diffusion.schedule import NoiseSchedule
 from shared.errors import UserError
-from tests.tiny_trained import one_thread  # noqa: F401 (fixture)
+from tests.tiny_trained import one_thread, draw  # noqa: F401 (fixture)
 from tests.tiny_trained import random_conditional_unet
 
 aten = torch.ops.aten
@@ -97,7 +97,7 @@ def test_the_counter_sees_a_host_read(model):
 
 def test_cuda_graphs_are_refused_without_cuda(model):
     with pytest.raises(UserError, match="CUDA graphs need a CUDA device"):
-        sample(model, NoiseSchedule("linear", 10), [0], labels=[0], device="cpu", cuda_graphs=True, progress=False)
+        draw(model, NoiseSchedule("linear", 10), [0], labels=[0], device="cpu", cuda_graphs=True, progress=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -107,8 +107,8 @@ def test_cuda_graph_sampling_equals_eager_sampling(model, case):
     net = model.to("cuda")
     kw = dict(labels=[0, 1, 2, 1], device="cuda", batch_size=3, progress=False, **CASES[case])
     seen = []
-    eager = sample(net, schedule, [3, 4, 5, 6], **kw)
-    graphed = sample(net, schedule, [3, 4, 5, 6], cuda_graphs=True, callback=lambda i, t, x, x0: seen.append(t),
+    eager = draw(net, schedule, [3, 4, 5, 6], **kw)
+    graphed = draw(net, schedule, [3, 4, 5, 6], cuda_graphs=True, callback=lambda i, t, x, x0: seen.append(t),
                      **kw)
     torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)
     assert len(seen) == 2 * len(make_sampler(schedule, SamplerOptions(**CASES[case])).timesteps)  # 2 batches

@@ -15,11 +15,10 @@ import torch
 
 from shared.errors import UserError
 from shared.diffusion.guidance import cfg_combine, model_eps
-from shared.diffusion.samplers import sample
 from shared.diffusion.schedule import NoiseSchedule
 from shared.diffusion.noise import per_sample_noise
 from shared.model.unet import UNet
-from tests.tiny_trained import bar_patterns, one_thread, trained_tiny_model  # noqa: F401 (fixture)
+from tests.tiny_trained import bar_patterns, one_thread, trained_tiny_model, draw  # noqa: F401 (fixture)
 
 
 class GaussianOracle(torch.nn.Module):
@@ -64,7 +63,7 @@ def test_ode_samplers_converge_to_the_flow_solution(kind):
     x_T = per_sample_noise(seeds, (1, 4, 4), "cpu", torch.float32, 0).double()
     abar_T = schedule.alphas_cumprod[-1]
     exact = (x_T * std / (abar_T * std ** 2 + 1 - abar_T).sqrt()).float()
-    err = {(name, steps): (sample(oracle, schedule, seeds, sampler=name, num_steps=steps, progress=False)
+    err = {(name, steps): (draw(oracle, schedule, seeds, sampler=name, num_steps=steps, progress=False)
                            - exact).abs().max().item()
            for name in ("ddim", "dpmpp") for steps in (10, 20, 50)}
     for name in ("ddim", "dpmpp"):
@@ -78,7 +77,7 @@ def test_ode_samplers_converge_to_the_flow_solution(kind):
 def test_samplers_land_on_the_data_with_an_exact_denoiser(name, steps):
     data, _ = bar_patterns(20, seed=3)
     schedule = NoiseSchedule("linear", 100)
-    x = sample(EmpiricalOracle(schedule, data), schedule, [1, 2, 3, 4], sampler=name, num_steps=steps,
+    x = draw(EmpiricalOracle(schedule, data), schedule, [1, 2, 3, 4], sampler=name, num_steps=steps,
                progress=False)
     nearest = ((x.flatten(1)[:, None] - data.flatten(1)[None]) ** 2).mean(-1).min(dim=1).values
     assert nearest.max() < 1e-3, nearest
@@ -97,12 +96,12 @@ def random_cond_model():
 def test_per_sample_seeds_do_not_depend_on_the_batch(random_cond_model, name, steps, eta):
     schedule = NoiseSchedule("linear", 20)
     kw = dict(sampler=name, num_steps=steps, eta=eta, guidance_scale=2.5, progress=False)
-    together = sample(random_cond_model, schedule, [11, 12, 13], labels=[0, 1, 2], batch_size=3, **kw)
-    one_by_one = sample(random_cond_model, schedule, [11, 12, 13], labels=[0, 1, 2], batch_size=1, **kw)
-    alone = sample(random_cond_model, schedule, [12], labels=[1], **kw)
+    together = draw(random_cond_model, schedule, [11, 12, 13], labels=[0, 1, 2], batch_size=3, **kw)
+    one_by_one = draw(random_cond_model, schedule, [11, 12, 13], labels=[0, 1, 2], batch_size=1, **kw)
+    alone = draw(random_cond_model, schedule, [12], labels=[1], **kw)
     torch.testing.assert_close(together, one_by_one, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(together[1:2], alone, rtol=1e-4, atol=1e-5)
-    other_seed = sample(random_cond_model, schedule, [99], labels=[1], **kw)
+    other_seed = draw(random_cond_model, schedule, [99], labels=[1], **kw)
     assert (other_seed - alone).abs().max() > 1e-2
 
 
@@ -127,7 +126,7 @@ def test_cfg_w0_and_w1_are_the_unconditional_and_conditional_predictions(random_
 
 def test_callback_sees_every_step_with_x0(random_cond_model):
     schedule, seen = NoiseSchedule("linear", 30), []
-    out = sample(random_cond_model, schedule, [1, 2], labels=[0, 2], sampler="ddim", num_steps=6,
+    out = draw(random_cond_model, schedule, [1, 2], labels=[0, 2], sampler="ddim", num_steps=6,
                  clip_x0=True, callback=lambda i, t, x_t, x0: seen.append((i, t, x_t.shape, float(x0.abs().max()))),
                  progress=False)
     assert [s[0] for s in seen] == list(range(6))
@@ -138,8 +137,8 @@ def test_callback_sees_every_step_with_x0(random_cond_model):
 
 def test_respaced_ddpm_is_ddim_with_eta_one(random_cond_model):
     schedule = NoiseSchedule("cosine", 40)
-    a = sample(random_cond_model, schedule, [3, 4], labels=[1, 1], sampler="ddpm", num_steps=8, progress=False)
-    b = sample(random_cond_model, schedule, [3, 4], labels=[1, 1], sampler="ddim", num_steps=8, eta=1.0,
+    a = draw(random_cond_model, schedule, [3, 4], labels=[1, 1], sampler="ddpm", num_steps=8, progress=False)
+    b = draw(random_cond_model, schedule, [3, 4], labels=[1, 1], sampler="ddim", num_steps=8, eta=1.0,
                progress=False)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -150,7 +149,7 @@ def test_bad_sampler_arguments_are_user_errors(random_cond_model):
                       (dict(labels=[3]), "labels must lie"), (dict(labels=[0, 1]), "2 labels given"),
                       (dict(spacing="karras"), "spacing"), (dict(precision="fp8"), "precision")):
         with pytest.raises(UserError, match=match):
-            sample(random_cond_model, schedule, [0], progress=False, **kw)
+            draw(random_cond_model, schedule, [0], progress=False, **kw)
 
 
 def test_trained_tiny_model_samples_are_in_range():
@@ -159,11 +158,11 @@ def test_trained_tiny_model_samples_are_in_range():
     samples lie in [−1, 1]."""
     model, schedule = trained_tiny_model()
     labels = list(range(10))
-    x = sample(model, schedule, range(10), labels=labels, sampler="ddpm", progress=False)
+    x = draw(model, schedule, range(10), labels=labels, sampler="ddpm", progress=False)
     assert torch.isfinite(x).all() and x.abs().max() < 3.0
     assert x.median() < -0.7  # the data are ~85 % background at −1
     for name in ("ddim", "dpmpp"):
-        x = sample(model, schedule, range(10), labels=labels, sampler=name, num_steps=10, clip_x0=True,
+        x = draw(model, schedule, range(10), labels=labels, sampler=name, num_steps=10, clip_x0=True,
                    guidance_scale=2.0, progress=False)
         assert x.abs().max() <= 1.0 + 1e-6
 
@@ -186,8 +185,8 @@ def test_fused_step_matches_the_eager_step(random_cond_model, name, steps, eta, 
     schedule = NoiseSchedule("linear", 20)
     kw = dict(labels=[0, 1, 2], sampler=name, num_steps=steps, eta=eta, guidance_scale=w, clip_x0=True,
               progress=False)
-    eager = sample(random_cond_model, schedule, [5, 6, 7], **kw)
-    fused = sample(random_cond_model, schedule, [5, 6, 7], fused_step=True, **kw)
+    eager = draw(random_cond_model, schedule, [5, 6, 7], **kw)
+    fused = draw(random_cond_model, schedule, [5, 6, 7], fused_step=True, **kw)
     torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
 
 
@@ -200,13 +199,13 @@ def test_fused_step_unavailable_is_a_clear_error(random_cond_model, monkeypatch)
 
     monkeypatch.setattr(kernels, "load", refuse)
     with pytest.raises(kernels.FusedKernelsUnavailable, match="unavailable"):
-        sample(random_cond_model, NoiseSchedule("linear", 10), [0], labels=[0], fused_step=True, progress=False)
+        draw(random_cond_model, NoiseSchedule("linear", 10), [0], labels=[0], fused_step=True, progress=False)
 
 
 def test_bf16_autocast_stays_close_to_fp32(random_cond_model):
     schedule = NoiseSchedule("linear", 20)
     kw = dict(labels=[0, 1], sampler="ddim", num_steps=4, guidance_scale=2.0, clip_x0=True, progress=False)
-    full = sample(random_cond_model, schedule, [1, 2], **kw)
-    half = sample(random_cond_model, schedule, [1, 2], precision="bf16", **kw)
+    full = draw(random_cond_model, schedule, [1, 2], **kw)
+    half = draw(random_cond_model, schedule, [1, 2], precision="bf16", **kw)
     assert half.dtype == torch.float32  # the chain itself stays in fp32; only the U-Net is autocast
     assert (half - full).abs().max() < 0.1 and (half - full).abs().max() > 0

@@ -1,7 +1,8 @@
 """The fused sampling update (kernels.ddpm_step / kernels.ddim_step, C++/CUDA op) against references.
 
-References: the eager steps of shared.diffusion.steps (the repo's ground truth, run in float64 on the same
-inputs for the low-precision dtypes), and closed forms (DDIM η = 0 with the true noise recovers x0;
+The fused op takes the per-step scalars of shared.diffusion.coefficients, as its eager twins
+shared.diffusion.steps.ddpm_update / ddim_update do. References: the eager steps of shared.diffusion.steps
+(the repo's ground truth, run in float64 on the same inputs for the low-precision dtypes), and closed forms (DDIM η = 0 with the true noise recovers x0;
 the DDPM posterior mean equals Algorithm 2's 1/√α_t·(x_t − β_t/√(1−ᾱ_t)·ε); guidance with w = 0 / 1).
 Every test runs on CPU and, when a GPU is present, on CUDA.
 
@@ -16,6 +17,7 @@ import torch
 import kernels
 from kernels.sampling_step import op as sampling_step
 from shared import NoiseSchedule
+from shared.diffusion.coefficients import ddim_coefficients, ddpm_coefficients
 from shared.diffusion.steps import ddim_step as eager_ddim_step
 from shared.diffusion.steps import ddpm_step as eager_ddpm_step
 
@@ -55,14 +57,24 @@ def make_inputs(shape, dtype, device, seed=0):
     return {name: torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for name in names}
 
 
+def fused_ddpm(schedule, x_t, eps, t, noise=None, variance="fixed_small", **kw):
+    """kernels.ddpm_step on the scalars at t: the fused counterpart of the eager ddpm_step."""
+    return kernels.ddpm_step(x_t, eps, ddpm_coefficients(schedule, t, variance), noise, **kw)
+
+
+def fused_ddim(schedule, x_t, eps, t, t_prev, eta=0.0, noise=None, **kw):
+    """kernels.ddim_step on the scalars of t → t_prev: the fused counterpart of the eager ddim_step."""
+    return kernels.ddim_step(x_t, eps, ddim_coefficients(schedule, t, t_prev, eta), noise, **kw)
+
+
 def run_fused(kind, schedule, t, inp, clip, guided, w=2.5, return_x0=True):
     extra = dict(eps_uncond=inp["eps_uncond"], guidance_scale=w) if guided else {}
     if kind == "ddpm":
-        return kernels.ddpm_step(schedule, inp["x_t"], inp["eps"], t, noise=inp["noise"],
-                                 clip_x0=clip, return_x0=return_x0, **extra)
+        return fused_ddpm(schedule, inp["x_t"], inp["eps"], t, noise=inp["noise"],
+                          clip_x0=clip, return_x0=return_x0, **extra)
     eta = 0.0 if kind == "ddim0" else 1.0
-    return kernels.ddim_step(schedule, inp["x_t"], inp["eps"], t, t - 37, eta=eta,
-                             noise=inp["noise"], clip_x0=clip, return_x0=return_x0, **extra)
+    return fused_ddim(schedule, inp["x_t"], inp["eps"], t, t - 37, eta=eta,
+                      noise=inp["noise"], clip_x0=clip, return_x0=return_x0, **extra)
 
 
 def run_eager(kind, schedule, t, inp, clip, guided, w=2.5, dtype=None):
@@ -72,11 +84,9 @@ def run_eager(kind, schedule, t, inp, clip, guided, w=2.5, dtype=None):
     if guided:
         eps = cast["eps_uncond"] + w * (cast["eps"] - cast["eps_uncond"])
     if kind == "ddpm":
-        return eager_ddpm_step(schedule, cast["x_t"], eps, t, noise=cast["noise"], clip_x0=clip,
-                               return_x0=True)
+        return eager_ddpm_step(schedule, cast["x_t"], eps, t, noise=cast["noise"], clip_x0=clip)
     eta = 0.0 if kind == "ddim0" else 1.0
-    return eager_ddim_step(schedule, cast["x_t"], eps, t, t - 37, eta=eta, noise=cast["noise"],
-                           clip_x0=clip, return_x0=True)
+    return eager_ddim_step(schedule, cast["x_t"], eps, t, t - 37, eta=eta, noise=cast["noise"], clip_x0=clip)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,8 +122,8 @@ def test_matches_eager(schedule, device, dtype, kind, clip, guided, t):
 @pytest.mark.parametrize("kind", OPS)
 def test_large_odd_size_and_return_x0_off(schedule, device, dtype, kind):
     inp = make_inputs(SHAPES[1], dtype, device, seed=1)
-    x_prev = run_fused(kind, schedule, 500, inp, clip=True, guided=True, return_x0=False)
-    assert isinstance(x_prev, torch.Tensor)
+    x_prev, x0_pred = run_fused(kind, schedule, 500, inp, clip=True, guided=True, return_x0=False)
+    assert isinstance(x_prev, torch.Tensor) and x0_pred is None
     ref_prev, _ = run_eager(kind, schedule, 500, inp, clip=True, guided=True, dtype=torch.float64)
     torch.testing.assert_close(x_prev.double(), ref_prev, **TOLERANCES[dtype])
 
@@ -123,11 +133,11 @@ def test_large_odd_size_and_return_x0_off(schedule, device, dtype, kind):
 @pytest.mark.parametrize("t", [0, 1, 500])
 def test_ddpm_variance_and_last_step(schedule, device, variance, t):
     inp = make_inputs(SHAPES[0], torch.float32, device)
-    fused = kernels.ddpm_step(schedule, inp["x_t"], inp["eps"], t, noise=inp["noise"], variance=variance)
-    eager = eager_ddpm_step(schedule, inp["x_t"], inp["eps"], t, noise=inp["noise"], variance=variance)
+    fused, _ = fused_ddpm(schedule, inp["x_t"], inp["eps"], t, noise=inp["noise"], variance=variance)
+    eager = eager_ddpm_step(schedule, inp["x_t"], inp["eps"], t, noise=inp["noise"], variance=variance).x_prev
     torch.testing.assert_close(fused, eager, atol=1e-6, rtol=1e-6)
     if t == 0:  # no noise on the last step, so noise may be omitted
-        no_noise = kernels.ddpm_step(schedule, inp["x_t"], inp["eps"], 0, variance=variance)
+        no_noise, _ = fused_ddpm(schedule, inp["x_t"], inp["eps"], 0, variance=variance)
         torch.testing.assert_close(no_noise, fused, atol=0, rtol=0)
 
 
@@ -136,11 +146,10 @@ def test_ddim_final_step_and_cosine_schedule(device):
     cosine = NoiseSchedule("cosine", 50)
     inp = make_inputs(SHAPES[0], torch.float32, device)
     for t, t_prev in ((49, 30), (7, -1)):
-        fused = kernels.ddim_step(cosine, inp["x_t"], inp["eps"], t, t_prev, eta=0.5, noise=inp["noise"],
-                                  clip_x0=True)
+        fused = fused_ddim(cosine, inp["x_t"], inp["eps"], t, t_prev, eta=0.5, noise=inp["noise"], clip_x0=True)
         eager = eager_ddim_step(cosine, inp["x_t"], inp["eps"], t, t_prev, eta=0.5, noise=inp["noise"],
                                 clip_x0=True)
-        torch.testing.assert_close(fused, eager, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(fused, tuple(eager), atol=1e-6, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,7 +164,7 @@ def test_ddim_eta0_with_true_noise_recovers_x0(schedule, device, t):
     noise = torch.randn(SHAPES[0], generator=gen, dtype=torch.float64)
     x_t = schedule.sqrt_alphas_cumprod[t] * x0 + schedule.sqrt_one_minus_alphas_cumprod[t] * noise
     f32 = dict(device=device, dtype=torch.float32)
-    x_prev, x0_pred = kernels.ddim_step(schedule, x_t.to(**f32), noise.to(**f32), t, -1, return_x0=True)
+    x_prev, x0_pred = fused_ddim(schedule, x_t.to(**f32), noise.to(**f32), t, -1)
     # fp32 inputs: x̂0 carries √(1/ᾱ_t) times their rounding (≈ 157× at t = 999).
     atol = 1e-6 * float(schedule.sqrt_recip_alphas_cumprod[t]) * 4
     torch.testing.assert_close(x_prev.double().cpu(), x0, atol=atol, rtol=0)
@@ -167,7 +176,7 @@ def test_ddpm_mean_equals_algorithm2(schedule, device):
     t = 300
     inp = make_inputs(SHAPES[0], torch.float32, device)
     zeros = torch.zeros_like(inp["x_t"])
-    fused = kernels.ddpm_step(schedule, inp["x_t"], inp["eps"], t, noise=zeros).double()
+    fused = fused_ddpm(schedule, inp["x_t"], inp["eps"], t, noise=zeros)[0].double()
     x_t, eps = inp["x_t"].double(), inp["eps"].double()
     beta, alpha = schedule.betas[t], schedule.alphas[t]
     mean = (x_t - beta / schedule.sqrt_one_minus_alphas_cumprod[t] * eps) / alpha.sqrt()
@@ -179,8 +188,8 @@ def test_guidance_scale_zero_and_one(schedule, device):
     inp = make_inputs(SHAPES[0], torch.float32, device)
     args = (schedule, inp["x_t"])
     for w, plain_eps in ((0.0, inp["eps_uncond"]), (1.0, inp["eps"])):
-        guided = kernels.ddim_step(*args, inp["eps"], 600, 400, eps_uncond=inp["eps_uncond"], guidance_scale=w)
-        plain = kernels.ddim_step(*args, plain_eps, 600, 400)
+        guided = fused_ddim(*args, inp["eps"], 600, 400, eps_uncond=inp["eps_uncond"], guidance_scale=w)
+        plain = fused_ddim(*args, plain_eps, 600, 400)
         torch.testing.assert_close(guided, plain, atol=1e-6, rtol=1e-6)
 
 
@@ -242,22 +251,17 @@ def test_op_rejects_mixed_devices_cuda():
 def test_wrappers_reject_bad_arguments(schedule, device):
     x = torch.randn(2, 1, 4, 4, device=device)
     with pytest.raises(ValueError, match="noise is required"):
-        kernels.ddpm_step(schedule, x, x, 5)
+        fused_ddpm(schedule, x, x, 5)
     with pytest.raises(ValueError, match="noise is required"):
-        kernels.ddim_step(schedule, x, x, 5, 2, eta=1.0)
-    with pytest.raises(ValueError, match="one t for the whole batch"):
-        kernels.ddim_step(schedule, x, x, torch.tensor([5, 6]), 2)
-    with pytest.raises(ValueError, match="t_prev=5 must be smaller than t=5"):
-        kernels.ddim_step(schedule, x, x, 5, 5)
-    with pytest.raises(ValueError, match=r"t=1000 is outside \[0, 1000\)"):
-        kernels.ddpm_step(schedule, x, x, 1000, noise=x)
-    with pytest.raises(ValueError, match="eta must be"):
-        kernels.ddim_step(schedule, x, x, 5, 2, eta=-0.5)
-    with pytest.raises(ValueError, match="variance must be one of"):
-        kernels.ddpm_step(schedule, x, x, 5, noise=x, variance="learned")
-    # One t for the batch given as a tensor is accepted and equals the int form.
-    same_t = kernels.ddim_step(schedule, x, x, torch.tensor([5, 5]), torch.tensor([2, 2]))
-    torch.testing.assert_close(same_t, kernels.ddim_step(schedule, x, x, 5, 2), atol=0, rtol=0)
+        fused_ddim(schedule, x, x, 5, 2, eta=1.0)
+    with pytest.raises(ValueError, match="one set of coefficients for the whole batch"):
+        fused_ddim(schedule, x, x, torch.tensor([5, 6]), torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match="takes 5 coefficients, got 4"):
+        kernels.ddim_step(x, x, (1.0, 1.0, 1.0, 0.0))
+    with pytest.raises(ValueError, match="must be finite"):
+        kernels.ddpm_step(x, x, (1.0, float("nan"), 1.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="must be finite"):
+        kernels.ddpm_step(x, x, (1.0, 1.0, 1.0, 0.0, 0.0), eps_uncond=x, guidance_scale=float("inf"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,7 +287,7 @@ def test_opcheck(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(schedule, device):
     """The fake kernel lets dynamo trace the op without a graph break (fullgraph=True)."""
-    coefs = sampling_step.ddim_op_coefficients(schedule, 600, 500, 1.0, batch_size=2)
+    coefs = ddim_coefficients(schedule, 600, 500, 1.0)
 
     def two_steps(x, eps, eps_u, z):
         x1, x0 = torch.ops.diffusion_kernels.ddim_step(x, eps, eps_u, z, 3.0, *coefs, True, True)

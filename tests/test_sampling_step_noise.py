@@ -1,4 +1,4 @@
-"""In-kernel noise of the fused DDPM / DDIM step (noise_seeds + noise_stream instead of a noise tensor)
+"""In-kernel noise of the fused DDPM / DDIM step (an InKernelNoise of seeds and stream instead of a noise tensor)
 against the same step fed the op's noise tensor, and a sampler with fused kernels (which draws its
 noise in-kernel) against one fed the noise tensors.
 
@@ -13,7 +13,9 @@ import torch
 import kernels
 from kernels.sampling_step import op as sampling_step
 from kernels.sampling_step import philox_op
+from kernels.sampling_step.op import InKernelNoise
 from shared import NoiseSchedule
+from shared.diffusion.coefficients import ddim_coefficients, ddpm_coefficients
 from shared.diffusion import samplers
 from shared.diffusion.noise import per_sample_noise
 from tests.tiny_trained import random_conditional_unet
@@ -44,10 +46,11 @@ def inputs(shape, dtype, device):
     return x_t, eps, eps_uncond, seeds
 
 
-def step(kind, schedule, x_t, eps, **kw):
+def step(kind, schedule, x_t, eps, noise, **kw):
+    """The fused step at t = 400 (DDIM: to 380 with η = 1), noise a tensor or an InKernelNoise."""
     if kind == "ddpm":
-        return kernels.ddpm_step(schedule, x_t, eps, 400, return_x0=True, **kw)
-    return kernels.ddim_step(schedule, x_t, eps, 400, 380, eta=1.0, return_x0=True, **kw)
+        return kernels.ddpm_step(x_t, eps, ddpm_coefficients(schedule, 400), noise, **kw)
+    return kernels.ddim_step(x_t, eps, ddim_coefficients(schedule, 400, 380, 1.0), noise, **kw)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -59,33 +62,31 @@ def test_in_kernel_noise_equals_the_noise_tensor(schedule, device, dtype, kind, 
     x_t, eps, eps_uncond, seeds = inputs(shape, dtype, device)
     extra = dict(clip_x0=True, eps_uncond=eps_uncond, guidance_scale=2.5) if variant != "plain" else {}
     noise = per_sample_noise(seeds, shape[1:], device, dtype, stream=9)
-    want = step(kind, schedule, x_t, eps, noise=noise, **extra)
-    got = step(kind, schedule, x_t, eps, noise_seeds=seeds, noise_stream=9, **extra)
+    want = step(kind, schedule, x_t, eps, noise, **extra)
+    got = step(kind, schedule, x_t, eps, InKernelNoise(seeds, 9), **extra)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    other = step(kind, schedule, x_t, eps, noise_seeds=seeds, noise_stream=10, **extra)
+    other = step(kind, schedule, x_t, eps, InKernelNoise(seeds, 10), **extra)
     assert not torch.equal(other[0], want[0])  # the stream is used
 
 
 def test_stream_tensor_and_zero_sigma(schedule):
     x_t, eps, _, seeds = inputs(SHAPES[0], torch.float32, "cpu")
-    a = step("ddpm", schedule, x_t, eps, noise_seeds=seeds, noise_stream=3)
-    b = step("ddpm", schedule, x_t, eps, noise_seeds=seeds, noise_stream=torch.tensor([3]))
+    a = step("ddpm", schedule, x_t, eps, InKernelNoise(seeds, 3))
+    b = step("ddpm", schedule, x_t, eps, InKernelNoise(seeds, torch.tensor([3])))
     assert torch.equal(a[0], b[0])
     # σ = 0 (DDPM t = 0, DDIM η = 0): the seeds are accepted and add nothing
-    plain = kernels.ddpm_step(schedule, x_t, eps, 0)
-    assert torch.equal(kernels.ddpm_step(schedule, x_t, eps, 0, noise_seeds=seeds, noise_stream=3), plain)
+    last = ddpm_coefficients(schedule, 0)
+    plain, _ = kernels.ddpm_step(x_t, eps, last)
+    assert torch.equal(kernels.ddpm_step(x_t, eps, last, InKernelNoise(seeds, 3))[0], plain)
 
 
 def test_bad_in_kernel_noise_arguments(schedule):
     x_t, eps, _, seeds = inputs(SHAPES[0], torch.float32, "cpu")
-    with pytest.raises(ValueError, match="go together"):
-        kernels.ddpm_step(schedule, x_t, eps, 400, noise_seeds=seeds)
-    with pytest.raises(ValueError, match="either noise or noise_seeds"):
-        kernels.ddpm_step(schedule, x_t, eps, 400, noise=torch.randn_like(x_t), noise_seeds=seeds, noise_stream=1)
+    coefs = ddpm_coefficients(schedule, 400)
     with pytest.raises(RuntimeError, match="noise_seeds has 2 seeds but x_t has shape"):
-        kernels.ddpm_step(schedule, x_t, eps, 400, noise_seeds=seeds[:2], noise_stream=1)
+        kernels.ddpm_step(x_t, eps, coefs, InKernelNoise(seeds[:2], 1))
     with pytest.raises(RuntimeError, match="seeds must be int64"):
-        kernels.ddpm_step(schedule, x_t, eps, 400, noise_seeds=seeds.float(), noise_stream=1)
+        kernels.ddpm_step(x_t, eps, coefs, InKernelNoise(seeds.float(), 1))
     with pytest.raises(RuntimeError, match="noise_seeds and noise_stream go together"):
         torch.ops.diffusion_kernels.ddpm_step(x_t, eps, None, None, 1.0, 1.0, 0.5, 0.5, 0.5, 0.1, False, False,
                                               seeds, None)
@@ -105,25 +106,28 @@ def model():
 @pytest.mark.parametrize("name,steps,eta", [("ddpm", None, 0.0), ("ddim", 5, 0.7)])
 def test_fused_sampler_draws_in_kernel_the_noise_it_would_be_fed(model, monkeypatch, name, steps, eta):
     schedule = NoiseSchedule("linear", 20)
-    kw = dict(labels=[0, 1, 2], sampler=name, num_steps=steps, eta=eta, guidance_scale=2.0, clip_x0=True,
-              fused_step=True, progress=False)
+    opts = samplers.SamplerOptions(sampler=name, num_steps=steps, eta=eta, guidance_scale=2.0, clip_x0=True,
+                                   fused_step=True)
     drawn = []
-    real_step = kernels.ddpm_step if name == "ddpm" else kernels.ddim_step
+    real_load = kernels.load
 
-    def spy(*args, **kwargs):
-        drawn.append(kwargs.get("noise_seeds") is not None)
-        return real_step(*args, **kwargs)
+    def spy_load(op_name):
+        real_step = real_load(op_name)
 
-    sampler = samplers.make_sampler(schedule, samplers.SamplerOptions(sampler=name, num_steps=steps, eta=eta,
-                                                                      fused_step=True))
-    assert sampler.noise_in_kernel
-    in_kernel = samplers.sample(model, schedule, [5, 6, 7], **kw)
+        def spy(x_t, eps, coefs, noise=None, *args, **kwargs):
+            drawn.append(isinstance(noise, InKernelNoise))
+            return real_step(x_t, eps, coefs, noise, *args, **kwargs)
+
+        return spy
+
+    assert samplers.make_sampler(schedule, opts).noise_in_kernel
+    in_kernel = samplers.sample(model, schedule, [5, 6, 7], opts, labels=[0, 1, 2], progress=False)
     monkeypatch.setattr(samplers.Sampler, "noise_in_kernel", property(lambda self: False))
-    fed = samplers.sample(model, schedule, [5, 6, 7], **kw)
+    fed = samplers.sample(model, schedule, [5, 6, 7], opts, labels=[0, 1, 2], progress=False)
     assert torch.equal(in_kernel, fed)
     monkeypatch.undo()
-    monkeypatch.setattr(samplers, "_step_fns", lambda fused: (spy, spy))
-    samplers.sample(model, schedule, [5, 6, 7], **kw)
+    monkeypatch.setattr(kernels, "load", spy_load)
+    samplers.sample(model, schedule, [5, 6, 7], opts, labels=[0, 1, 2], progress=False)
     assert drawn and all(drawn)
 
 
@@ -131,7 +135,7 @@ def test_fused_sampler_draws_in_kernel_the_noise_it_would_be_fed(model, monkeypa
 def test_cuda_in_kernel_noise_gives_the_cpu_bits(schedule):
     assert philox_op.available("cuda")
     x_t, eps, _, seeds = inputs(SHAPES[1], torch.float32, "cpu")
-    cpu = step("ddim", schedule, x_t, eps, noise_seeds=seeds, noise_stream=5)
-    gpu = step("ddim", schedule, x_t.cuda(), eps.cuda(), noise_seeds=seeds.cuda(), noise_stream=5)
+    cpu = step("ddim", schedule, x_t, eps, InKernelNoise(seeds, 5))
+    gpu = step("ddim", schedule, x_t.cuda(), eps.cuda(), InKernelNoise(seeds.cuda(), 5))
     # the update itself may round differently on the GPU (no FMA either side): within 1e-6
     torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-6, atol=1e-6)

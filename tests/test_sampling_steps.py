@@ -47,7 +47,7 @@ def test_ddpm_mean_equals_algorithm2_form(schedule, t):
     x_t = q_sample(schedule, x0, t, eps)
     beta, alpha, abar = _f(schedule.betas, t), 1 - _f(schedule.betas, t), _f(schedule.alphas_cumprod, t)
     expected = (x_t - beta / math.sqrt(1 - abar) * eps) / math.sqrt(alpha)
-    got = ddpm_step(schedule, x_t, eps, t)  # noise=None: the mean
+    got = ddpm_step(schedule, x_t, eps, t).x_prev  # noise=None: the mean
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -61,7 +61,7 @@ def test_ddpm_mean_with_true_noise_is_the_posterior_mean(schedule, t):
     abar_prev = math.prod(1 - b for b in betas[:t])
     coef_x0 = math.sqrt(abar_prev) * betas[t] / (1 - abar_t)
     coef_xt = math.sqrt(1 - betas[t]) * (1 - abar_prev) / (1 - abar_t)
-    torch.testing.assert_close(ddpm_step(schedule, x_t, eps, t), coef_x0 * x0 + coef_xt * x_t,
+    torch.testing.assert_close(ddpm_step(schedule, x_t, eps, t).x_prev, coef_x0 * x0 + coef_xt * x_t,
                                rtol=1e-9, atol=1e-9)
 
 
@@ -73,8 +73,8 @@ def test_ddpm_noise_scale(schedule, variance):
     beta, abar, abar_prev = (_f(schedule.betas, t), _f(schedule.alphas_cumprod, t),
                              _f(schedule.alphas_cumprod, t - 1))
     var = beta * (1 - abar_prev) / (1 - abar) if variance == "fixed_small" else beta
-    mean = ddpm_step(schedule, x_t, eps, t, variance=variance)
-    got = ddpm_step(schedule, x_t, eps, t, noise=z, variance=variance)
+    mean = ddpm_step(schedule, x_t, eps, t, variance=variance).x_prev
+    got = ddpm_step(schedule, x_t, eps, t, noise=z, variance=variance).x_prev
     torch.testing.assert_close(got - mean, math.sqrt(var) * z, rtol=1e-9, atol=1e-12)
 
 
@@ -82,7 +82,7 @@ def test_ddpm_last_step_adds_no_noise_and_lands_on_x0(schedule):
     """At t = 0: ᾱ_{−1} = 1 gives c1 = 1, c2 = 0, and no noise is added, so x_{−1} = x̂0."""
     x0, eps, z = _draw(3)
     x_t = q_sample(schedule, x0, 0, eps)
-    out, x0_pred = ddpm_step(schedule, x_t, eps, 0, noise=z, return_x0=True)
+    out, x0_pred = ddpm_step(schedule, x_t, eps, 0, noise=z)
     torch.testing.assert_close(out, x0, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(x0_pred, x0, rtol=1e-9, atol=1e-9)
 
@@ -91,12 +91,12 @@ def test_ddpm_per_sample_t_matches_scalar_calls(schedule):
     x0, eps, z = _draw(11)
     t = torch.tensor([0, 5, 999])
     x_t = q_sample(schedule, x0, t, eps)
-    batched = ddpm_step(schedule, x_t, eps, t, noise=z, clip_x0=True)
+    batched = ddpm_step(schedule, x_t, eps, t, noise=z, clip_x0=True).x_prev
     for i, ti in enumerate(t.tolist()):
-        single = ddpm_step(schedule, x_t[i:i + 1], eps[i:i + 1], ti, noise=z[i:i + 1], clip_x0=True)
+        single = ddpm_step(schedule, x_t[i:i + 1], eps[i:i + 1], ti, noise=z[i:i + 1], clip_x0=True).x_prev
         torch.testing.assert_close(batched[i:i + 1], single, rtol=0, atol=0)
     # row 0 had t = 0: no noise
-    torch.testing.assert_close(batched[0:1], ddpm_step(schedule, x_t[:1], eps[:1], 0, clip_x0=True))
+    torch.testing.assert_close(batched[0:1], ddpm_step(schedule, x_t[:1], eps[:1], 0, clip_x0=True).x_prev)
 
 
 def test_ddpm_clip_uses_clipped_x0(schedule):
@@ -108,7 +108,7 @@ def test_ddpm_clip_uses_clipped_x0(schedule):
     x0_hat = ((x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
     expected = (math.sqrt(abar_prev) * beta / (1 - abar) * x0_hat
                 + math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar) * x_t)
-    out, x0_pred = ddpm_step(schedule, x_t, eps, t, clip_x0=True, return_x0=True)
+    out, x0_pred = ddpm_step(schedule, x_t, eps, t, clip_x0=True)
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
     assert x0_pred.abs().max() <= 1.0
 
@@ -124,7 +124,7 @@ def test_ddim_eta0_with_true_noise_hits_the_marginal(schedule, t, t_prev):
     x0, eps, z = _draw(t)
     x_t = q_sample(schedule, x0, t, eps)
     expected = x0 if t_prev < 0 else q_sample(schedule, x0, t_prev, eps)
-    out, x0_pred = ddim_step(schedule, x_t, eps, t, t_prev, eta=0.0, noise=z, return_x0=True)
+    out, x0_pred = ddim_step(schedule, x_t, eps, t, t_prev, eta=0.0, noise=z)
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(x0_pred, x0, rtol=1e-9, atol=1e-9)
 
@@ -137,7 +137,7 @@ def test_ddim_sigma_is_eq16(schedule):
     sigma = eta * math.sqrt((1 - a_s) / (1 - a_t)) * math.sqrt(1 - a_t / a_s)
     x0_hat = (x_t - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
     expected = math.sqrt(a_s) * x0_hat + math.sqrt(1 - a_s - sigma ** 2) * eps + sigma * z
-    torch.testing.assert_close(ddim_step(schedule, x_t, eps, t, s, eta=eta, noise=z), expected,
+    torch.testing.assert_close(ddim_step(schedule, x_t, eps, t, s, eta=eta, noise=z).x_prev, expected,
                                rtol=1e-9, atol=1e-9)
 
 
@@ -146,8 +146,8 @@ def test_ddim_eta1_one_step_apart_is_ddpm(schedule):
     x0, eps, z = _draw(8)
     t = 321
     x_t = q_sample(schedule, x0, t, eps + 0.1)  # a model that is a little wrong
-    torch.testing.assert_close(ddim_step(schedule, x_t, eps, t, t - 1, eta=1.0, noise=z),
-                               ddpm_step(schedule, x_t, eps, t, noise=z), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ddim_step(schedule, x_t, eps, t, t - 1, eta=1.0, noise=z).x_prev,
+                               ddpm_step(schedule, x_t, eps, t, noise=z).x_prev, rtol=1e-9, atol=1e-9)
 
 
 def test_ddim_clip_recomputes_eps(schedule):
@@ -158,7 +158,7 @@ def test_ddim_clip_recomputes_eps(schedule):
     x0_hat = ((x_t - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)
     eps_hat = (x_t - math.sqrt(a_t) * x0_hat) / math.sqrt(1 - a_t)
     expected = math.sqrt(a_s) * x0_hat + math.sqrt(1 - a_s) * eps_hat
-    torch.testing.assert_close(ddim_step(schedule, x_t, eps, t, s, clip_x0=True), expected,
+    torch.testing.assert_close(ddim_step(schedule, x_t, eps, t, s, clip_x0=True).x_prev, expected,
                                rtol=1e-9, atol=1e-9)
 
 
@@ -167,10 +167,10 @@ def test_ddim_per_sample_timesteps_with_final_minus_one(schedule):
     t = torch.tensor([999, 40, 3])
     t_prev = torch.tensor([500, -1, 2])
     x_t = q_sample(schedule, x0, t, eps)
-    batched = ddim_step(schedule, x_t, eps, t, t_prev, eta=0.5, noise=z)
+    batched = ddim_step(schedule, x_t, eps, t, t_prev, eta=0.5, noise=z).x_prev
     for i in range(3):
         single = ddim_step(schedule, x_t[i:i + 1], eps[i:i + 1], int(t[i]), int(t_prev[i]), eta=0.5,
-                           noise=z[i:i + 1])
+                           noise=z[i:i + 1]).x_prev
         # An int t takes its square roots on the host (math.sqrt, correctly rounded), a tensor t with
         # torch's vectorised sqrt (within one float64 ulp): the float64 results agree to a few ulps.
         torch.testing.assert_close(batched[i:i + 1], single, rtol=4 * FLOAT64_ULP, atol=4 * FLOAT64_ULP)
@@ -181,8 +181,8 @@ def test_steps_keep_input_dtype_and_match_float64(schedule, dtype, tol):
     x0, eps, z = _draw(17)
     t = 250
     x_t = q_sample(schedule, x0, t, eps)
-    for step in (lambda x, e, n: ddpm_step(schedule, x, e, t, noise=n, clip_x0=True),
-                 lambda x, e, n: ddim_step(schedule, x, e, t, 100, eta=0.3, noise=n, clip_x0=True)):
+    for step in (lambda x, e, n: ddpm_step(schedule, x, e, t, noise=n, clip_x0=True).x_prev,
+                 lambda x, e, n: ddim_step(schedule, x, e, t, 100, eta=0.3, noise=n, clip_x0=True).x_prev):
         ref = step(x_t, eps, z)
         low = step(x_t.to(dtype), eps.to(dtype), z.to(dtype))
         assert low.dtype == dtype

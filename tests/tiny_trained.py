@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from shared.diffusion.samplers import SamplerOptions, sample
 from shared.records.checkpoint import EMA_NAME, atomic_save, ema_file
 from shared.records.images import to_uint8
 from shared.diffusion.schedule import NoiseSchedule
@@ -107,3 +108,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def draw(model, schedule, seeds, labels=None, device=None, callback=None, progress=False, **options):
+    """shared.diffusion.samplers.sample with the SamplerOptions fields given as keywords (the tests'
+    shorthand: `draw(model, schedule, seeds, sampler="ddim", num_steps=10)`)."""
+    return sample(model, schedule, seeds, SamplerOptions(**options), labels, device, callback, progress)

@@ -2,13 +2,11 @@
 
     csrc/             the C++ op (schemas, checks, the CPU loop) and csrc/cuda/ (the CUDA kernel)
     op.py             loading the compiled op, its fake kernel, and `ddpm_step` / `ddim_step`, the
-                      fused entry points
-    coefficients.py   the per-step scalars in float64 from the schedule, and the timestep checks:
-                      the one definition both the fused op and the eager steps use
-    reference.py      the eager PyTorch update from those coefficients (the ground truth)
+                      fused entry points: the twins of shared.diffusion.steps.ddpm_update / ddim_update,
+                      on the scalars of shared.diffusion.coefficients (the formulas' one home)
     philox_op.py      per-sample noise, torch.ops.diffusion_kernels.philox_normal (csrc/philox.h,
                       philox_normal.cpp, cuda/philox_normal.cu); the fused step draws the same noise
-                      in-kernel from noise_seeds and noise_stream
+                      in-kernel from an InKernelNoise (seeds and stream)
     philox_reference.py  the eager PyTorch generator (Philox4x32-10 + Box-Muller), its ground truth
 
 Importing this package loads nothing compiled; `kernels.ddpm_step` / `kernels.ddim_step` load op.py.

@@ -17,8 +17,9 @@ image i is the same at any batch size. The loop never looks at a sampler's name.
     ddim     DDIMSampler(η)      ddim_timesteps(T, S, spacing)          DDIM Eq. 12
     dpmpp    DPMSolverPP2M       ddim_timesteps(T, S, spacing)          DPM-Solver++(2M) (Lu et al. 2022, Alg. 2)
 
-Every update goes through `shared.diffusion.steps.ddpm_step` / `ddim_step` (or, with fused_step, the
-fused `kernels.ddpm_step` / `kernels.ddim_step` of the same signature, guidance folded in).
+Every update goes through `shared.diffusion.steps.ddpm_update` / `ddim_update` on the scalars of
+`shared.diffusion.coefficients` (or, with fused_step, the fused `kernels.ddpm_step` / `kernels.ddim_step`
+of the same signature, guidance folded in).
 
 DPM-Solver++(2M) as a DDIM step. With λ = log(α/σ), α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), h = λ_prev − λ_t,
 the 2M update x_prev = (σ_prev/σ_t)·x_t − α_prev·(e^{−h} − 1)·D equals DDIM (η = 0) applied to the
@@ -27,14 +28,12 @@ Eq. 9 and Alg. 2): both are α_prev·D + σ_prev·(x_t − α_t·D)/σ_t. So we 
 corresponds to D, ε_D = (x_t − α_t·D)/σ_t. The first step and the final step onto t_prev = −1
 (σ_prev = 0, h = ∞) are first order, i.e. plain DDIM.
 
-The same three updates in one affine form (`affine_step`), with per-step float64 coefficients
-(`Sampler.coefficients`, one row per visited timestep) that a captured CUDA graph reads from a device
-tensor (`GraphedSampling`):
+The same three updates in one affine form (`shared.diffusion.steps.affine_step`), with per-step
+float64 coefficients (`Sampler.coefficients`, one row per visited timestep) that a captured CUDA graph
+reads from a device tensor (`GraphedSampling`).
 
-    x̂0 = a·x_t − b·ε  (clipped if asked)      D = x̂0 + w·(x̂0 − x̂0_prev)      ε_D = (a·x_t − D) / b
-    x_prev = c·D + d·x_t + e·ε_D + σ·z
-    DDPM: c, d = posterior_mean_coef1/2, e = 0, w = 0      DDIM: c = √ᾱ_prev, d = 0, e = √(1−ᾱ_prev−σ²), w = 0
-    DPM-Solver++(2M): as DDIM with σ = 0 and w = 1/(2r) (0 on first-order steps)
+What a run is asked to do travels as one `SamplerOptions`, from the command line
+(shared.interface.sampling_args) and the HTTP API (shared.interface.server) to `sample`.
 """
 from __future__ import annotations
 
@@ -46,10 +45,14 @@ from typing import Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from shared.diffusion.guidance import cfg_combine, check_labels, model_eps
+import kernels
+from kernels.sampling_step.op import InKernelNoise
+from shared.diffusion.coefficients import ddim_coefficients, ddpm_coefficients
+from shared.diffusion.guidance import MAX_GUIDANCE, cfg_combine, check_labels, model_eps
 from shared.diffusion.noise import per_sample_noise, seeds_tensor
 from shared.diffusion.schedule import NoiseSchedule
-from shared.diffusion.steps import SPACINGS, VARIANCES, ddim_step, ddim_timesteps, ddpm_step, predict_x0_from_eps
+from shared.diffusion.steps import (SPACINGS, VARIANCES, affine_step, ddim_timesteps, ddim_update, ddpm_update,
+                                    eps_from_x0, predict_x0_from_eps)
 from shared.errors import UserError
 from shared.model.precision import check_precision
 
@@ -57,6 +60,9 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp")
 # Stream 0 of a sample's seed draws x_T; step k draws its fresh noise from stream k + 1.
 X_T_STREAM = 0
 DEFAULT_FAST_STEPS = 50  # ddim / dpmpp without a step count
+# DDIM η: σ grows with η and past 1 the direction term is already clamped to 0, so a larger η only adds
+# noise; the bound keeps σ (and the samples) finite.
+MAX_ETA = 100.0
 # Columns of Sampler.coefficients(): the affine form of the module docstring.
 COEFFICIENTS = ("a", "b", "c", "d", "e", "sigma", "w")
 
@@ -78,6 +84,7 @@ class SamplerOptions:
     precision: str = "fp32"           # autocast dtype of the U-Net
     fused_step: bool = False          # kernels.ddpm_step / ddim_step for the update
     cuda_graphs: bool = False         # U-Net + step captured once per batch shape and replayed
+    batch_size: int = 64              # images per forward (image i is the same at any batch size)
 
     def check(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -87,10 +94,12 @@ class SamplerOptions:
         if self.spacing not in SPACINGS:
             raise UserError(f"unknown spacing {self.spacing!r}; choose one of {', '.join(SPACINGS)}")
         check_precision(self.precision)
-        if not (math.isfinite(self.eta) and self.eta >= 0):
-            raise UserError(f"eta must be a finite number >= 0, got {self.eta}")
-        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
-            raise UserError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
+        if not (math.isfinite(self.eta) and 0 <= self.eta <= MAX_ETA):
+            raise UserError(f"eta must be a number in [0, {MAX_ETA}], got {self.eta}")
+        if not (math.isfinite(self.guidance_scale) and 0 <= self.guidance_scale <= MAX_GUIDANCE):
+            raise UserError(f"guidance_scale must be a number in [0, {MAX_GUIDANCE}], got {self.guidance_scale}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise UserError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
 
 
 def default_steps(sampler: str, num_steps: int | None, num_train_timesteps: int) -> int:
@@ -117,40 +126,16 @@ def sampler_timesteps(sampler: str, num_train_timesteps: int, num_steps: int | N
 # The samplers
 
 
-def _step_fns(fused_step: bool):
-    if not fused_step:
-        return ddpm_step, ddim_step
-    import kernels  # raises kernels.FusedKernelsUnavailable (a UserError) with the reason
-
-    return kernels.load("ddpm_step"), kernels.load("ddim_step")
-
-
-def _step_coefficients():
-    """The float64 per-step scalars of kernels/sampling_step/coefficients.py (the one home of the
-    DDPM / DDIM coefficient formulas, shared with the eager and the fused steps)."""
-    from kernels.sampling_step import coefficients
-
-    return coefficients.ddpm_coefficients, coefficients.ddim_coefficients
-
-
-@dataclasses.dataclass(frozen=True)
-class InKernelNoise:
-    """z of a step to be drawn inside the fused step: per_sample_noise(seeds, x.shape[1:], stream=stream)."""
-
-    seeds: torch.Tensor  # int64 [N] on the sampling device
-    stream: int
-
-
 class Sampler:
     """The timesteps a solver visits and its update; subclasses implement `step` and `_row`."""
 
     stochastic = False
-    # Whether step() may hand ε_u and w to a fused step (which combines them in-kernel).
-    folds_guidance = True
 
     def __init__(self, schedule: NoiseSchedule, timesteps: Sequence[int], opts: SamplerOptions):
         self.schedule, self.timesteps, self.opts = schedule, list(timesteps), opts
-        self.ddpm_fn, self.ddim_fn = _step_fns(opts.fused_step)
+        # The eager update or its fused twin: the same signature (shared.diffusion.steps, kernels).
+        self.ddpm_update = kernels.load("ddpm_step") if opts.fused_step else ddpm_update
+        self.ddim_update = kernels.load("ddim_step") if opts.fused_step else ddim_update
         self.reset()
 
     def t_prev(self, i: int) -> int:
@@ -165,24 +150,11 @@ class Sampler:
         """Whether step() takes an `InKernelNoise` for z: the fused DDPM / DDIM step draws it itself."""
         return self.opts.fused_step and self.stochastic
 
-    @staticmethod
-    def _noise_kwargs(noise: torch.Tensor | InKernelNoise | None) -> dict:
-        if isinstance(noise, InKernelNoise):
-            return dict(noise_seeds=noise.seeds, noise_stream=noise.stream)
-        return dict(noise=noise)
-
-    def _guided(self, eps: torch.Tensor, eps_uncond: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-        """(ε or ε̃, extra step kwargs): the fused step combines ε_c and ε_u in-kernel, else we do here."""
-        if eps_uncond is None:
-            return eps, {}
-        if self.opts.fused_step and self.folds_guidance:
-            return eps, dict(eps_uncond=eps_uncond, guidance_scale=self.opts.guidance_scale)
-        return cfg_combine(eps, eps_uncond, self.opts.guidance_scale), {}
-
     def step(self, i: int, x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | InKernelNoise | None = None,
              eps_uncond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x_t [N x C x H x W] at timesteps[i] → (x at t_prev(i), x̂0), both [N x C x H x W]. noise: z
-        [N x C x H x W], or an InKernelNoise when `noise_in_kernel`."""
+        [N x C x H x W], or an InKernelNoise when `noise_in_kernel`. With eps_uncond, ε is ε_c and the
+        update forms ε̃ = ε_u + w·(ε_c − ε_u) itself (fused: in-kernel)."""
         raise NotImplementedError
 
     def coefficients(self) -> torch.Tensor:
@@ -199,12 +171,10 @@ class DDPMSampler(Sampler):
     stochastic = True
 
     def step(self, i, x_t, eps, noise=None, eps_uncond=None):
-        eps, guided = self._guided(eps, eps_uncond)
-        return self.ddpm_fn(self.schedule, x_t, eps, self.timesteps[i], clip_x0=self.opts.clip_x0,
-                            variance=self.opts.variance, return_x0=True, **self._noise_kwargs(noise), **guided)
+        coefs = ddpm_coefficients(self.schedule, self.timesteps[i], self.opts.variance)
+        return self.ddpm_update(x_t, eps, coefs, noise, self.opts.clip_x0, eps_uncond, self.opts.guidance_scale)
 
     def _row(self, i):
-        ddpm_coefficients, _ = _step_coefficients()
         c = ddpm_coefficients(self.schedule, self.timesteps[i], self.opts.variance)
         return [c.x0_coef_xt, c.x0_coef_eps, c.out_coef_x0, c.out_coef_rest, 0.0, c.sigma, 0.0]
 
@@ -218,12 +188,10 @@ class DDIMSampler(Sampler):
         self.stochastic = eta > 0
 
     def step(self, i, x_t, eps, noise=None, eps_uncond=None):
-        eps, guided = self._guided(eps, eps_uncond)
-        return self.ddim_fn(self.schedule, x_t, eps, self.timesteps[i], self.t_prev(i), eta=self.eta,
-                            clip_x0=self.opts.clip_x0, return_x0=True, **self._noise_kwargs(noise), **guided)
+        coefs = ddim_coefficients(self.schedule, self.timesteps[i], self.t_prev(i), self.eta)
+        return self.ddim_update(x_t, eps, coefs, noise, self.opts.clip_x0, eps_uncond, self.opts.guidance_scale)
 
     def _row(self, i):
-        _, ddim_coefficients = _step_coefficients()
         c = ddim_coefficients(self.schedule, self.timesteps[i], self.t_prev(i), self.eta)
         return [c.x0_coef_xt, c.x0_coef_eps, c.out_coef_x0, 0.0, c.out_coef_rest, c.sigma, 0.0]
 
@@ -231,22 +199,12 @@ class DDIMSampler(Sampler):
 class DPMSolverPP2M(Sampler):
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), each step a DDIM step on ε_D (module docstring)."""
 
-    folds_guidance = False  # the 2M correction needs ε̃ itself
-
     def reset(self):
         self.last_x0: torch.Tensor | None = None  # the previous step's x̂0
 
-    def _alpha_sigma(self, t: int) -> tuple[float, float]:
-        """(α_t, σ_t) = (√ᾱ_t, √(1−ᾱ_t)) in float64; t = −1 gives (1, 0)."""
-        if t < 0:
-            return 1.0, 0.0
-        return (float(self.schedule.sqrt_alphas_cumprod[t]),
-                float(self.schedule.sqrt_one_minus_alphas_cumprod[t]))
-
     def _log_snr_half(self, t: int) -> float:
-        """λ_t = log(α_t / σ_t), half the log-SNR, in float64 (t ≥ 0)."""
-        alpha, sigma = self._alpha_sigma(t)
-        return math.log(alpha / sigma)
+        """λ_t = log(α_t / σ_t) = −log √(1/ᾱ_t − 1), half the log-SNR, in float64 (t ≥ 0)."""
+        return -math.log(float(self.schedule.sqrt_recipm1_alphas_cumprod[t]))
 
     def _correction(self, i: int) -> float:
         """w = 1/(2r), r = h_{i−1}/h_i, of D = x̂0_i + w·(x̂0_i − x̂0_{i−1}); 0 on first-order steps
@@ -258,20 +216,21 @@ class DPMSolverPP2M(Sampler):
         return (lam_prev - lam_t) / (2 * (lam_t - lam_last))
 
     def step(self, i, x_t, eps, noise=None, eps_uncond=None):
-        eps, _ = self._guided(eps, eps_uncond)
+        if eps_uncond is not None:  # the 2M correction needs ε̃ itself
+            eps = cfg_combine(eps, eps_uncond, self.opts.guidance_scale)
         t = self.timesteps[i]
         x0_pred = predict_x0_from_eps(self.schedule, x_t, eps, t)  # x̂0_i
         if self.opts.clip_x0:
             x0_pred = x0_pred.clamp(-1.0, 1.0)
         w = self._correction(i) if self.last_x0 is not None else 0.0
         data_estimate = x0_pred + w * (x0_pred - self.last_x0) if w else x0_pred
-        alpha_t, sigma_t = self._alpha_sigma(t)
-        eps_d = (x_t - alpha_t * data_estimate) / sigma_t  # the ε for which DDIM's x̂0 is D
+        coefs = ddim_coefficients(self.schedule, t, self.t_prev(i), 0.0)
+        eps_d = eps_from_x0(x_t, data_estimate, coefs.x0_coef_xt, coefs.x0_coef_eps)  # DDIM's x̂0 is then D
         self.last_x0 = x0_pred
-        return self.ddim_fn(self.schedule, x_t, eps_d, t, self.t_prev(i), eta=0.0), x0_pred
+        x_prev, _ = self.ddim_update(x_t, eps_d, coefs, return_x0=False)
+        return x_prev, x0_pred
 
     def _row(self, i):
-        _, ddim_coefficients = _step_coefficients()
         c = ddim_coefficients(self.schedule, self.timesteps[i], self.t_prev(i), 0.0)
         return [c.x0_coef_xt, c.x0_coef_eps, c.out_coef_x0, 0.0, c.out_coef_rest, 0.0, self._correction(i)]
 
@@ -287,25 +246,6 @@ def make_sampler(schedule: NoiseSchedule, opts: SamplerOptions, timesteps: Seque
     if opts.sampler == "ddim":
         return DDIMSampler(schedule, timesteps, opts, opts.eta)
     return DPMSolverPP2M(schedule, timesteps, opts)
-
-
-def affine_step(row: torch.Tensor, x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None,
-                x0_last: torch.Tensor, clip_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Any sampler's step from its coefficient row [7] (module docstring), all on x_t's device.
-
-    row: (a, b, c, d, e, σ, w) in x_t's dtype; x_t, eps, noise, x0_last: [N x C x H x W]. Returns
-    (x_prev, x̂0). Reads no host value, so a CUDA graph can replay it with a new row each step.
-    """
-    a, b, c, d, e, sigma, w = row.unbind()
-    x0_pred = a * x_t - b * eps
-    if clip_x0:
-        x0_pred = x0_pred.clamp(-1.0, 1.0)
-    data_estimate = x0_pred + w * (x0_pred - x0_last)
-    eps_d = (a * x_t - data_estimate) / b
-    x_prev = c * data_estimate + d * x_t + e * eps_d
-    if noise is not None:
-        x_prev = x_prev + sigma * noise
-    return x_prev, x0_pred
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,60 +279,52 @@ def sample_batch(model: torch.nn.Module, sampler: Sampler, seeds: torch.Tensor, 
     return x
 
 
-def sample_batches(model: torch.nn.Module, schedule: NoiseSchedule, seeds: Sequence[int], *,
-                   labels: torch.Tensor | Sequence[int] | None = None, sampler: str = "ddim",
-                   num_steps: int | None = None, eta: float = 0.0, spacing: str = "trailing",
-                   clip_x0: bool = False, guidance_scale: float = 1.0, variance: str = "fixed_small",
-                   batch_size: int = 64, device: torch.device | str | None = None, precision: str = "fp32",
-                   fused_step: bool = False, cuda_graphs: bool = False, callback: Callback | None = None,
+def sample_batches(model: torch.nn.Module, schedule: NoiseSchedule, seeds: Sequence[int],
+                   opts: SamplerOptions = SamplerOptions(), labels: torch.Tensor | Sequence[int] | None = None,
+                   device: torch.device | str | None = None, callback: Callback | None = None,
                    progress: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
-    """`sample`, one batch at a time: checks everything now, then yields (index of the batch's first
-    sample, its float32 [B x C x H x W] samples), so a caller can write each batch and drop it."""
-    opts = SamplerOptions(sampler=sampler, num_steps=num_steps, eta=eta, spacing=spacing, clip_x0=clip_x0,
-                          guidance_scale=guidance_scale, variance=variance, precision=precision,
-                          fused_step=fused_step, cuda_graphs=cuda_graphs)
-    if batch_size < 1:
-        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    """`sample`, one batch of opts.batch_size at a time: checks everything now, then yields (index of
+    the batch's first sample, its float32 [B x C x H x W] samples), so a caller can write each batch
+    and drop it."""
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise UserError("no seeds given: nothing to sample")
-    solver = make_sampler(schedule, opts)
+    solver = make_sampler(schedule, opts)  # checks opts
     labels = check_labels(labels, len(seeds), getattr(model, "num_classes", 0))
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    if cuda_graphs and device.type != "cuda":
+    if opts.cuda_graphs and device.type != "cuda":
         raise UserError(f"CUDA graphs need a CUDA device, but sampling runs on {device}; drop --cuda-graphs")
     all_seeds = seeds_tensor(seeds, device)
     # One GraphedSampling for the whole call: each batch shape is captured once and replayed after.
-    run_batch = (GraphedSampling(model, solver, callback).run if cuda_graphs
+    run_batch = (GraphedSampling(model, solver, callback).run if opts.cuda_graphs
                  else functools.partial(sample_batch, model, solver, callback=callback))
 
     @torch.no_grad()
     def batches():
-        steps = len(solver.timesteps)
-        with tqdm(total=math.ceil(len(seeds) / batch_size) * steps, desc=f"{opts.sampler} {steps} steps",
+        steps, size = len(solver.timesteps), opts.batch_size
+        with tqdm(total=math.ceil(len(seeds) / size) * steps, desc=f"{opts.sampler} {steps} steps",
                   disable=not progress, leave=False) as bar:
-            for start in range(0, len(seeds), batch_size):
-                chunk = slice(start, start + batch_size)
+            for start in range(0, len(seeds), size):
+                chunk = slice(start, start + size)
                 batch_labels = labels[chunk].to(device) if labels is not None else None
                 yield start, run_batch(all_seeds[chunk], batch_labels, bar=bar)
 
     return batches()
 
 
-def sample(model: torch.nn.Module, schedule: NoiseSchedule, seeds: Sequence[int], **kw) -> torch.Tensor:
-    """Draws len(seeds) samples; returns float32 [N x C x H x W] on `device` (not clipped).
+def sample(model: torch.nn.Module, schedule: NoiseSchedule, seeds: Sequence[int],
+           opts: SamplerOptions = SamplerOptions(), labels: torch.Tensor | Sequence[int] | None = None,
+           device: torch.device | str | None = None, callback: Callback | None = None,
+           progress: bool = True) -> torch.Tensor:
+    """Draws len(seeds) samples as `opts` asks; returns float32 [N x C x H x W] on `device` (not clipped).
 
-    Keyword arguments (all optional, those of `sample_batches`):
-    labels: [N] class indices for a class-conditional model (None: unconditional, ε_θ(x, ∅)).
-    sampler: ddpm, ddim or dpmpp.  num_steps: steps S (default: T for ddpm, 50 for ddim/dpmpp).
-    eta, spacing, clip_x0, variance: as in SamplerOptions.  guidance_scale: w of ε̃ = ε_u + w(ε_c − ε_u).
-    batch_size: images per forward; seeds: one int per sample (image i depends on seeds[i] only, not
-    on batch_size).  device: default the model's.  precision: autocast dtype of the U-Net.
-    fused_step: kernels.ddpm_step / kernels.ddim_step for the update.  cuda_graphs: capture the U-Net
-    + step once per batch shape and replay it (CUDA only; `GraphedSampling`).
+    seeds: one int per sample (image i depends on seeds[i] only, not on opts.batch_size).
+    labels: [N] class indices for a class-conditional model (None: unconditional, ε_θ(x, ∅)); with
+    opts.guidance_scale w, ε̃ = ε_u + w(ε_c − ε_u).  device: default the model's.
     callback(step_index, t, x_t, x̂0) sees every step of every batch.  progress: a tqdm bar.
     """
-    return torch.cat([images for _, images in sample_batches(model, schedule, seeds, **kw)])
+    batches = sample_batches(model, schedule, seeds, opts, labels, device, callback, progress)
+    return torch.cat([images for _, images in batches])
 
 
 # --------------------------------------------------------------------------------------------------

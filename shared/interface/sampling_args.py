@@ -1,10 +1,12 @@
-"""What the sampling scripts (stage 4 and 5) share: their sampler flags, loading a checkpoint for them,
-the checks that run before any output exists, and a timed sampling call.
+"""What the sampling scripts (stage 4 and 5) share: their sampler flags and the SamplerOptions they
+make, loading a checkpoint for them, the checks that run before any output exists, and a timed
+sampling call.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -18,15 +20,11 @@ from shared import flags
 from shared.errors import UserError
 from shared.diffusion.guidance import MAX_GUIDANCE
 from shared.diffusion.noise import MAX_SEED
-from shared.diffusion.samplers import SAMPLERS, sample, sample_batches
+from shared.diffusion.samplers import MAX_ETA, SAMPLERS, SamplerOptions, sample, sample_batches
 from shared.diffusion.steps import SPACINGS, VARIANCES
 from shared.model.precision import PRECISIONS
 from shared.records.checkpoint import load_for_sampling
 from shared.records.runs import make_run_dir
-
-# DDIM η: σ grows with η and past 1 the direction term is already clamped to 0, so a larger η only adds
-# noise; the bound keeps σ (and the samples) finite.
-MAX_ETA = 100.0
 
 
 
@@ -69,15 +67,15 @@ def load_model(args: argparse.Namespace):
     return model, schedule, meta, device
 
 
-def sampler_kwargs(args: argparse.Namespace, **overrides) -> dict:
-    """The keyword arguments of shared.diffusion.samplers.sample that the flags decide."""
-    kw = dict(sampler=args.sampler, num_steps=args.steps, eta=args.eta, spacing=args.spacing,
-              variance=args.variance, clip_x0=args.clip_x0, guidance_scale=args.guidance_scale,
-              batch_size=args.batch_size, precision=args.precision,
-              # a graph replays its own on-device step; the fused U-Net kernels are captured with it
-              fused_step=args.fused_kernels and not args.cuda_graphs, cuda_graphs=args.cuda_graphs, progress=not args.no_progress)
-    kw.update(overrides)
-    return kw
+def sampler_options(args: argparse.Namespace, **changes) -> SamplerOptions:
+    """The SamplerOptions the sampler flags ask for, with `changes` applied (a sweep's guidance_scale,
+    a comparison's num_steps); checked by the sampler before anything runs."""
+    opts = SamplerOptions(sampler=args.sampler, num_steps=args.steps, eta=args.eta, spacing=args.spacing,
+                          clip_x0=args.clip_x0, guidance_scale=args.guidance_scale, variance=args.variance,
+                          precision=args.precision, batch_size=args.batch_size, cuda_graphs=args.cuda_graphs,
+                          # a graph replays its own on-device step; the fused U-Net kernels are captured with it
+                          fused_step=args.fused_kernels and not args.cuda_graphs)
+    return dataclasses.replace(opts, **changes)
 
 
 def check_seeds(first: int, n: int) -> list[int]:
@@ -114,34 +112,39 @@ def output_run_dir(out: str, name: str) -> Iterator[Path]:
         raise
 
 
-def timed_sample(model, schedule, seeds: Sequence[int], device: torch.device, **kw) -> tuple[torch.Tensor, float]:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_sample(model, schedule, seeds: Sequence[int], opts: SamplerOptions, labels=None,
+                 device: torch.device | None = None, progress: bool = True) -> tuple[torch.Tensor, float]:
     """sample(...) and its throughput in images/s (wall clock, synchronised on CUDA); non-finite
     samples are a UserError (`check_finite`)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    device = device if device is not None else next(model.parameters()).device
+    _synchronize(device)
     start = time.perf_counter()
-    images = sample(model, schedule, seeds, device=device, **kw)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    images = sample(model, schedule, seeds, opts, labels, device, progress=progress)
+    _synchronize(device)
     rate = len(seeds) / (time.perf_counter() - start)
     return check_finite(images), rate
 
 
-def timed_batches(model, schedule, seeds: Sequence[int], device: torch.device,
-                  **kw) -> Iterator[tuple[int, torch.Tensor, float]]:
+def timed_batches(model, schedule, seeds: Sequence[int], opts: SamplerOptions, labels=None,
+                  device: torch.device | None = None, callback=None,
+                  progress: bool = True) -> Iterator[tuple[int, torch.Tensor, float]]:
     """sample_batches(...) with each batch's wall-clock seconds (synchronised on CUDA): yields
     (index of its first sample, its samples, seconds); non-finite samples are a UserError."""
-    batches = sample_batches(model, schedule, seeds, device=device, **kw)  # every check happens here
+    device = device if device is not None else next(model.parameters()).device
+    batches = sample_batches(model, schedule, seeds, opts, labels, device, callback, progress)  # checks now
     while True:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _synchronize(device)
         start = time.perf_counter()
         try:
             first, images = next(batches)
         except StopIteration:
             return
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _synchronize(device)
         yield first, check_finite(images), time.perf_counter() - start
 
 

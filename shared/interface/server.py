@@ -31,7 +31,7 @@ from typing import Literal, Optional
 import torch
 
 from shared.diffusion.guidance import MAX_GUIDANCE
-from shared.diffusion.samplers import SAMPLERS, default_steps, sample
+from shared.diffusion.samplers import SAMPLERS, SamplerOptions, default_steps, sample
 from shared.errors import USER_ERRORS, UserError
 from shared.interface.prompts import CLASS_NAMES, NUMBER_WORDS, parse_prompt
 from shared.records.trajectory import TrajectoryRecorder
@@ -155,8 +155,8 @@ def probe_fused(model: torch.nn.Module, schedule, device: torch.device, precisio
     that cannot run them stops with one line instead of failing every request."""
     labels = None if not model.num_classes else torch.zeros(1, dtype=torch.long)
     try:
-        sample(model, schedule, [0], labels=labels, sampler="ddim", num_steps=1, device=device,
-               precision=precision, fused_step=True, progress=False)
+        opts = SamplerOptions(sampler="ddim", num_steps=1, precision=precision, fused_step=True)
+        sample(model, schedule, [0], opts, labels, device, progress=False)
     except USER_ERRORS as err:
         raise UserError(f"--fused-kernels cannot run here: {err}") from None
     except Exception as err:  # noqa: BLE001 - a driver or compiler failure is the same verdict
@@ -222,11 +222,8 @@ class Service:
         try:
             with self.queue.slot():
                 start = time.perf_counter()
-                images = sample(self.model, self.schedule, params["seeds"], labels=labels,
-                                sampler=params["sampler"], num_steps=params["steps"], eta=params["eta"],
-                                clip_x0=params["clip_x0"], guidance_scale=params["guidance_scale"] or 1.0,
-                                device=self.device, precision=self.precision, fused_step=self.fused_step,
-                                callback=callback, progress=False)
+                images = sample(self.model, self.schedule, params["seeds"], self.options(params), labels,
+                                self.device, callback, progress=False)
                 images = images.float().cpu()  # waits for the device, so the time below is the sampling's
                 seconds = time.perf_counter() - start
         except Busy:
@@ -238,6 +235,12 @@ class Service:
         if not bool(torch.isfinite(images).all()):
             raise SamplingFailed("sampling failed: the model produced NaN or infinite values (a diverged checkpoint?)")
         return images, seconds
+
+    def options(self, params: dict) -> SamplerOptions:
+        """The SamplerOptions of a resolved request, at this server's precision and kernels."""
+        return SamplerOptions(sampler=params["sampler"], num_steps=params["steps"], eta=params["eta"],
+                              clip_x0=params["clip_x0"], guidance_scale=params["guidance_scale"] or 1.0,
+                              precision=self.precision, fused_step=self.fused_step)
 
     def trajectory(self, params: dict) -> dict:
         """One sample with x_t and x̂0 at up to MAX_TRAJECTORY_FRAMES evenly spaced steps, with t and ᾱ_t."""

@@ -26,7 +26,7 @@ def test_kernels_import_nothing_from_shared():
     found = _run(
         "import json, sys, kernels\n"
         "from kernels import build, costs, reference\n"
-        "from kernels.sampling_step import coefficients, reference as step_reference\n"
+        "from kernels.sampling_step import op, philox_op, philox_reference\n"
         "from kernels.sampling_step.op import load_extension\n"
         "for name in ('group_norm_film_silu', 'attention', 'ddpm_step', 'ddim_step'):\n"
         "    kernels.load(name)\n"

@@ -1,6 +1,6 @@
 """The per-step scalars of the DDPM and DDIM updates, from the float64 schedule, and the checks of
-their timestep arguments: one definition, used by the fused op (kernels/sampling_step/op.py) and by
-the eager steps (kernels/sampling_step/reference.py, through shared.diffusion.steps).
+their timestep arguments: the one definition of these formulas. The eager update
+(shared.diffusion.steps) and the fused op (kernels.ddpm_step / ddim_step) both take their output.
 
 `schedule` is any object with `num_timesteps` and these float64 tensors of shape [T] (the repo's
 NoiseSchedule): alphas_cumprod ᾱ, betas β, posterior_variance β̃, posterior_mean_coef1/2,
@@ -27,7 +27,7 @@ from typing import NamedTuple, Union
 import torch
 
 __all__ = ["VARIANCES", "StepCoefficients", "ddpm_coefficients", "ddim_coefficients", "check_timestep",
-           "check_timestep_order", "check_eta", "check_variance", "single_timestep"]
+           "check_timestep_order", "check_eta", "check_variance"]
 
 # DDPM's two choices of σ_t² (Ho et al. 2020, Sec. 3.2): the posterior variance β̃_t, or β_t.
 VARIANCES = ("fixed_small", "fixed_large")
@@ -88,17 +88,6 @@ def check_eta(eta: float) -> None:
 def check_variance(variance: str) -> None:
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {', '.join(VARIANCES)}, got {variance!r}")
-
-
-def single_timestep(t, name: str) -> int:
-    """The one timestep of a batch: an int as it is, a checked tensor whose entries all agree as an int
-    (read back to the host; the fused op takes one set of scalars per call)."""
-    if isinstance(t, int):
-        return t
-    flat = t.reshape(-1)
-    if bool((flat != flat[0]).any()):
-        raise ValueError(f"the fused step needs one {name} for the whole batch, got {flat.tolist()}")
-    return int(flat[0])
 
 
 # --------------------------------------------------------------------------------------------------
