@@ -13,7 +13,7 @@ and the skip logic, both ways:
           gradient norm read on the host every step to decide a skip (two syncs), foreach AdamW, and
           AveragedModel's EMA (whose update reads its counter on the host);
   after:  shared.training: the split gathered on the device by index (batches.Batches), and
-          loop.training_step (no host sync: fused AdamW masked by found_inf, device-masked EMA).
+          loop.GradientStep (no host sync: fused AdamW masked by found_inf, device-masked EMA).
 Both draw from the same data and settings; the `after` row records images/s and its ratio to `before`.
 
 Peak VRAM: torch.cuda.max_memory_allocated over one step after warm-up (optimizer state exists),
@@ -26,15 +26,23 @@ seeds' batch), a throughput batch}. CPU: the tiny preset, eager fp32 (fused kern
 from __future__ import annotations
 
 import gc
+import math
 from contextlib import nullcontext
 
 import pytest
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
 
 import kernels
 from benches.measure import budget_skip_reason, on_cuda, randomise_zero_init, record, time_call
 from shared import NoiseSchedule, UNet
-from shared.training.loss import l_simple
+from shared.data.datasets import DatasetInfo, TensorImageDataset
+from shared.model.ema import make_ema
+from shared.training.batches import Batches, ResumableSampler
+from shared.training.loop import GradientStep
+from shared.training.loss import drop_labels, l_simple
+from shared.training.state import TrainState
 
 NUM_TIMESTEPS = 1000
 LEARNING_RATE = 2e-4
@@ -140,7 +148,6 @@ LOOP_RESULTS: dict[str, float] = {}  # preset → images/s of `before`, for the 
 
 def _loop_parts(preset: str, device: torch.device):
     """Fresh model, optimizer inputs and data for one loop variant (identical for both)."""
-    from shared.data.datasets import DatasetInfo, TensorImageDataset
     torch.manual_seed(0)
     model = randomise_zero_init(UNet.from_preset(preset, num_classes=10)).to(device).train()
     gen = torch.Generator().manual_seed(1)
@@ -152,12 +159,6 @@ def _loop_parts(preset: str, device: torch.device):
 
 def _before_loop(preset: str, device: torch.device):
     """The trainer as it was: DataLoader, two host reads per step to decide a skip, AveragedModel EMA."""
-    import math
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-    from torch.utils.data import DataLoader
-    from shared.training.batches import ResumableSampler
-    from shared.training.loss import drop_labels
-
     model, data, schedule = _loop_parts(preset, device)
     batch = LOOP_BATCH[preset]
     sampler = ResumableSampler(data, 1, 0, seed=0)
@@ -189,20 +190,14 @@ def _before_loop(preset: str, device: torch.device):
 
 
 def _after_loop(preset: str, device: torch.device):
-    """shared.training as it is: device-resident batches and the sync-free training_step."""
-    from contextlib import nullcontext
-    from shared.model.ema import make_ema
-    from shared.training.batches import Batches
-    from shared.training.distributed import DistContext
-    from shared.training.loop import training_step
-    from shared.training.state import TrainState
-
+    """shared.training as it is: device-resident batches and the sync-free GradientStep."""
     model, data, schedule = _loop_parts(preset, device)
     batches = Batches(data, LOOP_BATCH[preset], 1, 0, 0, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, fused=True)
     state = TrainState(model, make_ema(model), optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
                        torch.amp.GradScaler(device.type, enabled=False), torch.Generator(device).manual_seed(0),
                        batches.loader_gen, device)
+    step = GradientStep(state, model, schedule, nullcontext(), max_grad_norm=1.0, p_uncond=0.1)
     epoch, stream = 0, iter(())
 
     def steps():
@@ -213,7 +208,7 @@ def _after_loop(preset: str, device: torch.device):
             except StopIteration:
                 stream, epoch = batches.epoch(epoch, 0), epoch + 1
                 x0, y = next(stream)
-            training_step(state, model, schedule, x0, y, nullcontext(), 1.0, 0.1, DistContext())
+            step([(x0, y)])
         state.skipped_total.item()  # the log-row read that ends a window (once per call, not per step)
 
     return steps

@@ -20,8 +20,7 @@ from shared.model.unet import UNet
 from shared.records.checkpoint import LAST_NAME, load_checkpoint
 from shared.records.runs import read_log
 from shared.training.config import TrainConfig
-from shared.training.distributed import DistContext
-from shared.training.loop import accumulation_step, train
+from shared.training.loop import GradientStep, train
 from shared.training.loss import l_simple, min_snr_weight
 from shared.training.state import TrainState
 from tests.stage3_helpers import (NUM_CLASSES, REPO, SIZE, edge_bar_dataset, one_thread,  # noqa: F401 (autouse)
@@ -74,7 +73,7 @@ def _gradients_at_step(state: TrainState) -> dict:
 
 @pytest.mark.parametrize("min_snr_gamma", [0.0, 5.0])
 def test_four_micro_batches_of_8_give_the_loss_and_gradient_of_one_batch_of_32(min_snr_gamma):
-    """K = 4 × 8 through accumulation_step against the mean loss of the 32 images with the same labels,
+    """K = 4 × 8 through GradientStep against the mean loss of the 32 images with the same labels,
     t and ε, differentiated in one backward: equal losses and gradients to fp32 rounding."""
     schedule = NoiseSchedule("linear", TIMESTEPS)
     state = _state()
@@ -83,8 +82,7 @@ def test_four_micro_batches_of_8_give_the_loss_and_gradient_of_one_batch_of_32(m
     y, t, eps = replay_draws(torch.Generator().set_state(state.train_noise.get_state()), micro,
                              state.model.null_class)
     grads = _gradients_at_step(state)
-    loss, _, skip = accumulation_step(state, state.model, schedule, micro, nullcontext(), math.inf, P_UNCOND,
-                                      DistContext(), min_snr_gamma)
+    loss, _, skip = GradientStep(state, state.model, schedule, nullcontext(), math.inf, P_UNCOND, min_snr_gamma)(micro)
     assert not bool(skip)
 
     x0 = torch.cat([x for x, _ in micro])
@@ -125,8 +123,8 @@ def test_accumulated_gradient_under_autocast(device, precision):
     draw_gen = torch.Generator(device).set_state(state.train_noise.get_state())
     y, t, eps = (v.cpu() for v in replay_draws(draw_gen, on_device, state.model.null_class))
     grads = _gradients_at_step(state)
-    loss, _, skip = accumulation_step(state, state.model, schedule, on_device, autocast_for(device, precision),
-                                      math.inf, P_UNCOND, DistContext())
+    loss, _, skip = GradientStep(state, state.model, schedule, autocast_for(device, precision), math.inf,
+                                 P_UNCOND)(on_device)
     assert not bool(skip)
     ref_loss = l_simple(reference, schedule, torch.cat([x for x, _ in micro]), y, t, eps).mean()
     ref_loss.backward()
@@ -147,8 +145,7 @@ def test_micro_batch_draws_are_not_the_large_batch_draws():
     y, t, eps = replay_draws(generator, whole, state.model.null_class)
     with torch.no_grad():
         other = l_simple(copy.deepcopy(state.model), schedule, whole[0][0], y, t, eps).mean()
-    loss, _, _ = accumulation_step(state, state.model, schedule, micro, nullcontext(), math.inf, P_UNCOND,
-                                   DistContext())
+    loss, _, _ = GradientStep(state, state.model, schedule, nullcontext(), math.inf, P_UNCOND)(micro)
     assert abs(float(loss) - float(other)) > 1e-4
 
 
@@ -231,7 +228,7 @@ def rank_noise(rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(1_000 + rank)
 
 
-# Each rank: (a) accumulation_step on a DDP model with a counting all-reduce hook, (b) train() with
+# Each rank: (a) GradientStep on a DDP model with a counting all-reduce hook, (b) train() with
 # --grad-accum 2, its DistributedDataParallel counting the same way. Both record, per all-reduce, how many
 # forwards the model had run by then.
 DDP_WORKER = """
@@ -265,8 +262,8 @@ state.train_noise = rank_noise(ctx.rank)
 ddp = Counting(state.model)
 schedule = NoiseSchedule("linear", TIMESTEPS)
 for step in range(DDP_STEPS):
-    loop.accumulation_step(state, ddp, schedule, rank_micro_batches(step, ctx.rank), nullcontext(), math.inf,
-                           P_UNCOND, ctx)
+    gradient_step = loop.GradientStep(state, ddp, schedule, nullcontext(), math.inf, P_UNCOND, ctx=ctx)
+    gradient_step(rank_micro_batches(step, ctx.rank))
 direct = {"model": state.model.state_dict(), "synced_at": ddp.synced_at, "forwards": ddp.forwards}
 print("direct done", file=sys.stderr, flush=True)
 

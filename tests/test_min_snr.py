@@ -9,8 +9,7 @@ import torch
 from shared.diffusion.schedule import NoiseSchedule
 from shared.model.ema import make_ema
 from shared.model.unet import UNet
-from shared.training.distributed import DistContext
-from shared.training.loop import training_step
+from shared.training.loop import GradientStep
 from shared.training.loss import l_simple, min_snr_weight
 from shared.training.state import TrainState
 
@@ -46,12 +45,14 @@ def test_training_step_weights_each_image_by_its_timestep():
     model = UNet.from_preset("tiny", in_channels=1, image_size=8, num_classes=0)
     schedule, x0, y = NoiseSchedule("linear", 1000), torch.rand(16, 1, 8, 8) * 2 - 1, torch.zeros(16, dtype=torch.long)
     state = _state(model)
-    loss, _, _ = training_step(state, model, schedule, x0, y, nullcontext(), 0.0, 0.0, DistContext(), min_snr_gamma=5.0)
+    loss, _, _ = GradientStep(state, model, schedule, nullcontext(), max_grad_norm=0.0, p_uncond=0.0,
+                              min_snr_gamma=5.0)([(x0, y)])
     # the same draws (t, then ε) from a fresh generator with the same seed, weighted by hand
     gen = torch.Generator().manual_seed(3)
     t = torch.randint(0, 1000, (16,), generator=gen)
     per_image = l_simple(model, schedule, x0, None, t, generator=gen)
     expected = (per_image.double() * torch.from_numpy(float64_weights("linear", 5.0))[t]).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    plain, _, _ = training_step(_state(model), model, schedule, x0, y, nullcontext(), 0.0, 0.0, DistContext())
+    plain, _, _ = GradientStep(_state(model), model, schedule, nullcontext(), max_grad_norm=0.0,
+                               p_uncond=0.0)([(x0, y)])
     assert plain.item() == pytest.approx(per_image.mean().item(), rel=1e-5) and plain.item() > loss.item()

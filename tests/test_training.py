@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from shared.model.ema import ema_decay_at, make_ema
 from shared.errors import UserError
 from shared.records.runs import LOG_COLUMNS, read_log
 from shared.diffusion.schedule import NoiseSchedule
+import shared.training.loop as training_loop
 from shared.training.batches import ResumableSampler
 from shared.training.config import TrainConfig, merge_resume_options
 from shared.training.heldout import fixed_heldout_batch, heldout_loss, split_heldout
@@ -119,7 +121,6 @@ def test_heldout_problem_is_fixed():
     for u, v in zip(a, b):
         assert torch.equal(u, v)
     zero_model = lambda x, t, y=None: torch.zeros_like(x)  # noqa: E731
-    from contextlib import nullcontext
     loss = heldout_loss(zero_model, NoiseSchedule("linear", 100), a, False, 5, nullcontext())
     assert loss == pytest.approx(a[3].pow(2).mean().item(), rel=1e-6)  # MSE(ε, 0) = mean ε²
 
@@ -156,20 +157,19 @@ def test_class_cond_drops_labels_to_the_null_class(tmp_path):
 
     def run(p_uncond):
         seen.clear()
-        import shared.training.loop as training
-        original = training.build_model
+        original = training_loop.build_model
 
         def build_and_hook(*args, **kwargs):
             model = original(*args, **kwargs)
             model.register_forward_pre_hook(lambda m, a: seen.append(a[2].clone()) if m.training else None)
             return model
 
-        training.build_model = build_and_hook
+        training_loop.build_model = build_and_hook
         try:
             result_holder["r"] = train(tiny_cfg(tmp_path, class_cond=True, p_uncond=p_uncond, max_steps=12,
                                                 heldout_size=0), edge_bar_dataset(128))
         finally:
-            training.build_model = original
+            training_loop.build_model = original
         return torch.cat(seen)
 
     labels = run(0.5)

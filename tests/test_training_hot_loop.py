@@ -2,6 +2,7 @@
 and batches gathered on the device in exactly the DataLoader's order."""
 from __future__ import annotations
 
+import json
 import math
 from contextlib import nullcontext
 
@@ -14,9 +15,8 @@ from shared.model.ema import make_ema
 from shared.model.unet import UNet
 from shared.training.batches import Batches
 from shared.training.config import TrainConfig
-from shared.training.distributed import DistContext
 from shared.training.heldout import split_heldout
-from shared.training.loop import train, training_step
+from shared.training.loop import GradientStep, train
 from shared.training.state import TrainState
 from tests.stage3_helpers import NUM_CLASSES, ItemsOnly, SIZE, edge_bar_dataset, one_thread  # noqa: F401 (autouse fixture)
 
@@ -84,7 +84,8 @@ def test_non_finite_step_changes_nothing_and_is_counted():
     data = edge_bar_dataset(32)
     x0 = data.images[:8].float() / 127.5 - 1
     y = data.labels[:8]
-    step = lambda x: training_step(state, state.model, schedule, x, y, nullcontext(), 1.0, 0.1, DistContext())  # noqa: E731
+    gradient_step = GradientStep(state, state.model, schedule, nullcontext(), max_grad_norm=1.0, p_uncond=0.1)
+    step = lambda x: gradient_step([(x, y)])  # noqa: E731
     for _ in range(2):
         loss, norm, skip = step(x0)
         assert not skip and math.isfinite(loss.item()) and math.isfinite(norm.item())
@@ -126,7 +127,6 @@ def test_cuda_run_keeps_data_and_optimizer_on_the_device(tmp_path, precision):
     cfg = TrainConfig(preset="tiny", timesteps=50, batch_size=8, heldout_size=16, max_steps=4, sample_steps=2,
                       device="cuda", out=str(tmp_path / "runs"), judge_heldout=0, precision=precision)
     result = train(cfg, edge_bar_dataset(64))
-    import json
     options = json.loads((result.run_dir / "options.json").read_text())["options"]
     assert options["data_on_device"] is True
     assert all(p.is_cuda for p in result.model.parameters())
@@ -162,8 +162,8 @@ def test_state_from_a_non_fused_optimizer_resumes_with_the_masked_step():
     assert state.optimizer.param_groups[0]["fused"] is True
     data = edge_bar_dataset(16)
     x0 = data.images[:8].float() / 127.5 - 1
-    loss, _, skip = training_step(state, state.model, NoiseSchedule("linear", 50), torch.full_like(x0, math.nan),
-                                  data.labels[:8], nullcontext(), 1.0, 0.1, DistContext())
+    step = GradientStep(state, state.model, NoiseSchedule("linear", 50), nullcontext(), max_grad_norm=1.0, p_uncond=0.1)
+    loss, _, skip = step([(torch.full_like(x0, math.nan), data.labels[:8])])
     assert bool(skip)
     for key, value in old.model.state_dict().items():
         assert torch.equal(state.model.state_dict()[key], value), key

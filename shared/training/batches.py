@@ -1,19 +1,23 @@
-"""Training batches in a resumable order: gathered on the device for in-memory data, a DataLoader otherwise.
+"""The data order of training: batches x0 ~ q(x0) in an order a resumed run can continue exactly.
 
 The order of epoch e is DistributedSampler's: randperm(N) from a generator seeded with seed + e,
 truncated to a multiple of the world size, rank r taking every world_size-th index from r. A resumed
 run starts at batch b of epoch e and sees exactly the batches an uninterrupted run would have seen.
 
 In-memory datasets (the uint8 tensors of MNIST-family, CIFAR-10 and image folders of up to
-shared.data.datasets.IN_MEMORY_MAX_BYTES) live on the device whole; a batch is one index_select by a slice of the epoch's permutation, so the hot loop has no
-per-sample Python and no host-to-device copy (the permutation is copied once per epoch). Image folders
-too large for memory keep a DataLoader with the same order.
+shared.data.datasets.IN_MEMORY_MAX_BYTES) live on the device whole; a batch is one index_select by a
+slice of the epoch's permutation, so the hot loop has no per-sample Python and no host-to-device copy
+(the permutation is copied once per epoch). Image folders too large for memory keep a DataLoader with
+the same order.
 
 Random flips (--random-flip): image i of the epoch's order is mirrored left-right where u_i < 1/2, with
 u = rand(total epoch length) drawn on the device, once per epoch, from a generator seeded with
 seed + FLIP_SEED_OFFSET + e (rank r taking every world_size-th u from r, like its indices). Like the
 order, the flips need no state of their own: a resumed run redraws epoch e's and uses them from batch b
 on, so it flips exactly the images an uninterrupted run flips, and no step waits on the host.
+
+Batches come in the default (contiguous) memory format; the trainer, which converts the model to
+--channels-last, converts its inputs with it.
 """
 from __future__ import annotations
 
@@ -55,9 +59,9 @@ class Batches:
     """(x0 [B x C x H x W] float32 in [-1, 1] on the device, y [B] long on the device) per step."""
 
     def __init__(self, train_set, batch_size: int, world_size: int, rank: int, seed: int, device: torch.device,
-                 num_workers: int = 0, channels_last: bool = False, random_flip: bool = False):
+                 num_workers: int = 0, random_flip: bool = False):
         self.sampler = ResumableSampler(train_set, world_size, rank, seed)
-        self.batch_size, self.device, self.channels_last = batch_size, device, channels_last
+        self.batch_size, self.device = batch_size, device
         self.seed, self.random_flip = seed, random_flip
         self.steps_per_epoch = self.sampler.num_samples // batch_size
         self.loader_gen = torch.Generator()  # the DataLoader's own draws (worker seeds) stay off the global RNG
@@ -82,7 +86,7 @@ class Batches:
         for b, (x0, y) in enumerate(batches, start=start_batch):
             if flips is not None:
                 x0 = flip_where(x0, flips[b * self.batch_size:(b + 1) * self.batch_size])
-            yield self._format(x0), y
+            yield x0, y
 
     def flip_mask(self, epoch: int) -> torch.Tensor:
         """[num_samples] bool on the device: which of this rank's images of `epoch` (in order) are flipped."""
@@ -103,9 +107,6 @@ class Batches:
                 yield x0.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         except DataError as err:  # an unreadable file found by a worker: its one line, not the worker's traceback
             raise DataError(worker_error_line(err)) from None
-
-    def _format(self, x0: torch.Tensor) -> torch.Tensor:
-        return x0.contiguous(memory_format=torch.channels_last) if self.channels_last else x0
 
 
 def flip_where(x0: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
