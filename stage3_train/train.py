@@ -6,7 +6,7 @@
 
 Each run writes runs/NNNNN-<dataset>-<preset>-<precision>/ (options.json, log.csv, loss.png, sample
 grids from the EMA weights, last.pt / best.pt / ema.pt). The flags are shared.training.config.TrainConfig's
-fields; the training itself is shared.training.loop.train.
+fields; the training itself is shared.training.loop.train, which builds a Trainer and runs it.
 """
 from __future__ import annotations
 

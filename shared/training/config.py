@@ -1,4 +1,5 @@
-"""Every option of a training run in one place: `TrainConfig`, its flags, checks and resume rules.
+"""Every option of a training run in one place: `TrainConfig`, its flags, checks and resume rules;
+loop.train(cfg) runs the job a TrainConfig describes.
 
 Each field carries its command-line metadata (help text, parser, choices, flag group), so
 stage3_train/train.py builds its flags from the dataclass (`build_parser`) and --help, the library

@@ -4,8 +4,8 @@
     x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε                         (q_sample, Eq. 4)
     L_simple = ‖ε − ε_θ(x_t, t[, y])‖²                  (mean over pixels)
 
-One definition, used by the trainer, the held-out evaluation, tests/tiny_trained.py and
-benches/bench_train.py.
+One definition, used by the training step (loop.GradientStep), the held-out evaluation (heldout.py),
+tests/tiny_trained.py and benches/bench_train.py.
 """
 from __future__ import annotations
 

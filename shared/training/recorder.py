@@ -1,5 +1,6 @@
-"""The bookkeeping around the training loop: what is due at a step, the log window, log.csv, loss.png,
-sample grids and checkpoints. Rank 0 writes every file; the other ranks join the collectives.
+"""The records of a run: what is due at a step (`due_at`), the log window of device-side sums, and the
+run directory's files (log.csv, loss.png, sample grids, checkpoints). loop.Trainer's bookkeeping asks
+for them after each step; rank 0 writes every file; the other ranks join the collectives.
 
 Checkpoints follow two rules:
   - only a finite, healthy state is written: never while steps are being skipped as non-finite, never

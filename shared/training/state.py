@@ -3,7 +3,8 @@
 `TrainState` gathers the network, its EMA, the optimizer, the LR schedule, the GradScaler, the
 counters (`Progress`) and the random streams; its state_dict is the training checkpoint's content
 (keys model, ema, optimizer, lr_scheduler, scaler, progress, rng), the same keys every earlier
-checkpoint has, so those load and resume.
+checkpoint has, so those load and resume. loop.Trainer builds it (the same initial weights on every
+rank), steps it through loop.GradientStep and hands it to the recorder to write.
 
 Exact resume needs every source of randomness to continue where it stopped:
 
