@@ -1,4 +1,5 @@
-"""scripts/gpu_bench.py: the phase budget, and that one failing or slow phase never stops the others.
+"""scripts/gpu_bench.py (its phases in scripts/gpu_phases/): the phase budget, and that one failing or
+slow phase never stops the others.
 
 The whole script runs at tiny sizes in `.ci/run` (`--dry-run`); these tests pin its bookkeeping.
 """
@@ -18,8 +19,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_bench.py"
 def gpu_bench():
     spec = importlib.util.spec_from_file_location("gpu_bench", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_bench"] = module  # its dataclass looks itself up there
-    spec.loader.exec_module(module)
+    spec.loader.exec_module(module)  # puts scripts/ on sys.path, so gpu_phases imports
     return module
 
 
@@ -79,6 +79,7 @@ def test_bad_arguments_are_one_line(gpu_bench, tmp_path, capsys):
 def test_a_crash_in_the_bad_tensors_test_costs_no_other_kernel_test(gpu_bench, tmp_path, monkeypatch):
     """The raw op's bad-input test runs after the others, in a process of its own: a SIGSEGV there is
     named in the phase's detail, and the main kernel-test run neither includes it nor waits for it."""
+    kernel_tests = gpu_bench.kernel_tests
     commands = []
 
     def fake_run(self, cmd, limit_s, **kwargs):
@@ -88,7 +89,7 @@ def test_a_crash_in_the_bad_tensors_test_costs_no_other_kernel_test(gpu_bench, t
     monkeypatch.setattr(gpu_bench.Recorder, "run", fake_run)
     settings = gpu_bench.Settings(dry_run=True, out=tmp_path, work=tmp_path, mnist=tmp_path, python=sys.executable)
     with pytest.raises(gpu_bench.PhaseFailed, match=r"^bad-tensors test: killed by signal 11$"):
-        gpu_bench.phase_kernel_tests(settings, gpu_bench.Recorder(tmp_path), time.monotonic() + 60, {})
+        kernel_tests.run(settings, gpu_bench.Recorder(tmp_path), time.monotonic() + 60, {})
     main, alone = commands
-    assert ["--deselect", gpu_bench.BAD_TENSORS_TEST + "[cuda]"] == main[main.index("--deselect"):][:2]
-    assert alone[-1] == gpu_bench.BAD_TENSORS_TEST and gpu_bench.BAD_TENSORS_TEST not in main
+    assert ["--deselect", kernel_tests.BAD_TENSORS_TEST + "[cuda]"] == main[main.index("--deselect"):][:2]
+    assert alone[-1] == kernel_tests.BAD_TENSORS_TEST and kernel_tests.BAD_TENSORS_TEST not in main
