@@ -78,7 +78,8 @@ def test_bad_arguments_are_one_line(gpu_bench, tmp_path, capsys):
 
 def test_a_crash_in_the_bad_tensors_test_costs_no_other_kernel_test(gpu_bench, tmp_path, monkeypatch):
     """The raw op's bad-input test runs after the others, in a process of its own: a SIGSEGV there is
-    named in the phase's detail, and the main kernel-test run neither includes it nor waits for it."""
+    named in the phase's detail, and the main kernel-test run neither includes it nor waits for it.
+    The main run includes the CUDA parity tests."""
     kernel_tests = gpu_bench.kernel_tests
     commands = []
 
@@ -93,3 +94,4 @@ def test_a_crash_in_the_bad_tensors_test_costs_no_other_kernel_test(gpu_bench, t
     main, alone = commands
     assert ["--deselect", kernel_tests.BAD_TENSORS_TEST + "[cuda]"] == main[main.index("--deselect"):][:2]
     assert alone[-1] == kernel_tests.BAD_TENSORS_TEST and kernel_tests.BAD_TENSORS_TEST not in main
+    assert "tests/test_cuda_parity.py" in main

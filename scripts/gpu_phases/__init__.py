@@ -1,7 +1,7 @@
 """The phases of scripts/gpu_bench.py, one module each, in the order they run.
 
     setup.py          install the project, build and load the C++/CUDA sampling-step extension
-    kernel_tests.py   the CUDA kernel tests (the raw op's bad-tensors test last, alone)
+    kernel_tests.py   the CUDA kernel tests and the CUDA parity tests (the raw op's bad-tensors test alone)
     train.py          the main job as a user runs it, stopped by SIGINT when its share is spent
     evaluate.py       judge accuracy, FD and its floor at w = 1 and w = 3, and the digit grid
     sampling.py       DDIM-50 and DDPM-1000 images/s
