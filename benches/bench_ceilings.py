@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benches.measure import record, time_call
+from benches.measure import matmul_flops, record, time_call
 
 pytestmark = pytest.mark.priority(0)
 
@@ -32,7 +32,7 @@ def test_matmul_rate(benchmark, device, ceilings):
     b = torch.randn(n, n, device=device, dtype=dtype)
     seconds = time_call(benchmark, lambda: a @ b, device, rounds=5, kernel=True)
     record(benchmark, family="ceiling", case="matmul", impl=f"torch matmul {ceilings.matmul_dtype}",
-           flops_per_call=2 * n ** 3, flops_formula="2 · n³")
+           flops_per_call=matmul_flops(n), flops_formula="2 · n³")
     if seconds:
-        benchmark.extra_info["tflops"] = 2 * n ** 3 / seconds / 1e12
+        benchmark.extra_info["tflops"] = matmul_flops(n) / seconds / 1e12
     benchmark.extra_info["ceiling_matmul_tflops"] = ceilings.matmul_tflops

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
 from benches.measure import budget_skip_reason, module_missing, record, record_bandwidth, record_flops, time_call
 from kernels import reference
 from kernels.costs import attention_flops
@@ -56,7 +57,6 @@ def _impl(impl: str, eager_fn, kernel_file: str, kernel_name: str):
     reason = module_missing(kernel_file)
     if reason:
         pytest.skip(reason)
-    import kernels
     return getattr(kernels, kernel_name)
 
 

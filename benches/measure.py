@@ -73,6 +73,11 @@ class Ceilings:
         return asdict(self)
 
 
+def matmul_flops(n: int) -> int:
+    """FLOPs of an n×n by n×n matmul: n² outputs, each n multiplies and n adds."""
+    return 2 * n ** 3
+
+
 def _median_seconds_cpu(fn: Callable[[], object], rounds: int) -> float:
     fn()  # warm-up: first-touch page faults, thread-pool start
     times = []
@@ -100,7 +105,7 @@ def measure_ceilings(device: torch.device) -> Ceilings:
         del a, b
         torch.cuda.empty_cache()
         return Ceilings(torch.cuda.get_device_name(device), copy_bytes / (copy_ms * 1e-3) / 1e9, copy_bytes,
-                        2 * n ** 3 / (mm_ms * 1e-3) / 1e12, "bfloat16", n)
+                        matmul_flops(n) / (mm_ms * 1e-3) / 1e12, "bfloat16", n)
     numel = CPU_COPY_BYTES // 4
     src = torch.randn(numel)
     dst = torch.empty_like(src)
@@ -109,7 +114,7 @@ def measure_ceilings(device: torch.device) -> Ceilings:
     a, b = torch.randn(n, n), torch.randn(n, n)
     mm_s = _median_seconds_cpu(lambda: a @ b, CPU_CEILING_ROUNDS)
     return Ceilings(f"cpu ({torch.get_num_threads()} threads)", 2 * src.nbytes / copy_s / 1e9, 2 * src.nbytes,
-                    2 * n ** 3 / mm_s / 1e12, "float32", n)
+                    matmul_flops(n) / mm_s / 1e12, "float32", n)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,8 +22,11 @@ from typing import Callable
 if __package__ in (None, ""):  # run as a script: make `shared` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.flags import run_main  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+
 from shared.errors import UserError  # noqa: E402
+from shared.flags import run_main  # noqa: E402
+from shared.records.plots import plt  # noqa: E402  (pyplot on the Agg backend)
 
 KERNEL_IMPLS = ["eager", "compile", "sdpa", "fused"]
 TRAIN_IMPLS = ["eager", "fused", "compile", "fused+compile"]
@@ -358,11 +361,6 @@ def render(run: dict, note: str | None = None) -> str:
 
 
 def render_png(run: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
     families = rows_by_family(run)
     panels = []
     kern = families.get("kernel", []) + families.get("step", [])
@@ -396,8 +394,8 @@ def render_png(run: dict, path: Path) -> None:
             # well under the smallest value, so a ratio just under 1 does not read as a long bar.
             ax.set_xscale("log")
             ax.set_xlim(left=min(0.5, min(values) / 2), right=max(2.0, max(values) * 1.5))
-            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.invert_yaxis()
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("× (same run; 1 = parity)")

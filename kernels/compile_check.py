@@ -88,7 +88,9 @@ def _signature(fn, pointer_types: dict, floats: tuple, constexprs: dict) -> dict
     return sig
 
 
-def _gn_variant(fn, kernel, dtype, has_film, silu, cfg, block_c, hw_pow2, hw_aligned) -> Variant:
+def _gn_variant(fn, kernel, dtype, has_film, silu, cfg, shape: tuple) -> Variant:
+    """shape: (BLOCK_C, HW_POW2, whether H·W is a multiple of 16), one entry of GN_SHAPES_ALL."""
+    block_c, hw_pow2, hw_aligned = shape
     cons = dict(HAS_FILM=has_film, SILU=silu, BLOCK_C=block_c, HW_POW2=hw_pow2, TILE=cfg.kwargs["TILE"])
     ptrs = {n: dtype for n in ("X", "Y", "DY", "DX", "SCALE", "SHIFT", "DSCALE", "DSHIFT")}
     ptrs.update({n: "fp32" for n in ("W", "B", "MEAN", "RSTD", "DW_PART", "DB_PART")})
@@ -125,15 +127,14 @@ def group_norm_variants(quick: bool, arch: int) -> list[Variant]:
             richest = dtype == "bf16" and has_film and silu
             if not quick:  # every config at the main tile; every tile shape for the richest combination
                 for cfg, shape in itertools.product(GN_GPU_CONFIGS, GN_SHAPES_ALL if richest else [GN_SHAPE_MAIN]):
-                    variants.append(_gn_variant(fn, kernel, dtype, has_film, silu, cfg, *shape))
+                    variants.append(_gn_variant(fn, kernel, dtype, has_film, silu, cfg, shape))
                 continue
             if richest:
                 for cfg in GN_GPU_CONFIGS:
-                    variants.append(_gn_variant(fn, kernel, dtype, has_film, silu, cfg, *GN_SHAPE_MAIN))
-                variants.append(_gn_variant(fn, kernel, dtype, has_film, silu, GN_GPU_CONFIGS[0],
-                                            *GN_SHAPE_SMALL))
+                    variants.append(_gn_variant(fn, kernel, dtype, has_film, silu, cfg, GN_SHAPE_MAIN))
+                variants.append(_gn_variant(fn, kernel, dtype, has_film, silu, GN_GPU_CONFIGS[0], GN_SHAPE_SMALL))
             elif arch in CODEGEN_TARGETS:
-                variants.append(_gn_variant(fn, kernel, dtype, has_film, silu, largest, *GN_SHAPE_MAIN))
+                variants.append(_gn_variant(fn, kernel, dtype, has_film, silu, largest, GN_SHAPE_MAIN))
     fn = fns["gn_param_grad_kernel"]
     for dtype in DTYPES if (not quick or arch in CODEGEN_TARGETS) else ("bf16",):
         cons = dict(BLOCK=PARAM_GRAD_BLOCK)

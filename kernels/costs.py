@@ -7,7 +7,7 @@ from __future__ import annotations
 FP32_BYTES = 4
 
 
-def group_norm_bytes(n: int, c: int, h: int, w: int, num_groups: int, elem_bytes: int,
+def group_norm_bytes(shape: tuple[int, int, int, int], num_groups: int, elem_bytes: int,
                      param_bytes: int = FP32_BYTES, film: bool = True, backward: bool = False) -> int:
     """Ideal DRAM traffic of GroupNorm+FiLM+SiLU: each big tensor moved once.
 
@@ -15,6 +15,7 @@ def group_norm_bytes(n: int, c: int, h: int, w: int, num_groups: int, elem_bytes
     backward: x and dy read, dx written (3·NCHW·e) + γ, β, dγ, dβ + scale, shift, dscale, dshift
               + mean, rstd + the fp32 [N, C] partial sums of dγ and dβ (written, then read).
     """
+    n, c, h, w = shape
     numel = n * c * h * w
     stats = 2 * n * num_groups * FP32_BYTES
     if not backward:

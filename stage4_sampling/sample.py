@@ -26,7 +26,7 @@ from shared.diffusion.samplers import default_steps  # noqa: E402
 from shared.errors import UserError  # noqa: E402
 from shared.evaluation.classifier import per_class_accuracy  # noqa: E402
 from shared.evaluation.frechet import frechet_distance  # noqa: E402
-from shared.evaluation.judge import prepare_judge  # noqa: E402
+from shared.evaluation.judge import JudgeSource, prepare_judge  # noqa: E402
 from shared import flags  # noqa: E402
 from shared.interface import cli  # noqa: E402
 from shared.interface.sampling_args import (add_sampler_args, check_seeds, default_labels, load_model,  # noqa: E402
@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
     labels = default_labels(model, args.n, args.label)
     judge = None
     if args.compare_steps and args.classifier:
-        judge = prepare_judge(args.dataset, args.data_dir, args.classifier, args.heldout,
+        judge = prepare_judge(JudgeSource(args.dataset, args.data_dir, args.classifier, args.heldout),
                               meta.get("image_shape", (model.in_channels, model.image_size, model.image_size)),
                               model.num_classes, device, progress=not args.no_progress)
 

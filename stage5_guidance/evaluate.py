@@ -39,7 +39,8 @@ from shared.evaluation.classifier import DEFAULT_EPOCHS, SHIFT_PIXELS, check_cla
 from shared.evaluation.frechet import (INCEPTION_BATCH, InceptionLogits, InceptionPool, frechet_distance,  # noqa: E402
                                        load_fid_inception, resolve_fid_inception_weights)
 from shared.evaluation.inception_score import torchmetrics_inception_score  # noqa: E402
-from shared.evaluation.judge import prepare_judge  # noqa: E402
+from shared.evaluation.classifier import ClassifierRecipe  # noqa: E402
+from shared.evaluation.judge import JudgeSource, prepare_judge  # noqa: E402
 from shared.evaluation.report import (balanced_labels, check_runs, format_table, parse_runs, seeds_for,  # noqa: E402
                                       summarise_run)
 from shared import flags  # noqa: E402
@@ -132,9 +133,9 @@ def main(argv=None) -> dict:
     model, schedule, meta, device = load_model(args)
     check_runs(runs, SAMPLERS, schedule.num_timesteps)
     image_shape = tuple(meta.get("image_shape") or (model.in_channels, model.image_size, model.image_size))
-    judge = prepare_judge(args.dataset, args.data_dir, args.classifier, args.heldout, image_shape,
-                          model.num_classes, device, args.classifier_epochs, args.classifier_shift,
-                          progress=not args.no_progress)  # a classifier trained now is saved here already
+    recipe = ClassifierRecipe(epochs=args.classifier_epochs, shift_pixels=args.classifier_shift)
+    judge = prepare_judge(JudgeSource(args.dataset, args.data_dir, args.classifier, args.heldout), image_shape,
+                          model.num_classes, device, recipe, progress=not args.no_progress)  # a classifier trained now is saved here already
     num_classes = judge.classifier.config["num_classes"] if model.num_classes == 0 else model.num_classes
     asked = balanced_labels(num_classes, args.per_class)
     seeds = seeds_for(args.seed, asked.numel())

@@ -7,11 +7,11 @@ import scipy.linalg
 import torch
 
 from shared.errors import UserError
-from shared.evaluation.classifier import (SmallCNN, accuracy, class_probabilities, load_classifier,
+from shared.evaluation.classifier import (ClassifierRecipe, SmallCNN, accuracy, class_probabilities, load_classifier,
                                           per_class_accuracy, save_classifier, train_classifier)
 from shared.evaluation.frechet import frechet_distance
 from shared.evaluation.inception_score import inception_score, torchmetrics_inception_score
-from shared.evaluation.judge import prepare_judge, split_real
+from shared.evaluation.judge import JudgeSource, prepare_judge, split_real
 from shared.evaluation.report import balanced_labels, check_runs, format_table, parse_runs, summarise_run
 from tests.tiny_trained import NUM_CLASSES, bar_patterns, one_thread, trained_tiny_model, write_bar_idx, draw  # noqa: F401
 
@@ -25,7 +25,7 @@ def bars():
 @pytest.fixture(scope="module")
 def classifier(bars):
     (train_x, train_y), _ = bars
-    return train_classifier(train_x, train_y, NUM_CLASSES, epochs=3, batch_size=64, shift_pixels=0,
+    return train_classifier(train_x, train_y, NUM_CLASSES, ClassifierRecipe(epochs=3, batch_size=64, shift_pixels=0),
                             progress=False)
 
 
@@ -120,8 +120,9 @@ def test_evaluator_end_to_end_on_the_trained_tiny_model(tmp_path):
     model: every field present, in range, and the table prints."""
     images, labels = bar_patterns(700, seed=21)
     data_dir = write_bar_idx(tmp_path / "bars", images, labels)
-    judge = prepare_judge("mnist", str(data_dir), str(tmp_path / "clf.pt"), 60, (1, 16, 16), NUM_CLASSES,
-                          torch.device("cpu"), epochs=5, shift_pixels=0, progress=False)
+    source = JudgeSource("mnist", str(data_dir), str(tmp_path / "clf.pt"), 60)
+    judge = prepare_judge(source, (1, 16, 16), NUM_CLASSES, torch.device("cpu"),
+                          ClassifierRecipe(epochs=5, shift_pixels=0), progress=False)
     assert judge.accuracy >= 0.95 and (tmp_path / "clf.pt").exists()
     model, schedule = trained_tiny_model()
     asked = balanced_labels(NUM_CLASSES, 2)
@@ -143,11 +144,11 @@ def test_evaluator_end_to_end_on_the_trained_tiny_model(tmp_path):
     table = format_table(report)
     assert "ddim-10" in table and "floor" in table and f"IS≤{NUM_CLASSES}" in table and "real IS" in table
     # the reloaded classifier gives the same judge
-    again = prepare_judge("mnist", str(data_dir), str(tmp_path / "clf.pt"), 60, (1, 16, 16), NUM_CLASSES,
-                          torch.device("cpu"), progress=False)
+    again = prepare_judge(source, (1, 16, 16), NUM_CLASSES, torch.device("cpu"), progress=False)
     assert again.source.endswith("(loaded)") and again.accuracy == judge.accuracy
     with pytest.raises(UserError, match="the model makes"):
-        prepare_judge("mnist", str(data_dir), None, 60, (1, 28, 28), NUM_CLASSES, torch.device("cpu"), progress=False)
+        prepare_judge(JudgeSource("mnist", str(data_dir), None, 60), (1, 28, 28), NUM_CLASSES, torch.device("cpu"),
+                      progress=False)
 
 
 def test_unconditional_runs_have_no_per_class_rows(classifier, bars):

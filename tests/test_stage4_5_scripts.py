@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.evaluation.judge import save_classifier, train_classifier
+from shared.evaluation.classifier import ClassifierRecipe, save_classifier, train_classifier
 from tests.scripts import load_script
 from tests.tiny_trained import NUM_CLASSES, bar_patterns, one_thread, save_tiny_checkpoint, write_bar_idx  # noqa: F401
 
@@ -30,8 +30,8 @@ def assets(tmp_path_factory):
     ckpt = save_tiny_checkpoint(root / "ckpt").parent
     images, labels = bar_patterns(400, seed=31)
     data = write_bar_idx(root / "bars", images, labels)
-    clf = train_classifier(images[:-100], labels[:-100], NUM_CLASSES, epochs=4, batch_size=64, shift_pixels=0,
-                           progress=False)
+    clf = train_classifier(images[:-100], labels[:-100], NUM_CLASSES, ClassifierRecipe(epochs=4, batch_size=64,
+                                                                                      shift_pixels=0), progress=False)
     clf_path = save_classifier(clf, root / "clf.pt", {"dataset": "bars"})
     return ckpt, data, clf_path
 

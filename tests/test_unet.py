@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from shared import UNet, UserError
+from shared.model.unet import UNetConfig
 from shared.model.blocks import EmbeddingBlock, EmbeddingSequential, GroupNormAct, ResBlock, SelfAttention
 from shared.records.diagram import draw_unet, unet_blocks, unet_levels
 from shared.model.summary import block_table
@@ -87,7 +88,7 @@ def test_class_conditioning_and_null_class():
 
 def test_config_round_trip():
     model = UNet.from_preset("tiny", num_classes=3)
-    clone = UNet(**model.config)
+    clone = UNet(UNetConfig(**model.config))
     assert clone.config == model.config and count(clone) == count(model)
 
 

@@ -18,7 +18,7 @@ from shared.diffusion.samplers import SamplerOptions, sample
 from shared.records.checkpoint import EMA_NAME, atomic_save, ema_file
 from shared.records.images import to_uint8
 from shared.diffusion.schedule import NoiseSchedule
-from shared.model.unet import UNet
+from shared.model.unet import UNet, UNetConfig
 from shared.training.loss import drop_labels, l_simple
 from tests.idx_files import write_idx
 
@@ -67,7 +67,7 @@ def trained_tiny_model() -> tuple[UNet, NoiseSchedule]:
     """The `tiny` U-Net (16×16, 10 classes) after TRAIN_STEPS of L_simple on bar_patterns, in eval mode."""
     torch.manual_seed(0)
     schedule = NoiseSchedule("linear", TIMESTEPS)
-    model = UNet(**tiny_config())
+    model = UNet(UNetConfig(**tiny_config()))
     images, labels = bar_patterns(640, seed=1)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(2)

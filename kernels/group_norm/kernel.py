@@ -72,13 +72,9 @@ def gn_forward_kernel(
     # Fold the per-channel factors: a = (x − μ)·k + c with k = rstd·γ·(1 + s), c = β·(1 + s) + t.
     gamma = tl.load(W + channel, mask=ch_mask, other=0.0).to(tl.float32)
     beta = tl.load(B + channel, mask=ch_mask, other=0.0).to(tl.float32)
-    k = rstd * gamma
-    c = beta
-    if HAS_FILM:
-        one_plus_s = 1.0 + tl.load(SCALE + n * C + channel, mask=ch_mask, other=0.0).to(tl.float32)
-        t = tl.load(SHIFT + n * C + channel, mask=ch_mask, other=0.0).to(tl.float32)
-        k = k * one_plus_s
-        c = c * one_plus_s + t
+    one_plus_s, t = _film_terms(SCALE, SHIFT, n * C + channel, ch_mask, HAS_FILM, BLOCK_C)
+    k = rstd * gamma * one_plus_s
+    c = beta * one_plus_s + t
     for hw_start in range(0, HW, BLOCK_HW):
         offsets, mask = _group_tile(n, g, hw_start, C, HW, CPG, BLOCK_C, BLOCK_HW)
         x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -111,12 +107,7 @@ def gn_backward_kernel(
     ch_mask = tl.arange(0, BLOCK_C) < CPG
     gamma = tl.load(W + channel, mask=ch_mask, other=0.0).to(tl.float32)
     beta = tl.load(B + channel, mask=ch_mask, other=0.0).to(tl.float32)
-    if HAS_FILM:
-        one_plus_s = 1.0 + tl.load(SCALE + n * C + channel, mask=ch_mask, other=0.0).to(tl.float32)
-        t = tl.load(SHIFT + n * C + channel, mask=ch_mask, other=0.0).to(tl.float32)
-    else:
-        one_plus_s = tl.full([BLOCK_C], 1.0, tl.float32)
-        t = tl.zeros([BLOCK_C], tl.float32)
+    one_plus_s, t = _film_terms(SCALE, SHIFT, n * C + channel, ch_mask, HAS_FILM, BLOCK_C)
 
     # Pass 1: per-channel sums over H·W of da = ∂L/∂a and of da·x̂.
     sum_da = tl.zeros([BLOCK_C], tl.float32)
@@ -154,6 +145,18 @@ def gn_backward_kernel(
         dxhat = da * coef[:, None]
         dx = rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat)
         tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _film_terms(SCALE, SHIFT, offsets, ch_mask, HAS_FILM: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(1 + s, t), fp32 [BLOCK_C], of the FiLM rows at `offsets` (n·C + channel); (1, 0) without FiLM."""
+    if HAS_FILM:
+        one_plus_s = 1.0 + tl.load(SCALE + offsets, mask=ch_mask, other=0.0).to(tl.float32)
+        t = tl.load(SHIFT + offsets, mask=ch_mask, other=0.0).to(tl.float32)
+    else:
+        one_plus_s = tl.full([BLOCK_C], 1.0, tl.float32)
+        t = tl.zeros([BLOCK_C], tl.float32)
+    return one_plus_s, t
 
 
 @triton.jit

@@ -20,7 +20,7 @@ import importlib
 
 import torch
 
-from kernels import OP_NAMESPACE
+from kernels import OP_NAMESPACE, build
 from kernels.sampling_step.philox_reference import MAX_BLOCKS, stream_tensor
 
 OP = f"{OP_NAMESPACE}::philox_normal"
@@ -37,8 +37,6 @@ def register_fake() -> None:
 @functools.cache
 def _import_prebuilt() -> bool:
     """Imports setup.py's in-place module when it is current; True when that worked."""
-    from kernels import build
-
     if build.prebuilt_is_stale():
         return False
     try:

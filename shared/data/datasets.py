@@ -57,6 +57,11 @@ IN_MEMORY_MAX_BYTES = 1 << 30
 PROGRESS_MIN_IMAGES = 1000  # folders this large show a progress bar while they are decoded or checked
 
 
+def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Stored pixels, uint8 in [0, 255], as float32 in [−1, 1]: x / 127.5 − 1 (records.images.to_uint8 inverts it)."""
+    return pixels.float() / 127.5 - 1.0
+
+
 class DataError(UserError):
     """Data that is missing, unreadable or malformed."""
 
@@ -86,7 +91,7 @@ class TensorImageDataset(Dataset):
         return self.images.shape[0]
 
     def __getitem__(self, index: int):
-        return self.images[index].float() / 127.5 - 1.0, int(self.labels[index])
+        return from_uint8(self.images[index]), int(self.labels[index])
 
 
 def load_dataset(name: str, data_dir: str | None = None, root: str = "./data", train: bool = True,
@@ -268,7 +273,7 @@ class FolderImages(Dataset):
     def __getitem__(self, index: int):
         channels, size, _ = self.info.image_shape
         pixels = torch.from_numpy(decode_image(self.files[index], size, channels))
-        return pixels.float() / 127.5 - 1.0, self.labels[index]
+        return from_uint8(pixels), self.labels[index]
 
 
 def load_folder(data_dir: str, image_size: int, channels: int, quiet: bool = False) -> Dataset:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -79,15 +80,24 @@ def _shift(x: torch.Tensor, gen: torch.Generator, pixels: int) -> torch.Tensor:
     return padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
-                     epochs: int = DEFAULT_EPOCHS, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-                     shift_pixels: int = SHIFT_PIXELS, device: torch.device | str = "cpu",
-                     progress: bool = True) -> SmallCNN:
-    """Trains SmallCNN with Adam (one-cycle cosine LR) and shift augmentation; returns it in eval mode.
+@dataclass(frozen=True)
+class ClassifierRecipe:
+    """How the judge's classifier is trained: Adam with a one-cycle cosine LR and shift augmentation."""
+    epochs: int = DEFAULT_EPOCHS
+    batch_size: int = 128
+    lr: float = 2e-3
+    seed: int = 0
+    shift_pixels: int = SHIFT_PIXELS  # the random translation (0 when position is what defines the class)
 
-    images: [N x C x H x W] in [−1, 1]; labels: [N] in [0, num_classes).  shift_pixels: the random
-    translation of the augmentation (0 when position is what defines the class).
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                     recipe: ClassifierRecipe = ClassifierRecipe(), device: torch.device | str = "cpu",
+                     progress: bool = True) -> SmallCNN:
+    """Trains SmallCNN by `recipe`; returns it in eval mode.
+
+    images: [N x C x H x W] in [−1, 1]; labels: [N] in [0, num_classes).
     """
+    epochs, batch_size, lr, seed = recipe.epochs, recipe.batch_size, recipe.lr, recipe.seed
     if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
         raise UserError(f"need matching, non-empty images and labels, got {images.shape[0]} and {labels.shape[0]}")
     torch.manual_seed(seed)
@@ -102,7 +112,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
             order = torch.randperm(images.shape[0], generator=gen)
             for start in range(0, images.shape[0], batch_size):
                 idx = order[start:start + batch_size]
-                x = _shift(images[idx].to(device), gen, shift_pixels)
+                x = _shift(images[idx].to(device), gen, recipe.shift_pixels)
                 loss = F.cross_entropy(model(x), labels[idx].to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -8,15 +8,16 @@ given sample count.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from shared.data.datasets import judge_split, load_dataset
+from shared.data.datasets import from_uint8, judge_split, load_dataset
 from shared.errors import UserError
-from shared.evaluation.classifier import (DEFAULT_EPOCHS, SHIFT_PIXELS, SmallCNN, accuracy, check_classifier_path,
-                                          load_classifier, save_classifier, train_classifier)
+from shared.evaluation.classifier import (ClassifierRecipe, SmallCNN, accuracy, check_classifier_path, load_classifier,
+                                          save_classifier, train_classifier)
 from shared.evaluation.frechet import PenultimateFeatures, frechet_distance
 from shared.evaluation.inception_score import classifier_inception_score
 
@@ -33,7 +34,7 @@ def stack_dataset(dataset, limit: int | None = None) -> tuple[torch.Tensor, torc
     """All (image, label) pairs of a Dataset as tensors [N x C x H x W], [N]."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if hasattr(dataset, "images") and hasattr(dataset, "labels"):  # TensorImageDataset: no per-item loop
-        return dataset.images[:n].float() / 127.5 - 1.0, dataset.labels[:n].long()
+        return from_uint8(dataset.images[:n]), dataset.labels[:n].long()
     pairs = [dataset[i] for i in range(n)]
     return torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
 
@@ -72,11 +73,22 @@ class Judge:
         return classifier_inception_score(self.classifier, self.real_images(count, seed))
 
 
-def prepare_judge(dataset: str, data_dir: str | None, classifier_path: str | None, heldout: int,
-                  image_shape: Sequence[int], num_classes: int, device: torch.device,
-                  epochs: int = DEFAULT_EPOCHS, shift_pixels: int = SHIFT_PIXELS, progress: bool = True) -> Judge:
+@dataclass(frozen=True)
+class JudgeSource:
+    """Where a judge's real images and classifier come from: the dataset (its last `heldout` images are
+    held out) and the classifier file (None: train one and keep it in memory only)."""
+    dataset: str
+    data_dir: str | None
+    classifier_path: str | None
+    heldout: int
+
+
+def prepare_judge(source: JudgeSource, image_shape: Sequence[int], num_classes: int, device: torch.device,
+                  recipe: ClassifierRecipe = ClassifierRecipe(), progress: bool = True) -> Judge:
     """Loads the real data, splits off the held-out images, and loads the classifier from
-    `classifier_path` or trains one on the rest (saving it there when a path is given, before returning)."""
+    source.classifier_path or trains one on the rest by `recipe` (saving it there when a path is given,
+    before returning). image_shape [C, H, W] and num_classes: what the model under test makes."""
+    dataset, data_dir, classifier_path, heldout = source.dataset, source.data_dir, source.classifier_path, source.heldout
     if classifier_path is not None:
         check_classifier_path(classifier_path)  # a directory or a file-as-parent fails before the data load
 
@@ -93,11 +105,10 @@ def prepare_judge(dataset: str, data_dir: str | None, classifier_path: str | Non
         source = f"{classifier_path} (loaded)"
     else:
         classes = max(num_classes, int(labels.max()) + 1)
-        classifier = train_classifier(train_x, train_y, classes, epochs=epochs, shift_pixels=shift_pixels,
-                                      device=device, progress=progress)
+        classifier = train_classifier(train_x, train_y, classes, recipe, device, progress)
         source = "trained now"
         if classifier_path is not None:
-            save_classifier(classifier, classifier_path, {"dataset": dataset, "heldout": heldout, "epochs": epochs,
-                                                          "shift_pixels": shift_pixels})
+            save_classifier(classifier, classifier_path, {"dataset": dataset, "heldout": heldout, "epochs": recipe.epochs,
+                                                          "shift_pixels": recipe.shift_pixels})
             source = f"{classifier_path} (trained now)"
     return Judge(classifier, train_x, held_x, held_y, source)

@@ -11,7 +11,7 @@ The time embedding (sinusoid → MLP) plus an optional class embedding condition
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -47,10 +47,11 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class UNet(nn.Module):
-    """ε-prediction U-Net.
+@dataclass(frozen=True)
+class UNetConfig:
+    """The U-Net's shape, checked on construction (a ValueError names the bad field).
 
-    Args:
+    Fields:
         in_channels: image channels C (the output has the same).
         image_size: H = W of the input; must be divisible by 2^(len(channel_mult) − 1).
         base_channels: channels of the first level; level i has base_channels · channel_mult[i].
@@ -65,18 +66,62 @@ class UNet(nn.Module):
         num_groups: GroupNorm groups; must divide every channel count.
     """
 
-    def __init__(self, in_channels: int = 1, image_size: int = 28, base_channels: int = 64,
-                 channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 2,
-                 attention_resolutions: Sequence[int] = (7,), num_heads: int = 2, dropout: float = 0.1,
-                 num_classes: int = 0, num_groups: int = 32):
+    in_channels: int = 1
+    image_size: int = 28
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (7,)
+    num_heads: int = 2
+    dropout: float = 0.1
+    num_classes: int = 0
+    num_groups: int = 32
+
+    def __post_init__(self):
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
+        self._check_sizes()
+        self._check_widths()
+
+    def _check_sizes(self) -> None:
+        for name in ("in_channels", "image_size", "base_channels", "num_res_blocks", "num_heads", "num_groups"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not self.channel_mult or any(not isinstance(m, int) or m < 1 for m in self.channel_mult):
+            raise ValueError(f"channel_mult must be a non-empty list of integers >= 1, got {self.channel_mult!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {self.num_classes!r}")
+        if self.image_size % 2 ** (len(self.channel_mult) - 1):
+            raise ValueError(f"image_size {self.image_size} is not divisible by 2^{len(self.channel_mult) - 1} "
+                             f"(one halving per level after the first)")
+
+    def _check_widths(self) -> None:
+        for mult in self.channel_mult:
+            width = self.base_channels * mult
+            if width % self.num_groups:
+                raise ValueError(f"GroupNorm: {width} channels are not divisible into {self.num_groups} groups; "
+                                 f"choose num_groups dividing every level's width")
+            if width % self.num_heads:
+                raise ValueError(f"attention: {width} channels are not divisible into {self.num_heads} heads")
+
+    def to_dict(self) -> dict:
+        """The plain dict a checkpoint stores (`UNetConfig(**d)` rebuilds it)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+class UNet(nn.Module):
+    """ε-prediction U-Net of the shape `config` gives (UNetConfig); `model.config` is its dict."""
+
+    def __init__(self, config: UNetConfig = UNetConfig()):
         super().__init__()
-        channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
-        _check_config(in_channels, image_size, base_channels, channel_mult, num_res_blocks, num_heads,
-                      dropout, num_classes, num_groups)
-        self.config = dict(in_channels=in_channels, image_size=image_size, base_channels=base_channels,
-                           channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
-                           attention_resolutions=list(attention_resolutions), num_heads=num_heads,
-                           dropout=dropout, num_classes=num_classes, num_groups=num_groups)
+        self.config = config.to_dict()
+        in_channels, image_size, base_channels = config.in_channels, config.image_size, config.base_channels
+        channel_mult, num_res_blocks = config.channel_mult, config.num_res_blocks
+        attention_resolutions, num_heads, dropout = config.attention_resolutions, config.num_heads, config.dropout
+        num_classes, num_groups = config.num_classes, config.num_groups
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
         self.base_channels = base_channels
         emb_dim = 4 * base_channels  # DDPM's time-embedding width
@@ -134,7 +179,7 @@ class UNet(nn.Module):
         if unknown:
             raise TypeError(f"unknown U-Net option(s): {', '.join(sorted(unknown))}")
         config.update(overrides)
-        return cls(**config)
+        return cls(UNetConfig(**config))
 
     @property
     def null_class(self) -> int:
@@ -198,28 +243,3 @@ class UNet(nn.Module):
         if y.shape != (n,):
             raise ValueError(f"expected labels of shape ({n},), got {tuple(y.shape)}")
         return t, y
-
-
-def _check_config(in_channels, image_size, base_channels, channel_mult, num_res_blocks, num_heads, dropout,
-                  num_classes, num_groups) -> None:
-    for name, value in (("in_channels", in_channels), ("image_size", image_size),
-                        ("base_channels", base_channels), ("num_res_blocks", num_res_blocks),
-                        ("num_heads", num_heads), ("num_groups", num_groups)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if not channel_mult or any(not isinstance(m, int) or m < 1 for m in channel_mult):
-        raise ValueError(f"channel_mult must be a non-empty list of integers >= 1, got {channel_mult!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    if not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
-    if image_size % 2 ** (len(channel_mult) - 1):
-        raise ValueError(f"image_size {image_size} is not divisible by 2^{len(channel_mult) - 1} "
-                         f"(one halving per level after the first)")
-    for mult in channel_mult:
-        if (base_channels * mult) % num_groups:
-            raise ValueError(f"GroupNorm: {base_channels * mult} channels are not divisible into "
-                             f"{num_groups} groups; choose num_groups dividing every level's width")
-        if (base_channels * mult) % num_heads:
-            raise ValueError(f"attention: {base_channels * mult} channels are not divisible into "
-                             f"{num_heads} heads")

@@ -26,7 +26,7 @@ import torch
 
 from shared.diffusion.schedule import NoiseSchedule
 from shared.errors import UserError
-from shared.model.unet import UNet
+from shared.model.unet import UNet, UNetConfig
 
 TRAIN_FORMAT = "ddpm-from-scratch/train/1"
 EMA_FORMAT = "ddpm-from-scratch/ema/1"
@@ -208,9 +208,9 @@ def strip_averaged_prefix(state_dict: dict) -> dict:
 
 
 def build_model(model_config: dict, path: str | os.PathLike) -> torch.nn.Module:
-    """UNet(**model_config), with a foreign config reported as a UserError."""
+    """UNet(UNetConfig(**model_config)), with a foreign config reported as a UserError."""
     try:
-        return UNet(**model_config)
+        return UNet(UNetConfig(**model_config))
     except (TypeError, ValueError, UserError) as err:
         raise UserError(f"checkpoint {str(path)!r} holds a model config this code cannot build: {err}") from None
 

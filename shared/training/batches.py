@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from shared.data.datasets import DataError, TensorImageDataset, worker_error_line
+from shared.data.datasets import DataError, TensorImageDataset, from_uint8, worker_error_line
 
 # The flip stream's seeds start above every seed a run can be given (shared.training.config.MAX_SEED = 2**62)
 # so they never coincide with the order's seed + e or the noise streams' seed + small offsets.
@@ -85,8 +85,12 @@ class Batches:
         batches = self._gathered() if self.on_device else self._loaded()
         for b, (x0, y) in enumerate(batches, start=start_batch):
             if flips is not None:
-                x0 = flip_where(x0, flips[b * self.batch_size:(b + 1) * self.batch_size])
+                x0 = flip_where(x0, flips[self._rows(b)])
             yield x0, y
+
+    def _rows(self, b: int) -> slice:
+        """Where batch b lies in an epoch's order of this rank's images."""
+        return slice(b * self.batch_size, (b + 1) * self.batch_size)
 
     def flip_mask(self, epoch: int) -> torch.Tensor:
         """[num_samples] bool on the device: which of this rank's images of `epoch` (in order) are flipped."""
@@ -97,9 +101,9 @@ class Batches:
     def _gathered(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.device)  # once per epoch
         for b in range(len(order) // self.batch_size):
-            index = order[b * self.batch_size:(b + 1) * self.batch_size]
-            # the same [-1, 1] formula as TensorImageDataset.__getitem__, so values are bit-identical
-            yield self.images.index_select(0, index).float() / 127.5 - 1.0, self.labels.index_select(0, index)
+            index = order[self._rows(b)]
+            # from_uint8, as TensorImageDataset.__getitem__ does, so values are bit-identical
+            yield from_uint8(self.images.index_select(0, index)), self.labels.index_select(0, index)
 
     def _loaded(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         try:

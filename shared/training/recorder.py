@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.diffusion.samplers import sample
+from shared.diffusion.samplers import SamplerOptions, sample
 from shared.errors import UserError
 from shared.records.checkpoint import (EMA_NAME, LAST_NAME, TRAIN_FORMAT, atomic_save, ema_file,
                                        remove_stale_temp_files)
@@ -172,9 +172,9 @@ class Recorder:
         columns = min(num_classes, MAX_GRID_CLASSES) if num_classes else SAMPLE_GRID_ROWS
         n = SAMPLE_GRID_ROWS * columns
         labels = (torch.arange(n) % columns) if num_classes else None
-        images = sample(ema_module, schedule, [self.cfg.seed + SAMPLE_SEED_OFFSET + i for i in range(n)],
-                        labels=labels, sampler="ddim", num_steps=self.cfg.sample_steps, clip_x0=True,
-                        device=self.device, precision=precision, progress=False)
+        opts = SamplerOptions(sampler="ddim", num_steps=self.cfg.sample_steps, clip_x0=True, precision=precision)
+        images = sample(ema_module, schedule, [self.cfg.seed + SAMPLE_SEED_OFFSET + i for i in range(n)], opts,
+                        labels, self.device, progress=False)
         path = self.run_dir / f"samples-{step:07d}.png"
         grid = grid_image(images.clamp(-1, 1), nrow=columns)
         with _one_line_write_errors(path):

@@ -6,9 +6,9 @@ def test_cost_formulas_for_the_benchmark_shapes():
     from kernels.costs import attention_bytes, attention_flops, group_norm_bytes
 
     numel = 256 * 128 * 32 * 32
-    assert group_norm_bytes(256, 128, 32, 32, 32, 2, 4) == 2 * numel * 2 + 2 * 128 * 4 + 2 * 256 * 128 * 2 \
+    assert group_norm_bytes((256, 128, 32, 32), 32, 2, 4) == 2 * numel * 2 + 2 * 128 * 4 + 2 * 256 * 128 * 2 \
         + 2 * 256 * 32 * 4
-    assert group_norm_bytes(256, 128, 32, 32, 32, 2, 4, film=False, backward=True) == \
+    assert group_norm_bytes((256, 128, 32, 32), 32, 2, 4, film=False, backward=True) == \
         3 * numel * 2 + 4 * 128 * 4 + 2 * 256 * 32 * 4 + 4 * 256 * 128 * 4
     assert attention_flops(8, 4, 256, 64) == 4 * 8 * 4 * 256 * 256 * 64
     assert attention_flops(8, 4, 256, 64, backward=True) == 2.5 * attention_flops(8, 4, 256, 64)
