@@ -3,7 +3,7 @@
 // Schemas are declared once here (TORCH_LIBRARY); each backend registers its implementation with
 // TORCH_LIBRARY_IMPL (CPU below, CUDA in cuda/sampling_step.cu). The Python wrappers, the fake
 // kernels for torch.compile are in kernels/sampling_step/op.py, the float64 coefficient math in
-// kernels/sampling_step/coefficients.py.
+// shared/diffusion/coefficients.py.
 #include "sampling_step.h"
 
 #include "philox_normal.h"

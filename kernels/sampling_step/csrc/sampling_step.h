@@ -2,7 +2,7 @@
 //
 // One pass reads x_t, ε_c (and ε_u, z when given) and writes x_prev (and x̂0 when asked), with fp32
 // arithmetic whatever the storage dtype. The scalar coefficients arrive already gathered from the
-// float64 schedule on the host (kernels/sampling_step/coefficients.py) and rounded to fp32 once.
+// float64 schedule on the host (shared/diffusion/coefficients.py) and rounded to fp32 once.
 //
 // Notation (paper symbol → StepCoefs field), t the current step, s the next one (t−1 or t_prev):
 //
@@ -97,7 +97,7 @@ C10_ALWAYS_INLINE V clamp_unit(V x) {
 // The update for one value (V = float, on the GPU and for the CPU tail) or W values (V = VecOf<W>::type).
 // Every flag is a template parameter so the loops carry no per-element branch on the mode, and absent
 // inputs (ε_u, z) are never read. The operations and their order are those of the eager reference
-// (kernels/sampling_step/reference.py), each rounded separately (no FMA contraction: build flags), so
+// (shared.diffusion.steps.ddpm_update / ddim_update), each rounded separately (no FMA contraction: build flags), so
 // fp32 results equal the eager step's.
 template <Mode MODE, bool GUIDED, bool CLIP, bool NOISE, typename V>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void step_element(V x_t, V eps_cond, V eps_uncond, V noise,
