@@ -53,7 +53,8 @@ def main(argv: Sequence[str] | None = None):
         best = f"{p.best_heldout:.5f}" if p.best_heldout != float("inf") else "n/a"
         print(f"done: {p.step} steps ({result.epochs_done:.2f} epochs, {p.images_seen:,} images) in {result.run_dir}\n"
               f"  final loss {result.final_loss:.5f}, best held-out loss (EMA) {best}, "
-              f"skipped steps {p.skipped_total}{', stopped early' if result.stopped_early else ''}\n"
+              f"skipped steps {p.skipped_total}{', stopped early' if result.stopped_early else ''}"
+              f"{f', --minutes {cfg.minutes:g} spent (resume with --resume to go on)' if result.out_of_time else ''}\n"
               f"  throughput {result.images_per_s:.1f} images/s (training steps only)")
     return result
 

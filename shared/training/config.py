@@ -75,6 +75,9 @@ class TrainConfig:
     epochs: int | None = option(None, "train this many epochs", LENGTH, parse=flags.positive_int, exclusive="length")
     max_steps: int | None = option(None, f"train this many steps (default {DEFAULT_MAX_STEPS} when --epochs is "
                                    "not given)", LENGTH, parse=flags.positive_int, exclusive="length")
+    minutes: float | None = option(None, "stop after this many minutes of training (checked at each log row); "
+                                   "the checkpoints, a grid and the log are written as at the last step, and "
+                                   "--resume continues", LENGTH, parse=flags.positive_float)
     batch_size: int = option(128, "images per step per process", LENGTH, parse=flags.positive_int)
     grad_accum: int = option(1, "micro-batches of --batch-size per optimizer step (the gradient of a K-times "
                              "larger batch)", LENGTH, parse=flags.int_in(1, 1024))
@@ -177,6 +180,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"seed must be an integer in [0, {MAX_SEED}], got {cfg.seed!r}")
     if cfg.epochs is not None and cfg.max_steps is not None:
         raise UserError("give --epochs or --max-steps, not both")
+    if cfg.minutes is not None and not (isinstance(cfg.minutes, (int, float)) and 0 < cfg.minutes < math.inf):
+        raise UserError(f"minutes must be a finite number > 0, got {cfg.minutes!r}")
     for name, lo, hi in (("p_uncond", 0.0, 1.0), ("ema_decay", 0.0, 1.0)):
         value = getattr(cfg, name)
         if not isinstance(value, (int, float)) or not lo <= value <= hi:

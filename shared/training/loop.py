@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from itertools import islice
@@ -73,6 +74,7 @@ class TrainResult:
     epochs_done: float              # epochs trained, counting a part-finished one as a fraction
     model: torch.nn.Module          # the plain (unwrapped) trained network
     ema: torch.nn.Module            # the EMA network
+    out_of_time: bool = False       # stopped by the --minutes budget before the last step
 
 
 def train(cfg: TrainConfig, dataset=None, given: set[str] | None = None, note: str | None = None) -> TrainResult:
@@ -226,6 +228,7 @@ class Trainer:
         self.window, self.bar = Window(device), None
         self.stop, self.stopped_early, self.steps_here = None, False, 0
         self.timed_s, self.timed_images, self.last_loss = 0.0, 0, math.nan
+        self.started = time.perf_counter()  # run() restarts it: the --minutes budget counts training only
 
     @property
     def progress(self) -> Progress:
@@ -240,6 +243,7 @@ class Trainer:
         progress = self.progress
         self.bar = tqdm(total=self.total_steps, initial=progress.step, disable=not self.ctx.is_main, unit="step",
                         dynamic_ncols=True, desc="train")
+        self.started = time.perf_counter()
         while progress.step < self.total_steps and self.stop is None:
             for micro_batches in self.rest_of_epoch():  # x0 ~ q(x0)
                 lr = self.state.lr_scheduler.get_last_lr()[0]  # the LR this step trains with
@@ -296,6 +300,8 @@ class Trainer:
         """Evaluation, the log row with its stop checks, checkpoints, grids and plots due after this step.
         lr: the learning rate the step trained with."""
         due = due_at(self.progress.step, self.cfg, self.final)
+        if due.log and self.out_of_time():
+            self.stop = self.stop or "time"
         heldout_value, improved = self.evaluate() if due.evaluate else (None, False)
         # decided alike on every rank: log_row holds collectives
         if due.log or (due.evaluate and self.heldout is not None) or self.stop:
@@ -303,6 +309,18 @@ class Trainer:
         if self.ctx.is_main:
             self.bar.update(1)
         self.save_records(due, improved)
+
+    def minutes_left(self) -> float | None:
+        """What is left of the --minutes budget (None without one), on this rank's clock."""
+        if self.cfg.minutes is None:
+            return None
+        return self.cfg.minutes - (time.perf_counter() - self.started) / 60
+
+    def out_of_time(self) -> bool:
+        """Whether the --minutes budget is spent: rank 0's clock decides for every rank (checked at the log
+        rows, which every rank reaches at the same step)."""
+        left = self.minutes_left()
+        return left is not None and agree(left <= 0, self.ctx, self.device)
 
     def evaluate(self) -> tuple[float | None, bool]:
         """(the held-out loss of the EMA weights, or None without a held-out set or off rank 0; whether it
@@ -335,8 +353,9 @@ class Trainer:
         self.recorder.write_row({"step": progress.step, "epoch": progress.epoch, "loss": row["loss"],
                                  "heldout_loss": heldout_value, "lr": lr, "images_per_s": row["images_per_s"],
                                  "grad_norm": row["grad_norm"], "skipped": progress.skipped_total})
+        budget = {} if self.minutes_left() is None else {"budget_left": f"{max(self.minutes_left(), 0):.1f} min"}
         self.bar.set_postfix(loss=f"{row['loss'] or math.nan:.4f}", img_s=f"{row['images_per_s'] or 0:.0f}",
-                             refresh=False)
+                             **budget, refresh=False)
         self.stop_on_non_finite()
 
     def stop_on_non_finite(self) -> None:
@@ -351,11 +370,12 @@ class Trainer:
         """best.pt on a better held-out loss; last.pt (with ema.pt) when due or stopping; the sample grid
         when due or stopped early; loss.png now and then and at the end."""
         final, stop = self.final, self.stop
+        ends = final or stop in ("early", "time")  # the run ends here as planned, not by a signal
         if improved:
             self.checkpoint(BEST_NAME)
         if due.checkpoint or stop:
-            self.checkpoint(LAST_NAME, in_skip_run_ok=final or stop == "early")
-        if self.ctx.is_main and (due.samples or stop == "early"):  # an interrupted run exits without a grid
+            self.checkpoint(LAST_NAME, in_skip_run_ok=ends)
+        if self.ctx.is_main and (due.samples or stop in ("early", "time")):  # an interrupted run exits without a grid
             self.recorder.samples(self.state.ema.module, self.schedule, self.progress.step, self.precision)
         if self.ctx.is_main:
             self.recorder.plot(force=final or bool(stop))
@@ -377,7 +397,7 @@ class Trainer:
         images_per_s = self.timed_images / self.timed_s if self.timed_s > 0 else math.nan
         return TrainResult(self.recorder.run_dir, progress, images_per_s, self.last_loss, self.stopped_early,
                            progress.epoch + progress.batch_in_epoch / self.micro_per_epoch, self.state.model,
-                           self.state.ema.module)
+                           self.state.ema.module, out_of_time=self.stop == "time")
 
     def close(self) -> None:
         self.recorder.close()
