@@ -35,11 +35,11 @@ import torch  # noqa: E402
 
 from shared.diffusion.samplers import SAMPLERS, default_steps  # noqa: E402
 from shared.errors import UserError  # noqa: E402
-from shared.evaluation.classifier import DEFAULT_EPOCHS, SHIFT_PIXELS, check_classifier_path  # noqa: E402
+from shared.evaluation.classifier import (CIFAR_RECIPE, DEFAULT_EPOCHS, SHIFT_PIXELS, check_classifier_path,  # noqa: E402
+                                          recipe_for)
 from shared.evaluation.frechet import (INCEPTION_BATCH, InceptionLogits, InceptionPool, frechet_distance,  # noqa: E402
                                        load_fid_inception, resolve_fid_inception_weights)
 from shared.evaluation.inception_score import torchmetrics_inception_score  # noqa: E402
-from shared.evaluation.classifier import ClassifierRecipe  # noqa: E402
 from shared.evaluation.judge import JudgeSource, prepare_judge  # noqa: E402
 from shared.evaluation.report import (balanced_labels, check_runs, format_table, parse_runs, seeds_for,  # noqa: E402
                                       summarise_run)
@@ -47,7 +47,7 @@ from shared import flags  # noqa: E402
 from shared.interface import cli  # noqa: E402
 from shared.interface.sampling_args import add_sampler_args, load_model, sampler_options, timed_sample  # noqa: E402
 from shared.records.runs import check_writable_dir, make_run_dir, write_options  # noqa: E402
-from shared.data.datasets import JUDGE_HELDOUT  # noqa: E402
+from shared.data.datasets import JUDGE_HELDOUT, JUDGED_ON_TEST_SPLIT  # noqa: E402
 
 
 def build_parser():
@@ -55,14 +55,18 @@ def build_parser():
     add_sampler_args(parser)
     cli.add_dataset_args(parser)
     g = parser.add_argument_group("evaluation")
-    g.add_argument("--classifier", default="runs/classifier.pt",
-                   help="classifier file: loaded if it exists, else trained on the non-held-out images and saved")
-    g.add_argument("--classifier-epochs", type=flags.positive_int, default=DEFAULT_EPOCHS,
-                   help="epochs when the classifier is trained")
-    g.add_argument("--classifier-shift", type=flags.int_in(0, 4), default=SHIFT_PIXELS,
-                   help="± pixels of random translation when the classifier is trained")
+    g.add_argument("--classifier", default=None,
+                   help="classifier file: loaded if it exists, else trained on the non-held-out images and saved; "
+                        "default runs/classifier.pt for mnist, runs/classifier-<dataset>.pt for the others")
+    g.add_argument("--classifier-epochs", type=flags.positive_int, default=None,
+                   help=f"epochs when the classifier is trained; default {DEFAULT_EPOCHS} "
+                        f"({CIFAR_RECIPE.epochs} for cifar10)")
+    g.add_argument("--classifier-shift", type=flags.int_in(0, 4), default=None,
+                   help=f"± pixels of random translation when the classifier is trained; default {SHIFT_PIXELS} "
+                        f"({CIFAR_RECIPE.shift_pixels} for cifar10, which also flips)")
     g.add_argument("--heldout", type=flags.positive_int, default=JUDGE_HELDOUT,
-                   help="the last N real images: classifier accuracy and FD reference (never trained on)")
+                   help="the last N real images: classifier accuracy and FD reference (never trained on); "
+                        "cifar10 holds out its whole test split instead")
     g.add_argument("--per-class", type=flags.int_in(1, 10_000), default=20,
                    help="samples per class (or samples / 10 for an unconditional model)")
     g.add_argument("--runs", default=None,
@@ -70,7 +74,9 @@ def build_parser():
     g.add_argument("--inception-weights", default=None, metavar="FILE",
                    help="the FID Inception weights (weights-inception-2015-12-05-6726825d.pth from torch-fidelity's "
                         "releases) for the FID (Inception) and Inception Score; default: torch.hub's cache. CIFAR-10 "
-                        "needs them; for other data they add those measures")
+                        "needs them unless --no-inception-fid; for other data they add those measures")
+    g.add_argument("--no-inception-fid", action="store_true",
+                   help="CIFAR-10: judge with the classifier alone (accuracy, FD, IS), without the FID (Inception)")
     g.add_argument("--out", default="runs/evaluate", help="parent of the auto-numbered output directory")
     return parser
 
@@ -92,10 +98,37 @@ def load_fid_network(args):
     """(weights file, the FID Inception network) when this run reports the FID (Inception): CIFAR-10, or
     any data given --inception-weights; (None, None) otherwise. Called before any sampling, so that
     missing weights are one line that costs nothing."""
-    if args.dataset != "cifar10" and args.inception_weights is None:
+    if args.no_inception_fid or (args.dataset != "cifar10" and args.inception_weights is None):
         return None, None
-    weights = resolve_fid_inception_weights(args.inception_weights)
+    try:
+        weights = resolve_fid_inception_weights(args.inception_weights)
+    except UserError as err:
+        if args.dataset != "cifar10" or args.inception_weights is not None:
+            raise
+        raise UserError(f"{err}; or give --no-inception-fid to judge with the classifier alone") from None
     return weights, load_fid_inception(str(weights))
+
+
+def classifier_file(args) -> str:
+    """--classifier, or the dataset's default file: one judge per dataset, never MNIST's for Fashion-MNIST."""
+    if args.classifier is not None:
+        return args.classifier
+    return "runs/classifier.pt" if args.dataset == "mnist" else f"runs/classifier-{args.dataset}.pt"
+
+
+def judge_notes(args, judge, fid_net) -> list[str]:
+    """The lines that say what the figures were measured against: the test split where that is the
+    held-out set, the data's caveat (CIFAR-10's JPEG copy), and a FID (Inception) left out."""
+    notes = []
+    if args.dataset in JUDGED_ON_TEST_SPLIT:
+        notes.append(f"held out: the {args.dataset} test split ({judge.heldout_images.shape[0]:,} images): "
+                     f"classifier test accuracy, FD against it, floor = {judge.train_images.shape[0]:,}-image "
+                     f"train split against it")
+    if judge.data_note:
+        notes.append(f"note: {judge.data_note}")
+    if fid_net is None and args.dataset == "cifar10":
+        notes.append("FID (Inception): not computed (--no-inception-fid; give --inception-weights FILE for it)")
+    return notes
 
 
 def add_inception_measures(report: dict, judge, samples_by_run: dict, count: int, seed: int, net, device) -> None:
@@ -127,13 +160,15 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     runs = parse_runs(args.runs, args.sampler, args.steps)
     check_runs(runs, SAMPLERS)
+    args.classifier = classifier_file(args)
     check_classifier_path(args.classifier)
     check_writable_dir(args.out)
     inception_weights, fid_net = load_fid_network(args)
     model, schedule, meta, device = load_model(args)
     check_runs(runs, SAMPLERS, schedule.num_timesteps)
     image_shape = tuple(meta.get("image_shape") or (model.in_channels, model.image_size, model.image_size))
-    recipe = ClassifierRecipe(epochs=args.classifier_epochs, shift_pixels=args.classifier_shift)
+    changes = {"epochs": args.classifier_epochs, "shift_pixels": args.classifier_shift}
+    recipe = recipe_for(args.dataset, **{k: v for k, v in changes.items() if v is not None})
     judge = prepare_judge(JudgeSource(args.dataset, args.data_dir, args.classifier, args.heldout), image_shape,
                           model.num_classes, device, recipe, progress=not args.no_progress)  # a classifier trained now is saved here already
     num_classes = judge.classifier.config["num_classes"] if model.num_classes == 0 else model.num_classes
@@ -164,8 +199,11 @@ def main(argv=None) -> dict:
         samples_by_run[run["name"]] = images
     if fid_net is not None:
         add_inception_measures(report, judge, samples_by_run, asked.numel(), args.seed, fid_net, device)
+    report["notes"] = judge_notes(args, judge, fid_net)
     run_dir = write_results(args.out, runs, args, device, report)
     print(format_table(report))
+    for line in report["notes"]:
+        print(line)
     print("FD: on classifier features (comparable within this project only)"
           + ("; FID (Inception): the published measure" if fid_net is not None else ""))
     print("images/s: " + ", ".join(f"{r['name']} {r['images_per_s']:.2f}" for r in report["runs"]))

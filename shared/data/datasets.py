@@ -1,8 +1,14 @@
-"""Datasets, scaled to [-1, 1]: MNIST, Fashion-MNIST, CIFAR-10 through torchvision, and image folders.
+"""Datasets, scaled to [-1, 1]: MNIST, Fashion-MNIST, CIFAR-10 and image folders; `load_dataset` picks the reader.
 
 Offline use: `--data-dir DIR` may point at MNIST-format IDX files (`*-images-idx3-ubyte` with
 `*-labels-idx1-ubyte`, gzipped or not), which are read directly, without torchvision. If DIR holds only
-the test split (`t10k-*`), that split is used, and a note says so once.
+the test split (`t10k-*`), that split is used, and a note says so once. Without --data-dir, Fashion-MNIST
+is also looked for where Debian's package dataset-fashion-mnist puts it (SYSTEM_DIRS).
+
+CIFAR-10 (shared/data/cifar.py): DIR holds `cifar10-train.zip` / `cifar10-test.zip` (JPEG members
+`<split>/<class>/NNNN.jpg`, read as they are), or the same tree unpacked (`DIR/train/<class>/*.jpg`), or
+torchvision's `cifar-10-batches-py`. Its judge holds out the test split, so training uses the whole
+train split (JUDGED_ON_TEST_SPLIT).
 
 Image folders (`--dataset folder`): DIR holds either images only (an unconditional dataset, no classes) or
 one sub-folder of images per class (labels 0 … K−1 by sorted folder name, as torchvision's ImageFolder
@@ -18,15 +24,16 @@ import gzip
 import os
 import struct
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
+from shared.data.base import (DataError, DatasetInfo, TensorImageDataset, from_uint8, progress_bar,  # noqa: F401
+                              unreadable_message)
+from shared.data.cifar import CIFAR10_CLASSES, find_cifar10, load_cifar10, zip_name
 from shared.errors import UserError
 from shared.model.unet import PRESETS
 
@@ -34,6 +41,14 @@ DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10", "folder")
 # torchvision's folder names under the root, for the IDX-based datasets.
 _TORCHVISION_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 _NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10}
+_CIFAR_BATCHES = "cifar-10-batches-py"   # torchvision's folder of the official python-version batches
+_CIFAR_HOW = ("pass --data-dir DIR holding cifar10-train.zip and cifar10-test.zip (such as ../shared/data/cifar10), "
+              "or those zips unpacked (DIR/train/<class>/*.jpg), or torchvision's cifar-10-batches-py")
+# Where a distribution's package puts a dataset, searched when no --data-dir is given, with its install line.
+SYSTEM_DIRS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
+INSTALL_HINTS = {"fashion-mnist": "apt-get install dataset-fashion-mnist (Debian)"}
+# Datasets with a test split of their own: the judge holds that split out, so training keeps every train image.
+JUDGED_ON_TEST_SPLIT = ("cifar10",)
 IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049  # IDX headers: 0x00000803 and 0x00000801
 # The evaluator's held-out images are the last JUDGE_HELDOUT of a dataset (in file order). Training on
 # the same files leaves them out, so a Fréchet distance against them measures generalisation.
@@ -54,54 +69,18 @@ def judge_split(num_images: int, heldout: int = JUDGE_HELDOUT) -> tuple[range, r
 # Image folders whose decoded uint8 pixels (N·C·H·W bytes) fit in this are held in memory whole (and on
 # the training device): 1 GiB is 87,000 RGB images of 64×64, or a million of 32×32 grey.
 IN_MEMORY_MAX_BYTES = 1 << 30
-PROGRESS_MIN_IMAGES = 1000  # folders this large show a progress bar while they are decoded or checked
-
-
-def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
-    """Stored pixels, uint8 in [0, 255], as float32 in [−1, 1]: x / 127.5 − 1 (records.images.to_uint8 inverts it)."""
-    return pixels.float() / 127.5 - 1.0
-
-
-class DataError(UserError):
-    """Data that is missing, unreadable or malformed."""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    split: str            # "train" or "test"
-    num_classes: int
-    image_shape: tuple    # (C, H, W)
-    source: str           # where the images were read from
-    class_names: tuple = ()  # an image folder's class sub-folders: label k is class_names[k]
-
-    def to_dict(self) -> dict:
-        named = {"class_names": list(self.class_names)} if self.class_names else {}
-        return {"name": self.name, "split": self.split, "num_classes": self.num_classes,
-                "image_shape": list(self.image_shape), "source": self.source, **named}
-
-
-class TensorImageDataset(Dataset):
-    """uint8 images [N x C x H x W] and int labels [N], served as (float32 image in [-1, 1], int label)."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo):
-        self.images, self.labels, self.info = images, labels, info
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int):
-        return from_uint8(self.images[index]), int(self.labels[index])
 
 
 def load_dataset(name: str, data_dir: str | None = None, root: str = "./data", train: bool = True,
                  download: bool = True, image_size: int = 32, quiet: bool = False, channels: int = 3) -> Dataset:
     """Loads a dataset; the returned Dataset has an `.info` (DatasetInfo).
 
-    name: mnist | fashion-mnist | cifar10 | folder.  data_dir: IDX files or a torchvision root (or,
-    for 'folder', an image folder: images only, or one sub-folder of images per class).  root: the
-    torchvision root when data_dir is not given.  image_size, channels: the side and the channels (1 grey,
-    3 RGB) of 'folder' images, which are resized and centre-cropped to [channels x image_size x image_size].
+    name: mnist | fashion-mnist | cifar10 | folder.  data_dir: IDX files, CIFAR-10's zips or unpacked
+    tree, or a torchvision root (or, for 'folder', an image folder: images only, or one sub-folder of
+    images per class).  root: where to look (and download to) when data_dir is not given; Fashion-MNIST
+    also looks in SYSTEM_DIRS, CIFAR-10 also in root/cifar10.  train: the train split, else the test one.
+    image_size, channels: the side and the channels (1 grey, 3 RGB) of 'folder' images, which are resized
+    and centre-cropped to [channels x image_size x image_size].
     Raises DataError with what was looked for, where, and how to supply it.
     """
     if name not in DATASET_NAMES:
@@ -115,12 +94,41 @@ def load_dataset(name: str, data_dir: str | None = None, root: str = "./data", t
         return load_folder(data_dir, image_size, channels, quiet=quiet)
     base = data_dir if data_dir is not None else root
     may_download = download and data_dir is None  # an explicit --data-dir is read, never downloaded into
-    if name in _TORCHVISION_FOLDER:
-        for folder in (Path(base), Path(base) / _TORCHVISION_FOLDER[name] / "raw"):
-            found = find_idx_files(folder, train)
-            if found is not None:
-                return _load_idx(name, folder, *found, quiet=quiet)
-    return _load_torchvision(name, base, train, may_download)
+    if name == "cifar10":
+        return _load_cifar10(base, data_dir is None, train, may_download, quiet)
+    folders = idx_folders(name, base, search_system=data_dir is None)
+    for folder in folders:
+        found = find_idx_files(folder, train)
+        if found is not None:
+            return _load_idx(name, folder, *found, quiet=quiet)
+    return _load_torchvision(name, base, train, may_download, tuple(folders))
+
+
+def idx_folders(name: str, base: str, search_system: bool) -> list[Path]:
+    """Where an IDX dataset may lie: base, torchvision's base/<Name>/raw, and (search_system) the
+    distribution's folder of SYSTEM_DIRS."""
+    folders = [Path(base), Path(base) / _TORCHVISION_FOLDER[name] / "raw"]
+    return folders + ([SYSTEM_DIRS[name]] if search_system and name in SYSTEM_DIRS else [])
+
+
+def _load_cifar10(base: str, search_default: bool, train: bool, download: bool, quiet: bool) -> Dataset:
+    """CIFAR-10's split from base (and base/cifar10 when no --data-dir was given): its JPEG zip or
+    unpacked tree (shared.data.cifar), else torchvision's python batches, else a download into base."""
+    split = "train" if train else "test"
+    folders = [Path(base)] + ([Path(base) / "cifar10"] if search_default else [])
+    for folder in folders:
+        source = find_cifar10(folder, split)
+        if source is not None:
+            return load_cifar10(source, quiet)
+        if (folder / _CIFAR_BATCHES).is_dir():
+            return _load_torchvision("cifar10", str(folder), train, download=False)
+    if download:
+        return _load_torchvision("cifar10", base, train, True, tuple(folders))
+    other = "test" if train else "train"
+    holds = [str(f) for f in folders if find_cifar10(f, other) is not None]
+    found = f" ({', '.join(holds)} holds only the {other} split)" if holds else ""
+    raise DataError(f"cifar10 {split} split not found: looked in {', '.join(map(str, folders))} for {zip_name(split)}, "
+                    f"{split}/<class>/*.jpg or {_CIFAR_BATCHES}/{found}. To fix: {_CIFAR_HOW}")
 
 
 def load_training_dataset(cfg, quiet: bool = False) -> Dataset:
@@ -211,17 +219,20 @@ def without_judge_heldout(dataset: Dataset, heldout: int) -> tuple[Dataset, int]
 
     Only a labelled in-memory dataset larger than `heldout` is split; any other comes back whole, with 0.
     An image folder is never split: its file order is sorted by class, so its last images would be whole
-    classes rather than a sample of every class.
+    classes rather than a sample of every class. Nor is a dataset of JUDGED_ON_TEST_SPLIT (CIFAR-10),
+    whose judge holds out the test split instead.
     """
     n = len(dataset)
     if (heldout <= 0 or not isinstance(dataset, TensorImageDataset) or dataset.info.num_classes < 1 or n <= heldout
-            or dataset.info.name == "folder"):
+            or dataset.info.name == "folder" or dataset.info.name in JUDGED_ON_TEST_SPLIT):
         return dataset, 0
     keep, _ = judge_split(n, heldout)
     return TensorImageDataset(dataset.images[:keep.stop], dataset.labels[:keep.stop], dataset.info), heldout
 
 
-def _load_torchvision(name: str, root: str, train: bool, download: bool) -> Dataset:
+def _load_torchvision(name: str, root: str, train: bool, download: bool, searched: tuple = ()) -> Dataset:
+    """A split through torchvision (its own files under root, downloaded there when `download`); the
+    missing-data line names `searched`, the folders already looked in, too."""
     import torchvision
 
     cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
@@ -229,9 +240,10 @@ def _load_torchvision(name: str, root: str, train: bool, download: bool) -> Data
     try:
         base = cls(root=root, train=train, download=download)
     except Exception as err:  # torchvision raises RuntimeError, URLError, OSError… when offline
-        raise DataError(_missing_message(name, root, train, download, err)) from None
+        raise DataError(_missing_message(name, root, searched, download, err)) from None
     shape = (3, 32, 32) if name == "cifar10" else (1, 28, 28)
-    info = DatasetInfo(name, "train" if train else "test", _NUM_CLASSES[name], shape, os.path.abspath(root))
+    info = DatasetInfo(name, "train" if train else "test", _NUM_CLASSES[name], shape, os.path.abspath(root),
+                       CIFAR10_CLASSES if name == "cifar10" else ())
     # The whole split is a uint8 array in memory: serve it as tensors (the trainer gathers on the device).
     pixels = torch.as_tensor(np.asarray(base.data))
     pixels = pixels.permute(0, 3, 1, 2) if pixels.ndim == 4 else pixels.unsqueeze(1)  # CIFAR is N x H x W x C
@@ -240,16 +252,17 @@ def _load_torchvision(name: str, root: str, train: bool, download: bool) -> Data
     return TensorImageDataset(pixels.contiguous(), labels, info)
 
 
-def _missing_message(name: str, root: str, train: bool, download: bool, err: Exception) -> str:
+def _missing_message(name: str, root: str, searched: tuple, download: bool, err: Exception) -> str:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if name == "cifar10":
-        looked = f"{os.path.join(root, 'cifar-10-batches-py')} (the python-version CIFAR-10 batches)"
-        how = "download cifar-10-python.tar.gz and extract it there, or run once with internet access"
+        looked = f"{', '.join(map(str, searched or (root,)))} for {zip_name('train')} or {_CIFAR_BATCHES}"
+        how = _CIFAR_HOW + ", or run once with internet access"
     else:
-        folder = os.path.join(root, _TORCHVISION_FOLDER[name], "raw")
-        looked = (f"{root} and {folder} for train-images-idx3-ubyte[.gz] + train-labels-idx1-ubyte[.gz] "
-                  f"(or the t10k-* test split)")
+        looked = (f"{', '.join(map(str, searched or (root,)))} for train-images-idx3-ubyte[.gz] + "
+                  f"train-labels-idx1-ubyte[.gz] (or the t10k-* test split)")
         how = "put the IDX files there, pass --data-dir DIR holding them, or run once with internet access"
+        if name in INSTALL_HINTS:
+            how = f"{INSTALL_HINTS[name]}, or {how}"
     tried = "the download failed" if download else "download was off"
     return f"{name} not found: looked in {looked}; {tried} ({reason}). To fix: {how}."
 
@@ -288,7 +301,7 @@ def load_folder(data_dir: str, image_size: int, channels: int, quiet: bool = Fal
     files, labels, class_names = folder_files(root)
     info = DatasetInfo("folder", "train", len(class_names), (channels, image_size, image_size),
                        str(root.resolve()), tuple(class_names))
-    progress = _progress(len(files), quiet)
+    progress = progress_bar(len(files), quiet)
     if len(files) * channels * image_size * image_size <= IN_MEMORY_MAX_BYTES:
         pixels = np.empty((len(files), channels, image_size, image_size), dtype=np.uint8)
         for i, path in enumerate(progress(files, "decoding images")):
@@ -345,7 +358,7 @@ def decode_image(path: Path, size: int, channels: int) -> np.ndarray:
         with Image.open(path) as image:
             image = image.convert("L" if channels == 1 else "RGB")  # drops alpha; decodes the whole file
     except Exception as err:  # PIL's decoders raise OSError, SyntaxError, ValueError… for a damaged file
-        raise DataError(_unreadable(path, err)) from None
+        raise DataError(unreadable_message(path, err)) from None
     while min(image.size) >= 2 * size:
         image = image.resize((image.width // 2, image.height // 2), resample=Image.Resampling.BOX)
     scale = size / min(image.size)
@@ -362,14 +375,7 @@ def check_image_header(path: Path) -> None:
         with Image.open(path) as image:
             image.verify()
     except Exception as err:
-        raise DataError(_unreadable(path, err)) from None
-
-
-def _unreadable(path: Path, err: Exception) -> str:
-    if isinstance(err, UnidentifiedImageError):
-        return f"{path} is not an image (not a format PIL reads)"
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return f"{path} is not a readable image ({reason})"
+        raise DataError(unreadable_message(path, err)) from None
 
 
 def worker_error_line(err: DataError) -> str:
@@ -382,10 +388,3 @@ def worker_error_line(err: DataError) -> str:
     return last.split(": ", 1)[1] if ": " in last else last
 
 
-def _progress(total: int, quiet: bool):
-    """iterable, description → the iterable with a progress bar on stderr (none when quiet or small)."""
-
-    def wrap(items, desc: str):
-        return tqdm(items, total=total, desc=desc, unit="image", disable=quiet or total < PROGRESS_MIN_IMAGES,
-                    leave=False)
-    return wrap

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from shared.diffusion.prediction import PREDICTIONS, check_prediction
 from shared.diffusion.schedule import SCHEDULE_KINDS
 from shared.errors import UserError
 from shared import flags
@@ -30,6 +31,9 @@ MAX_SEED = 2**62
 # Without CUDA, the default command trains this recipe instead of the GPU defaults (every flag the user
 # gives wins; giving --preset turns the recipe off). The one place its values live; what it reaches and
 # what else was tried: stage3_train/README.md, "The default run on a CPU".
+# Datasets whose images keep their meaning when mirrored (photographs; not digits or letters): trained
+# with --random-flip unless --no-random-flip is given, as DDPM trained CIFAR-10 (Ho et al. 2020, App. B).
+FLIP_BY_DEFAULT = ("cifar10",)
 CPU_RECIPE = {"preset": "cpu", "batch_size": 128, "lr": 2e-3, "cosine": True, "min_snr_gamma": 2.0,
               "max_steps": 1600, "precision": "auto"}
 
@@ -39,10 +43,12 @@ nonneg_float = flags.nonneg_float
 seed_int = flags.int_in(0, MAX_SEED)
 
 
-def option(default, help: str, group: str, parse=None, choices=None, exclusive: str | None = None):
-    """A TrainConfig field with its flag: --name-with-dashes, typed by `parse`; bools are switches."""
+def option(default, help: str, group: str, parse=None, choices=None, exclusive: str | None = None,
+           switch: bool = False):
+    """A TrainConfig field with its flag: --name-with-dashes, typed by `parse`; bools are switches, and so
+    is a `switch` field whose default None means "the dataset decides" (--name and --no-name)."""
     return field(default=default, metadata={"help": help, "group": group, "parse": parse, "choices": choices,
-                                            "exclusive": exclusive})
+                                            "exclusive": exclusive, "switch": switch})
 
 
 DATA, LENGTH, OPTIM, RECORDS, SPEED = ("data and model", "length and batch", "optimisation", "records", "speed")
@@ -71,7 +77,9 @@ class TrainConfig:
                                     "dataset's own size (folder: the preset's)", DATA, parse=flags.int_in(8, 1024))
     channels: int | None = option(None, "1 (grey) or 3 (RGB) for folder images; default: the preset's",
                                   DATA, parse=flags.int_in(1, 3), choices=(1, 3))
-    random_flip: bool = option(False, "flip each training image left-right with probability 1/2", DATA)
+    random_flip: bool | None = option(None, "flip each training image left-right with probability 1/2; default: "
+                                      f"on for {', '.join(FLIP_BY_DEFAULT)}, off otherwise (--no-random-flip)",
+                                      DATA, switch=True)
     epochs: int | None = option(None, "train this many epochs", LENGTH, parse=flags.positive_int, exclusive="length")
     max_steps: int | None = option(None, f"train this many steps (default {DEFAULT_MAX_STEPS} when --epochs is "
                                    "not given)", LENGTH, parse=flags.positive_int, exclusive="length")
@@ -97,6 +105,9 @@ class TrainConfig:
                             choices=TRAIN_PRECISIONS)
     min_snr_gamma: float = option(0.0, "min-SNR-γ loss weights w_t = min(1, γ/SNR_t) (Hang et al. 2023); "
                                   "0: plain L_simple", OPTIM, parse=nonneg_float)
+    prediction: str = option("eps", "what the network predicts: eps (ε, DDPM), v (α_t·ε − σ_t·x0, Salimans & Ho "
+                             "2022) or x0; stored in the checkpoint, honoured by every sampler and the export",
+                             OPTIM, choices=PREDICTIONS)
     max_consecutive_skips: int = option(20, "stop after this many consecutive steps with a non-finite loss or "
                                         "gradient (checked at log rows)", OPTIM, parse=flags.positive_int)
     out: str = option("runs", "parent of the auto-numbered run directories", RECORDS)
@@ -116,6 +127,10 @@ class TrainConfig:
     fused_kernels: bool = option(False, "use the fused Triton kernels (fails if unavailable)", SPEED)
     compile: bool = option(False, "torch.compile the model", SPEED)
     channels_last: bool = option(False, "channels-last memory format", SPEED)
+
+    def __post_init__(self):
+        if self.random_flip is None:  # not given: the dataset's default (FLIP_BY_DEFAULT)
+            self.random_flip = self.dataset in FLIP_BY_DEFAULT
 
 
 def _flag(name: str) -> str:
@@ -137,8 +152,8 @@ def build_parser(description: str, suppress_defaults: bool = False) -> argparse.
             group = exclusive.get(meta["exclusive"]) or exclusive.setdefault(
                 meta["exclusive"], group.add_mutually_exclusive_group())
         kwargs = {"help": meta["help"], "default": argparse.SUPPRESS if suppress_defaults else f.default}
-        if isinstance(f.default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
+        if isinstance(f.default, bool) or meta["switch"]:
+            kwargs["action"] = argparse.BooleanOptionalAction if f.default or meta["switch"] else "store_true"
         else:
             kwargs.update(type=meta["parse"], choices=meta["choices"])
         group.add_argument(_flag(f.name), **kwargs)
@@ -191,6 +206,7 @@ def check_config(cfg: TrainConfig) -> None:
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (lo_open and value == 0):
             raise UserError(f"{name} must be a finite number {'>' if lo_open else '>='} 0, got {value!r}")
     check_precision(cfg.precision, TRAIN_PRECISIONS)
+    check_prediction(cfg.prediction)
     if cfg.early_stop_patience > 0 and cfg.heldout_size == 0:
         raise UserError("--early-stop-patience needs a held-out set (--heldout-size > 0)")
     if cfg.channels not in (None, 1, 3):
@@ -242,12 +258,13 @@ def apply_cpu_recipe(cfg: TrainConfig, given: set[str], device: torch.device) ->
 # Options a resumed run must share with its checkpoint (they define the model, the data or its order).
 # (precision may change: a run started on one machine can continue on another.)
 FIXED_ON_RESUME = ("dataset", "preset", "schedule", "timesteps", "seed", "batch_size", "class_cond",
-                   "heldout_size", "judge_heldout", "image_size", "channels", "random_flip", "grad_accum")
+                   "heldout_size", "judge_heldout", "image_size", "channels", "random_flip", "grad_accum",
+                   "prediction")
 # Options never taken from a checkpoint.
 NOT_INHERITED = ("resume", "device")
 # What a checkpoint that predates an option trained with (its data must stay what it was).
 ABSENT_IN_OLD_CHECKPOINTS = {"judge_heldout": 0, "image_size": None, "channels": None, "random_flip": False,
-                             "grad_accum": 1}
+                             "grad_accum": 1, "prediction": "eps"}
 
 
 def merge_resume_options(cfg: TrainConfig, saved: dict, path: str,
