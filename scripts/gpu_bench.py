@@ -5,8 +5,8 @@
 
 The phases run in the order of PLAN below, each within its share of the 520-second budget; a phase that
 fails or runs out of time is recorded and the next one starts. What each measures and writes is in its
-module's docstring (scripts/gpu_phases/). The exit code is 0 when every phase ran or skipped, 1 when one
-failed, 2 for bad arguments or no CUDA GPU.
+module's docstring (scripts/gpu_phases/). The exit code is 0 when no phase failed (each ok or skipped), 1
+when one failed, 2 for bad arguments or no CUDA GPU.
 
 What comes back fits a device machine's limits (at most 8 files, flat): gpu_bench.log, phases.json,
 env.txt, quality.json, digit_grid.png, <gpu>.md, <gpu>.json, <gpu>.png. Copy them to benches/results/.
@@ -35,7 +35,7 @@ from gpu_phases.environment import cuda_available, find_cuda_home, use_work_cach
 
 TOTAL_BUDGET_S = 520
 PLAN = [
-    # phase          runs                 share, s
+    # phase           runs                 share (s)
     ("setup",         setup.run,           60),
     ("kernel-tests",  kernel_tests.run,    80),
     ("train",         train.run,           110),
