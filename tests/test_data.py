@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.data.datasets import DataError, load_dataset
+from shared.data.datasets import DataError, DatasetInfo, load_dataset
 from tests.idx_files import make_mnist_dir, write_idx
 
 
@@ -72,3 +72,16 @@ def test_image_folder_errors(tmp_path):
         load_dataset("folder", str(tmp_path))
     with pytest.raises(DataError, match="unknown dataset"):
         load_dataset("svhn")
+
+
+def test_dataset_info_records_class_names_and_a_note_only_when_set():
+    plain = DatasetInfo("mnist", "train", 10, (1, 28, 28), "x").to_dict()
+    assert "class_names" not in plain and "note" not in plain
+    named = DatasetInfo("cifar10", "test", 2, (3, 32, 32), "y", ("cat", "dog"), "JPEG copy").to_dict()
+    assert named["class_names"] == ["cat", "dog"] and named["note"] == "JPEG copy" and named["split"] == "test"
+
+
+def test_every_dataset_name_is_offered_when_one_is_unknown():
+    with pytest.raises(DataError) as err:
+        load_dataset("cifar100")
+    assert all(name in str(err.value) for name in ("mnist", "fashion-mnist", "cifar10", "folder"))
