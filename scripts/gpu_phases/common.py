@@ -16,12 +16,14 @@ REPO = Path(__file__).resolve().parents[2]
 @dataclass
 class Settings:
     """One invocation's choices: dry_run (tiny sizes on the CPU), out (the files that come back), work (a
-    temporary folder for runs, checkpoints and the benchmark JSON), mnist (the IDX files), python."""
+    temporary folder for runs, checkpoints and the benchmark JSON), mnist (the IDX files), python, cifar
+    (the folder of CIFAR-10's zips; None: the cifar10 phase skips)."""
     dry_run: bool
     out: Path
     work: Path
     mnist: Path
     python: str
+    cifar: Path | None = None
 
     @property
     def device(self) -> str:

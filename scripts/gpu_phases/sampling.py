@@ -1,6 +1,6 @@
 """Phase sampling: stage4_sampling/sample.py's images/s with the fused kernels in bf16.
 
-Measures: images/s of DDIM-50 on 5,000 digits and of DDPM-1000 on 250 (fewer, to fit the share; images/s
+Measures: images/s of DDIM-50 on 4,000 digits and of DDPM-1000 on 200 (fewer, to fit the share; images/s
 is per image either way). Writes: results["sampling"] (into quality.json).
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 
 from gpu_phases.common import PhaseSkipped, Recorder, Settings, check, left, only_run_dir
 
-DDIM_SAMPLES, DDPM_SAMPLES = 5_000, 250
+DDIM_SAMPLES, DDPM_SAMPLES = 4_000, 200
 MAX_BATCH = 2_500
 #: (sampler, steps, images) per run, on a GPU and under --dry-run.
 RUNS = [("ddim", 50, DDIM_SAMPLES), ("ddpm", 1000, DDPM_SAMPLES)]

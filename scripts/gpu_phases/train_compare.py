@@ -13,7 +13,7 @@ import re
 from gpu_phases.common import PhaseFailed, Recorder, Settings, last_images_per_s, left, only_run_dir
 from gpu_phases.train import train_cmd
 
-COMPARE_STEPS = 40   # steps per variant (the first ones include Triton's compiles)
+COMPARE_STEPS = 30   # steps per variant (the first ones include Triton's compiles)
 DRY_STEPS = 3
 VARIANTS = {"eager": [], "fused": ["--fused-kernels"]}
 DRY_VARIANTS = {"eager": []}
