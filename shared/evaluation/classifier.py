@@ -165,9 +165,10 @@ class ClassifierRecipe:
 
 
 # CIFAR-10: ResNet-9's recipe (Page 2018: SGD with Nesterov momentum, one-cycle LR, weight decay 5e-4,
-# label smoothing, random crops after a 4 px pad and flips) at 16 epochs, which 2 CPU cores train in
-# about ten minutes; bf16 halves the time there (and on a GPU) and costs no accuracy at this size.
-CIFAR_RECIPE = ClassifierRecipe(epochs=16, batch_size=256, lr=0.2, shift_pixels=4, arch="resnet", flip=True,
+# label smoothing, random crops after a 4 px pad and flips) at 20 epochs of the 25,000 train images:
+# 83.6 % on the test split (12 epochs: 80.9 %); one CPU thread takes about 26 s an epoch in bf16, which
+# runs 2.4x the images/s of fp32 there (stage5_guidance/README.md has the measurement).
+CIFAR_RECIPE = ClassifierRecipe(epochs=20, batch_size=256, lr=0.2, shift_pixels=4, arch="resnet", flip=True,
                                 optimizer="sgd", weight_decay=5e-4, label_smoothing=0.1, precision="bf16",
                                 channels_last=True)
 RECIPES = {"cifar10": CIFAR_RECIPE}
