@@ -145,7 +145,7 @@ def test_respaced_ddpm_is_ddim_with_eta_one(random_cond_model):
 
 def test_bad_sampler_arguments_are_user_errors(random_cond_model):
     schedule = NoiseSchedule("linear", 20)
-    for kw, match in ((dict(sampler="euler"), "unknown sampler"), (dict(num_steps=21), "steps must lie"),
+    for kw, match in ((dict(sampler="lms"), "unknown sampler"), (dict(num_steps=21), "steps must lie"),
                       (dict(labels=[3]), "labels must lie"), (dict(labels=[0, 1]), "2 labels given"),
                       (dict(spacing="karras"), "spacing"), (dict(precision="fp8"), "precision")):
         with pytest.raises(UserError, match=match):

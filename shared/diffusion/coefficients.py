@@ -18,6 +18,11 @@ Notation (t the current step, s the one stepped to), the fields of StepCoefficie
                    DDIM √ᾱ_s                          x_s = √ᾱ_s·x̂0 + √(1−ᾱ_s−σ²)·ε + σ·z (DDIM Eq. 12)
     out_coef_rest  DDPM c2 = posterior_mean_coef2 (times x_t); DDIM √(1 − ᾱ_s − σ²) (times ε)
     sigma          DDPM √β̃_t or √β_t, 0 at t = 0 (Alg. 2);  DDIM η·√((1−ᾱ_s)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_s) (Eq. 16)
+
+Euler on EDM's noise levels (Karras et al. 2022, Alg. 1 lines 4-5) is a DDIM step with η = 0 between
+two levels σ → σ' that need not be timesteps of the schedule: with x_σ = x_t/√ᾱ = x_t·√(σ² + 1) and
+dx_σ/dσ = ε (their Eq. 4 with s = 1, σ(t) = t), x_σ' = x_σ + (σ' − σ)·ε = x̂0 + σ'·ε, which in the
+samplers' coordinates x_t = x_σ/√(σ² + 1) is DDIM Eq. 12 with √ᾱ_s = 1/√(σ'² + 1): `euler_coefficients`.
 """
 from __future__ import annotations
 
@@ -26,8 +31,8 @@ from typing import NamedTuple, Union
 
 import torch
 
-__all__ = ["VARIANCES", "StepCoefficients", "ddpm_coefficients", "ddim_coefficients", "check_timestep",
-           "check_timestep_order", "check_eta", "check_variance"]
+__all__ = ["VARIANCES", "StepCoefficients", "ddpm_coefficients", "ddim_coefficients", "euler_coefficients",
+           "heun_correction", "check_timestep", "check_timestep_order", "check_eta", "check_variance"]
 
 # DDPM's two choices of σ_t² (Ho et al. 2020, Sec. 3.2): the posterior variance β̃_t, or β_t.
 VARIANCES = ("fixed_small", "fixed_large")
@@ -148,3 +153,31 @@ def ddim_coefficients(schedule, t, t_prev, eta: float = 0.0) -> StepCoefficients
         out_coef_rest=direction,
         sigma=sigma,
     )
+
+
+def euler_coefficients(sigma: float, sigma_next: float) -> StepCoefficients:
+    """The scalars of one Euler step σ → σ' on the probability-flow ODE in the samplers' (variance-
+    preserving) coordinates (module docstring; Karras et al. 2022, Alg. 1 lines 4-5):
+
+        x̂0 = √(σ² + 1)·x_t − σ·ε                    x_next = (x̂0 + σ'·ε) / √(σ'² + 1)
+
+    σ > 0, 0 ≤ σ' < σ, Python floats; σ' = 0 lands on x̂0. What diffusers' EulerDiscreteScheduler.step
+    does on x_σ = x_t·√(σ² + 1) (s_churn = 0)."""
+    if not (sigma > 0.0 and 0.0 <= sigma_next < sigma):
+        raise ValueError(f"an Euler step needs sigma > sigma_next >= 0, got {sigma} -> {sigma_next}")
+    scale_next = 1.0 / math.sqrt(sigma_next * sigma_next + 1.0)  # √ᾱ of the level stepped to
+    return StepCoefficients(x0_coef_xt=math.sqrt(sigma * sigma + 1.0), x0_coef_eps=sigma, out_coef_x0=scale_next,
+                            out_coef_rest=scale_next * sigma_next, sigma=0.0)
+
+
+def heun_correction(sigma: float, sigma_next: float) -> float:
+    """k of Heun's second stage written on the quantities a CUDA graph holds (Karras et al. 2022, Alg. 1
+    lines 6-8): with x' the Euler step's result (at σ'), x̂0_1 its x̂0 and x̂0_2 the x̂0 of the model at x',
+    x_next = x' + k·(x̂0_1 − x̂0_2), k = (σ' − σ) / (2σ' √(σ'² + 1)).
+
+    That is line 8's x_σ + (σ' − σ)·(ε_1 + ε_2)/2: ε_1 = (x'_σ − x̂0_1)/σ' and ε_2 = (x'_σ − x̂0_2)/σ', so
+    x_next,σ = x'_σ + (σ' − σ)/(2σ')·(x̂0_1 − x̂0_2), divided by √(σ'² + 1). σ' > 0 (no second stage onto 0)."""
+    if not (sigma > sigma_next > 0.0):
+        raise ValueError(f"Heun's second stage needs sigma > sigma_next > 0, got {sigma} -> {sigma_next}")
+    scale_next = euler_coefficients(sigma, sigma_next).out_coef_x0  # 1/√(σ'² + 1)
+    return (sigma_next - sigma) * scale_next / (2.0 * sigma_next)

@@ -1,6 +1,8 @@
 """The forward (noising) process q(x_t | x_0) in closed form."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from shared.diffusion.schedule import NoiseSchedule, extract
@@ -19,6 +21,23 @@ def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: int | torch.Tensor,
         raise ValueError(f"noise shape {tuple(noise.shape)} does not match x0 shape {tuple(x0.shape)}")
     return extract(schedule.sqrt_alphas_cumprod, t, x0) * x0 + \
         extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise.to(x0.dtype)
+
+
+def q_jump(schedule: NoiseSchedule, x_from: torch.Tensor, t_from: int, t_to: int, noise: torch.Tensor) -> torch.Tensor:
+    """Draws x_{t_to} ~ q(x_{t_to} | x_{t_from}) for t_from < t_to, the forward chain run on from t_from:
+
+        x_{t_to} = √(ᾱ_{t_to}/ᾱ_{t_from}) · x_{t_from} + √(1 − ᾱ_{t_to}/ᾱ_{t_from}) · ε
+
+    (DDPM Eq. 2 composed over the steps t_from+1 … t_to; one draw instead of RePaint's t_to − t_from
+    applications of its Eq. 1, the same distribution). t_from = −1 is x0 itself (ᾱ = 1): q_sample.
+    x_from, noise: [N x C x H x W]; t_from, t_to: ints in [−1, T). Returns x_{t_to} in x_from's dtype.
+    """
+    if noise.shape != x_from.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} does not match x shape {tuple(x_from.shape)}")
+    if not -1 <= t_from < t_to < schedule.num_timesteps:
+        raise ValueError(f"a forward jump needs -1 <= t_from < t_to < {schedule.num_timesteps}, got {t_from} -> {t_to}")
+    ratio = float(schedule.alphas_cumprod[t_to]) / (float(schedule.alphas_cumprod[t_from]) if t_from >= 0 else 1.0)
+    return math.sqrt(ratio) * x_from + math.sqrt(1.0 - ratio) * noise.to(x_from.dtype)
 
 
 # How many standard errors a sample statistic may stray before we call it a mismatch: 5σ makes a

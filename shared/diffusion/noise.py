@@ -31,6 +31,8 @@ from kernels.sampling_step.philox_reference import philox_normal
 from shared.errors import UserError
 
 MAX_SEED = 2**63 - 1  # seeds travel as int64 on the device
+# Stream 0 of a sample's seed draws x_T; the samplers number the other streams after it.
+X_T_STREAM = 0
 #: per_sample_noise's implementations: the op when built, else eager (module docstring).
 NOISE_IMPLS = ("auto", "op", "eager", "compiled")
 

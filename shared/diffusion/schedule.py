@@ -12,9 +12,18 @@ Notation (Ho et al. 2020, "DDPM"; Nichol & Dhariwal 2021, "improved DDPM"), t = 
     posterior_mean_coef2              coefficient of x_t  √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t)   (DDPM Eq. 7)
     posterior_log_variance_clipped    log β̃_t             β̃_0 = 0, so log β̃_1 stands in at t = 0
     log_snr                           λ_t                 log(ᾱ_t / (1 − ᾱ_t))
+    sigmas                            σ_t (EDM)           √(1/ᾱ_t − 1): the noise level of x_t/√ᾱ_t
 
 The array index is the timestep: `alphas_cumprod[t]` is ᾱ_t, and the last entry is ᾱ_{T−1}, the
 noisiest level (called ᾱ_T in the papers' 1-based counting).
+
+EDM's noise levels on these discrete-time models (Karras et al. 2022, "Elucidating the design space of
+diffusion-based generative models"): x_t = √ᾱ_t·(x0 + σ_t·ε), so x_σ = x_t/√ᾱ_t = x0 + σ·ε is the
+variance-exploding form and √ᾱ = 1/√(σ² + 1) the scaling s(t) of their Eq. 4. `karras_sigmas` is their
+time-step discretisation (Eq. 5, ρ = 7) between σ_0 and σ_{T−1}; `timestep_from_sigma` gives the
+(fractional) network timestep of any σ by linear interpolation of log σ_t between neighbouring
+timesteps, and `alpha_bar_at` is its inverse, as diffusers' EulerDiscreteScheduler / HeunDiscreteScheduler
+do (`_sigma_to_t`). At an integer t both are exact.
 """
 from __future__ import annotations
 
@@ -34,6 +43,8 @@ COSINE_OFFSET_S = 0.008
 MAX_BETA = 0.999
 
 SCHEDULE_KINDS = ("linear", "cosine")
+# Karras et al. 2022, Eq. 5 and Sec. 3: ρ = 7 spaces the sampling noise levels densely near σ_min.
+KARRAS_RHO = 7.0
 
 
 def linear_betas(num_timesteps: int) -> torch.Tensor:
@@ -99,6 +110,7 @@ class NoiseSchedule:
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / one_minus_ac
 
         self.log_snr = torch.log(self.alphas_cumprod) - torch.log(one_minus_ac)
+        self.sigmas = self.sqrt_recipm1_alphas_cumprod  # EDM's name for √(1/ᾱ_t − 1): σ_t, increasing in t
 
     def __repr__(self) -> str:
         return f"NoiseSchedule(kind={self.kind!r}, num_timesteps={self.num_timesteps})"
@@ -131,3 +143,64 @@ def extract(coef: torch.Tensor, t: int | torch.Tensor, like: torch.Tensor) -> to
     view[0] = t.shape[0]
     gathered = coef.to(t.device)[t.long()]
     return gathered.to(device=like.device, dtype=like.dtype).reshape(view)
+
+
+# --------------------------------------------------------------------------------------------------
+# EDM noise levels (module docstring)
+
+
+def karras_sigmas(schedule: NoiseSchedule, num_steps: int, rho: float = KARRAS_RHO) -> list[float]:
+    """The S noise levels a Karras-schedule sampler visits, descending from σ_max = σ_{T−1} to σ_min = σ_0:
+
+        σ_i = (σ_max^{1/ρ} + i/(S−1) · (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ,   i = 0 … S−1      (EDM Eq. 5)
+
+    (the final level σ_S = 0 is the sampler's to add). Float64 Python floats; S = 1 gives [σ_max]. The
+    same levels as diffusers' `use_karras_sigmas=True` with timestep_spacing="linspace" (their default).
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    sigma_min, sigma_max = float(schedule.sigmas[0]), float(schedule.sigmas[-1])
+    if num_steps == 1:
+        return [sigma_max]
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    ramp = [i / (num_steps - 1) for i in range(num_steps)]
+    return [(hi * (1.0 - r) + lo * r) ** rho for r in ramp]  # Eq. 5's hi + r·(lo − hi), rearranged
+
+
+def timestep_from_sigma(schedule: NoiseSchedule, sigma: float) -> float:
+    """The fractional timestep τ with log σ(τ) = log σ, σ(τ) interpolated log-linearly between the
+    timesteps around it; clamped to [0, T−1] outside σ_0 … σ_{T−1}. A float64 Python float."""
+    log_sigmas = schedule.sigmas.log()
+    last = schedule.num_timesteps - 1
+    if last == 0:
+        return 0.0
+    log_sigma = math.log(max(sigma, 1e-10))
+    low = min(max(int(torch.searchsorted(log_sigmas, torch.tensor(log_sigma, dtype=torch.float64),
+                                         right=True)) - 1, 0), last - 1)
+    lo, hi = float(log_sigmas[low]), float(log_sigmas[low + 1])
+    weight = min(max((lo - log_sigma) / (lo - hi), 0.0), 1.0)
+    return low + weight
+
+
+def alpha_bar_at(schedule: NoiseSchedule, t: float) -> float:
+    """ᾱ at a (fractional) timestep t in [0, T−1]: 1/(1 + σ(t)²) with log σ interpolated linearly between
+    the integer timesteps around t (the inverse of timestep_from_sigma); ᾱ_t itself at an integer t."""
+    if isinstance(t, int) and not isinstance(t, bool):
+        return float(schedule.alphas_cumprod[t])
+    if not 0.0 <= t <= schedule.num_timesteps - 1:
+        raise ValueError(f"timestep {t} is outside [0, {schedule.num_timesteps - 1}]")
+    low = min(int(math.floor(t)), schedule.num_timesteps - 2) if schedule.num_timesteps > 1 else 0
+    log_sigmas = schedule.sigmas.log()
+    frac = t - low
+    log_sigma = (1.0 - frac) * float(log_sigmas[low]) + frac * float(log_sigmas[low + 1])
+    return alpha_bar_from_sigma(math.exp(log_sigma))
+
+
+def alpha_bar_from_sigma(sigma: float) -> float:
+    """ᾱ = 1/(σ² + 1) of an EDM noise level σ ≥ 0 (√ᾱ is EDM's scaling s(t) of these models)."""
+    return 1.0 / (1.0 + sigma * sigma)
+
+
+def sigma_from_alpha_bar(alpha_bar: float) -> float:
+    """The EDM noise level σ = √(1/ᾱ − 1) of ᾱ in (0, 1]."""
+    return math.sqrt(1.0 / alpha_bar - 1.0)

@@ -222,22 +222,25 @@ def ddim_step(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: 
 
 def affine_step(row: torch.Tensor, x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None,
                 x0_last: torch.Tensor, clip_x0: bool) -> StepResult:
-    """Any sampler's step from its coefficient row [7], all on x_t's device:
+    """Any sampler's step from its coefficient row [8], all on x_t's device:
 
         x̂0 = a·x_t − b·ε  (clipped if asked)      D = x̂0 + w·(x̂0 − x̂0_prev)      ε_D = (a·x_t − D) / b
-        x_prev = c·D + d·x_t + e·ε_D + σ·z
-        DDPM: c, d = posterior_mean_coef1/2, e = 0, w = 0      DDIM: c = √ᾱ_prev, d = 0, e = √(1−ᾱ_prev−σ²), w = 0
+        x_prev = c·D + d·x_t + e·ε_D + f·x̂0_prev + σ·z
+        DDPM: c, d = posterior_mean_coef1/2, e = 0, w = f = 0      DDIM: c = √ᾱ_prev, d = 0, e = √(1−ᾱ_prev−σ²), w = f = 0
         DPM-Solver++(2M): as DDIM with σ = 0 and w = 1/(2r) (0 on first-order steps)
+        Euler and Heun's first stage: DDIM on `euler_coefficients`
+        Heun's second stage: a = √(σ'² + 1), b = σ', c = −k, d = 1, f = k = `heun_correction` (e = w = σ = 0)
 
-    row: (a, b, c, d, e, σ, w) in x_t's dtype (`Sampler.coefficients`); x_t, eps, noise, x0_last:
-    [N x C x H x W]. Reads no host value, so a CUDA graph can replay it with a new row each step.
+    row: (a, b, c, d, e, σ, w, f) in x_t's dtype (`Sampler.coefficients`); x_t, eps, noise, x0_last (the
+    previous step's x̂0): [N x C x H x W]. Reads no host value, so a CUDA graph can replay it with a new
+    row each step.
     """
-    a, b, c, d, e, sigma, w = row.unbind()
+    a, b, c, d, e, sigma, w, f = row.unbind()
     x0_pred = x0_from_eps(x_t, eps, a, b)
     if clip_x0:
         x0_pred = x0_pred.clamp(-1.0, 1.0)
     data_estimate = x0_pred + w * (x0_pred - x0_last)
-    x_prev = c * data_estimate + d * x_t + e * eps_from_x0(x_t, data_estimate, a, b)
+    x_prev = c * data_estimate + d * x_t + e * eps_from_x0(x_t, data_estimate, a, b) + f * x0_last
     if noise is not None:
         x_prev = x_prev + sigma * noise
     return StepResult(x_prev, x0_pred)
