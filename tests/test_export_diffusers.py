@@ -106,3 +106,19 @@ def test_bad_exports_are_one_line_errors_and_change_nothing(tmp_path):
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
     assert res.stderr.startswith("error:") and not (tmp_path / "pipe").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+@pytest.mark.parametrize("recorded, expected", [(None, "epsilon"), ("v", "v_prediction"), ("x0", "sample")])
+def test_export_command_writes_the_checkpoints_prediction_type(tmp_path, recorded, expected):
+    """The checkpoint's prediction record (absent: ε) reaches diffusers' prediction_type through the loader."""
+    model = UNet.from_preset("tiny", image_size=8, attention_resolutions=(4,))
+    schedule = NoiseSchedule("linear", 20)
+    meta = {"dataset": "mnist", "num_classes": 0, "image_shape": [1, 8, 8], "schedule": schedule.to_dict()}
+    if recorded is not None:
+        meta["prediction"] = recorded
+    (tmp_path / "run").mkdir()
+    atomic_save(ema_file(model.config, model.state_dict(), schedule.to_dict(), meta), tmp_path / "run" / EMA_NAME)
+    res = subprocess.run([sys.executable, str(ROOT / "stage2_unet" / "export.py"), str(tmp_path / "run"),
+                          str(tmp_path / "pipe")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert diffusers.DDPMScheduler.from_pretrained(tmp_path / "pipe" / "scheduler").config.prediction_type == expected

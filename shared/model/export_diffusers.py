@@ -22,7 +22,10 @@ The network maps one to one onto UNet2DModel:
 The middle block's attention keeps its GroupNorm only when `attn_norm_num_groups` is given: with a
 scale-shift time embedding, diffusers otherwise builds that attention without a norm.
 
-The schedule goes over as `trained_betas` (our float64 β_t), exact for every T and both schedules.
+The schedule goes over as `trained_betas` (our float64 β_t), exact for every T and both schedules, and
+the network's prediction type (its `prediction` attribute, set from the checkpoint's record by the
+loader; "eps" when absent) as diffusers' `prediction_type`: eps → "epsilon", v → "v_prediction",
+x0 → "sample".
 """
 from __future__ import annotations
 
@@ -41,6 +44,8 @@ from shared.model.unet import UNet
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # The diffusers release whose config format the files follow (0.2x and later read it).
 DIFFUSERS_FORMAT_VERSION = "0.30.0"
+# Our prediction types (shared.diffusion.prediction.PREDICTIONS) under diffusers' names.
+DIFFUSERS_PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 
 def check_exportable(model: UNet) -> None:
@@ -137,12 +142,16 @@ def unet2d_state_dict(model: UNet) -> dict[str, torch.Tensor]:
     return {k: v.float().contiguous().clone() for k, v in out.items()}
 
 
-def scheduler_config(betas: torch.Tensor) -> dict:
-    """DDPMScheduler arguments for our schedule: β_t given exactly, ε-prediction, x̂_0 clipped to [−1, 1],
-    the posterior variance β̃_t (DDPM's σ_t² = β̃_t, "fixed_small")."""
+def scheduler_config(betas: torch.Tensor, prediction: str = "eps") -> dict:
+    """DDPMScheduler arguments for our schedule: β_t given exactly, the network's prediction type
+    (DIFFUSERS_PREDICTION_TYPES), x̂_0 clipped to [−1, 1], the posterior variance β̃_t (DDPM's σ_t² = β̃_t,
+    "fixed_small")."""
+    if prediction not in DIFFUSERS_PREDICTION_TYPES:
+        raise UserError(f"cannot export a network that predicts {prediction!r}; diffusers knows "
+                        f"{', '.join(DIFFUSERS_PREDICTION_TYPES)}")
     return dict(num_train_timesteps=int(betas.numel()), trained_betas=[float(b) for b in betas],
-                beta_schedule="linear", prediction_type="epsilon", clip_sample=True, clip_sample_range=1.0,
-                variance_type="fixed_small", timestep_spacing="leading")
+                beta_schedule="linear", prediction_type=DIFFUSERS_PREDICTION_TYPES[prediction], clip_sample=True,
+                clip_sample_range=1.0, variance_type="fixed_small", timestep_spacing="leading")
 
 
 def export_diffusers(model: UNet, betas: torch.Tensor, out_dir: str | os.PathLike) -> Path:
@@ -157,6 +166,7 @@ def export_diffusers(model: UNet, betas: torch.Tensor, out_dir: str | os.PathLik
     if not out_dir.resolve().parent.is_dir():
         raise UserError(f"cannot write {out_dir}: the folder {out_dir.resolve().parent} does not exist")
     config, weights = unet2d_config(model), unet2d_state_dict(model)
+    scheduler = scheduler_config(betas, getattr(model, "prediction", "eps"))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.resolve().parent))
     try:
         (tmp / "unet").mkdir()
@@ -165,7 +175,7 @@ def export_diffusers(model: UNet, betas: torch.Tensor, out_dir: str | os.PathLik
         _write_json(tmp / "unet" / "config.json", {"_class_name": "UNet2DModel", **header, **config})
         save_file(weights, str(tmp / "unet" / UNET_WEIGHTS), metadata={"format": "pt"})
         _write_json(tmp / "scheduler" / "scheduler_config.json",
-                    {"_class_name": "DDPMScheduler", **header, **scheduler_config(betas)})
+                    {"_class_name": "DDPMScheduler", **header, **scheduler})
         _write_json(tmp / "model_index.json", {"_class_name": "DDPMPipeline", **header,
                                                "unet": ["diffusers", "UNet2DModel"],
                                                "scheduler": ["diffusers", "DDPMScheduler"]})

@@ -10,6 +10,9 @@ reads them without unpickling any code:
   EMA only        "ddpm-from-scratch/ema/1"        ema.pt                model_config, state_dict (EMA
                                                                          weights), schedule, meta
 
+meta["prediction"] says what the network predicts ("eps", "v" or "x0"; shared.diffusion.prediction); a
+file written before the option has none and is read as "eps". The loader attaches it to the network.
+
 Every problem a user can cause (a missing, truncated or corrupt file, a pickle that would run code, a
 checkpoint for another architecture or preset) is raised as `shared.UserError` with a message naming
 the file and the mismatch.
@@ -24,6 +27,7 @@ from typing import Any
 
 import torch
 
+from shared.diffusion.prediction import set_prediction
 from shared.diffusion.schedule import NoiseSchedule
 from shared.errors import UserError
 from shared.model.unet import UNet, UNetConfig
@@ -223,7 +227,8 @@ def load_for_sampling(path: str | os.PathLike, device: str | torch.device = "cpu
     which: "ema" for the EMA weights (what samples should use), "model" for the raw trained weights,
     which only full training checkpoints hold.
     meta: {"dataset", "num_classes", "image_shape": [C, H, W], "schedule": {"kind", "num_timesteps"},
-    "options", ...} as recorded at training time.
+    "prediction", "options", ...} as recorded at training time ("prediction" "eps" when absent); the
+    model carries its prediction type (shared.diffusion.prediction.prediction_of).
     """
     if which not in ("ema", "model"):
         raise UserError(f"which must be 'ema' or 'model', got {which!r}")
@@ -246,5 +251,10 @@ def load_for_sampling(path: str | os.PathLike, device: str | torch.device = "cpu
     meta = dict(ckpt["meta"])
     meta.setdefault("schedule", dict(sched))
     meta.setdefault("num_classes", int(ckpt["model_config"].get("num_classes", 0)))
+    meta["prediction"] = meta.get("prediction", "eps")  # files from before --prediction predict ε
+    try:
+        set_prediction(model, meta["prediction"])
+    except UserError as err:
+        raise UserError(f"checkpoint {str(file)!r} has a damaged prediction record ({err})") from None
     meta["checkpoint"] = str(file)
     return model, schedule, meta

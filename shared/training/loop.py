@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from shared.data.datasets import load_training_dataset, without_judge_heldout
 from shared.diffusion.noise import seed_everything
+from shared.diffusion.prediction import prediction_of, set_prediction
 from shared.diffusion.schedule import NoiseSchedule
 from shared.errors import UserError
 from shared.model.ema import make_ema
@@ -122,7 +123,8 @@ class GradientStep:
     model: what the forwards run through: state.model, or its DistributedDataParallel / torch.compile
     wrapper. autocast: the context the network runs in. max_grad_norm: the clip (inf: measure the norm,
     clip nothing). p_uncond: the label dropout to the null class (class-conditional models).
-    min_snr_gamma: 0 trains on L_simple; γ > 0 weights each image's L_simple by min(1, γ/SNR_t).
+    min_snr_gamma: 0 trains on L_simple; γ > 0 weights each image's L_simple by min(1, γ/SNR_t) (or the
+    weight of the network's target, v or x0: loss.min_snr_weight).
     """
     state: TrainState
     model: torch.nn.Module
@@ -152,8 +154,8 @@ class GradientStep:
         # t drawn here, first, as l_simple would draw it: the same stream, and the weights need it
         t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=noise)
         per_image = l_simple(self.model, self.schedule, x0, y, t, generator=noise, autocast=self.autocast)
-        if self.min_snr_gamma > 0:
-            per_image = per_image * min_snr_weight(self.schedule, t, self.min_snr_gamma)
+        if self.min_snr_gamma > 0:  # the weights of the network's target (ε, v or x0)
+            per_image = per_image * min_snr_weight(self.schedule, t, self.min_snr_gamma, prediction_of(raw))
         return per_image.mean()
 
     def backward(self, micro_batches) -> torch.Tensor:
@@ -428,7 +430,8 @@ class Trainer:
                    "steps_per_epoch": self.steps_per_epoch, "world_size": ctx.world_size,
                    "judge_heldout_excluded": excluded, "data_on_device": self.batches.on_device}
         meta = {"dataset": cfg.dataset, "preset": cfg.preset, "num_classes": raw.num_classes,
-                "image_shape": list(self.info.image_shape), "schedule": self.schedule.to_dict(), "options": options}
+                "image_shape": list(self.info.image_shape), "schedule": self.schedule.to_dict(),
+                "prediction": prediction_of(raw), "options": options}
         extra = {"dataset": self.info.to_dict(), "world_size": ctx.world_size,
                  "model_parameters": sum(p.numel() for p in raw.parameters()),
                  "resumed_from": str(self.resumed_from) if self.resumed_from else None}
@@ -510,6 +513,7 @@ def _build_state(cfg: TrainConfig, info, device: torch.device, ctx: DistContext,
     cfg.precision: the resolved one (fp16 turns the GradScaler on)."""
     seed_everything(cfg.seed)
     raw_model = build_model(cfg, tuple(info.image_shape), info.num_classes).to(device)
+    set_prediction(raw_model, cfg.prediction)  # what its output means; the EMA copy below inherits it
     if cfg.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     if cfg.fused_kernels:

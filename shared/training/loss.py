@@ -4,6 +4,11 @@
     x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε                         (q_sample, Eq. 4)
     L_simple = ‖ε − ε_θ(x_t, t[, y])‖²                  (mean over pixels)
 
+For a v- or x0-prediction network (`--prediction`, recorded on the network: shared.diffusion.prediction)
+the same mean squared error regresses its own target, v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho 2022,
+Sec. 4) or x0, and the min-SNR-γ weights change with the target so that every parameterisation weighs
+the implied x0 error by min(SNR_t, γ) (`min_snr_weight`).
+
 One definition, used by the training step (loop.GradientStep), the held-out evaluation (heldout.py),
 tests/tiny_trained.py and benches/bench_train.py.
 """
@@ -15,13 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from shared.diffusion.forward import q_sample
-from shared.diffusion.schedule import NoiseSchedule
+from shared.diffusion.prediction import check_prediction, prediction_of, training_target
+from shared.diffusion.schedule import NoiseSchedule, extract
 
 
 def l_simple(model, schedule: NoiseSchedule, x0: torch.Tensor, y: torch.Tensor | None = None,
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None, *,
              generator: torch.Generator | None = None, autocast=None) -> torch.Tensor:
-    """Per-image L_simple [N], in fp32 whatever the autocast dtype.
+    """Per-image L_simple [N], in fp32 whatever the autocast dtype: ‖target − network(x_t, t, y)‖² with the
+    target of the network's prediction type (ε, v or x0; `prediction_of(model)`, "eps" by default).
 
     x0: [N x C x H x W] in [-1, 1]; y: [N] labels or None; t [N] and noise (ε, like x0) are drawn from
     `generator` (t first, then ε) when not given. autocast: the context the network runs in.
@@ -33,21 +40,33 @@ def l_simple(model, schedule: NoiseSchedule, x0: torch.Tensor, y: torch.Tensor |
         noise = torch.randn(x0.shape, device=x0.device, dtype=torch.float32, generator=generator)
     x_t = q_sample(schedule, x0, t, noise)
     with autocast if autocast is not None else nullcontext():
-        eps_pred = model(x_t, t, y)
-    return F.mse_loss(eps_pred.float(), noise, reduction="none").flatten(1).mean(1)
+        prediction = model(x_t, t, y)
+    target = training_target(prediction_of(model), x0, noise, extract(schedule.sqrt_alphas_cumprod, t, x0),
+                             extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0))
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
 
 
-def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-γ loss weights for ε-prediction (Hang et al. 2023, "Efficient Diffusion Training
-    via Min-SNR Weighting Strategy"), written for the ε target:
+def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, prediction: str = "eps") -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+    Strategy", Sec. 3.4), for the target a `prediction` network regresses:
 
-        w_t = min(SNR_t, γ) / SNR_t = min(1, γ / SNR_t),   SNR_t = ᾱ_t / (1 − ᾱ_t)
+        x0:  w_t = min(SNR_t, γ)
+        ε:   w_t = min(SNR_t, γ) / SNR_t = min(1, γ / SNR_t)
+        v:   w_t = min(SNR_t, γ) / (SNR_t + 1)                   SNR_t = ᾱ_t / (1 − ᾱ_t)
 
-    The nearly noise-free steps (SNR_t ≫ γ) weigh less, so their easy gradients stop pulling against the
-    noisy steps'. t: [N] timesteps. Returns [N] fp32 weights on t's device.
+    An ε error e is an x0 error e/√SNR_t and a v error an x0 error e·√(1−ᾱ_t) (Salimans & Ho 2022), so
+    all three weigh the x0 error by min(SNR_t, γ): the nearly noise-free steps (SNR_t ≫ γ) weigh less,
+    and their easy gradients stop pulling against the noisy steps'. t: [N] timesteps. Returns [N] fp32
+    weights on t's device.
     """
-    log_snr = schedule.log_snr.to(t.device)
-    return (gamma * torch.exp(-log_snr[t])).clamp(max=1.0).float()
+    check_prediction(prediction)
+    log_snr = schedule.log_snr.to(t.device)[t]
+    eps_weight = (gamma * torch.exp(-log_snr)).clamp(max=1.0)  # min(1, γ/SNR_t)
+    if prediction == "x0":
+        return (eps_weight * torch.exp(log_snr)).float()
+    if prediction == "v":  # SNR_t / (SNR_t + 1) = ᾱ_t
+        return (eps_weight * schedule.alphas_cumprod.to(t.device)[t]).float()
+    return eps_weight.float()
 
 
 def drop_labels(y: torch.Tensor, p_uncond: float, null_class: int,
