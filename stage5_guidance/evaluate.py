@@ -13,7 +13,10 @@ Reports, as a printed table and as JSON (results.json in runs/evaluate/NNNNN-…
   * for CIFAR-10 (or any data, given --inception-weights), the FID (Inception) against the held-out
     images and the Inception Score, with the FID Inception network of pytorch-fid / torch-fidelity
     (torchmetrics' default extractor); its weights are read from --inception-weights or torch.hub's
-    cache, never downloaded, and their absence is one line before any work.
+    cache, never downloaded, and their absence is one line before any work (for CIFAR-10,
+    --no-inception-fid judges with the classifier alone and says so).
+CIFAR-10's judge is a small ResNet trained on the train split; its held-out images are the test split
+(the classifier's test accuracy, the FD reference, the floor's other half).
 The FD above is on classifier features (JSON "frechet_distance"), comparable only within this project;
 the FID (Inception) ("inception_fid") is the measure papers report (at 50,000 samples).
 The JSON records the number of samples, sampler, steps, w and seeds of every run. Bad runs, a bad
@@ -121,9 +124,9 @@ def judge_notes(args, judge, fid_net) -> list[str]:
     held-out set, the data's caveat (CIFAR-10's JPEG copy), and a FID (Inception) left out."""
     notes = []
     if args.dataset in JUDGED_ON_TEST_SPLIT:
-        notes.append(f"held out: the {args.dataset} test split ({judge.heldout_images.shape[0]:,} images): "
-                     f"classifier test accuracy, FD against it, floor = {judge.train_images.shape[0]:,}-image "
-                     f"train split against it")
+        notes.append(f"held out: the {args.dataset} test split ({judge.heldout_images.shape[0]:,} images): the "
+                     f"classifier's test accuracy, the FD against it, and the floor: as many of the "
+                     f"{judge.train_images.shape[0]:,} train images as samples, against it")
     if judge.data_note:
         notes.append(f"note: {judge.data_note}")
     if fid_net is None and args.dataset == "cifar10":

@@ -29,6 +29,7 @@ from tests.idx_files import make_mnist_dir
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TRAIN = ROOT / "stage3_train" / "train.py"
+EVALUATE = ROOT / "stage5_guidance" / "evaluate.py"
 # JPEG at quality 100 without chroma subsampling, on flat 8×8 blocks aligned with its DCT blocks: the
 # decoded pixels stay within a few levels of those written (colour conversion and rounding only).
 JPEG_TOLERANCE = 3
@@ -217,7 +218,7 @@ def test_flip_is_on_by_default_for_cifar_only(argv, flip):
     assert TrainConfig(dataset="cifar10").random_flip is True and TrainConfig().random_flip is False
 
 
-def test_a_tiny_cifar_run_trains_on_every_train_image_with_flips(tmp_path):
+def test_a_tiny_cifar_run_trains_with_flips_and_is_judged_on_the_test_split(tmp_path):
     make_cifar_zip(tmp_path / "data", "train", 4)
     result = subprocess.run([sys.executable, str(TRAIN), "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
                              "--out", str(tmp_path / "runs"), "--preset", "tiny", "--max-steps", "2", "--batch-size", "8",
@@ -229,6 +230,19 @@ def test_a_tiny_cifar_run_trains_on_every_train_image_with_flips(tmp_path):
     assert options["random_flip"] is True and options["judge_heldout_excluded"] == 0
     assert record["dataset"]["class_names"] == list(CIFAR10_CLASSES) and record["dataset"]["note"] == JPEG_COPY_NOTE
     assert record["dataset"]["image_shape"] == [3, 32, 32] and record["dataset"]["split"] == "train"
+    make_cifar_zip(tmp_path / "data", "test", 2)
+    run_dir = next((tmp_path / "runs").iterdir())
+    result = subprocess.run([sys.executable, str(EVALUATE), "--checkpoint", str(run_dir), "--dataset", "cifar10",
+                             "--data-dir", str(tmp_path / "data"), "--classifier", str(tmp_path / "clf.pt"),
+                             "--classifier-epochs", "1", "--no-inception-fid", "--per-class", "2", "--runs", "ddim:2",
+                             "--out", str(tmp_path / "eval"), "--device", "cpu", "--no-progress"],
+                            capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert "(20 images)" in result.stdout and "FID (Inception): not computed" in result.stdout
+    assert "cifar10 test split" in result.stdout and JPEG_COPY_NOTE in result.stdout
+    report = json.loads(next((tmp_path / "eval").glob("*/results.json")).read_text())
+    assert report["heldout_images"] == 20 and len(report["notes"]) == 3 and "inception_fid" not in report["runs"][0]
+    assert load_classifier(tmp_path / "clf.pt")[1]["arch"] == "resnet"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from shared.data.datasets import JUDGED_ON_TEST_SPLIT, from_uint8, judge_split, load_dataset
+from shared.data.datasets import DATASET_NAMES, JUDGED_ON_TEST_SPLIT, from_uint8, judge_split, load_dataset
 from shared.errors import UserError
 from shared.evaluation.classifier import (ClassifierRecipe, accuracy, architecture_name, check_classifier_path,
                                           load_classifier, recipe_for, save_classifier, train_classifier)
@@ -114,8 +114,9 @@ def _load_checked(source: JudgeSource, image_shape: Sequence[int], device: torch
     if classifier.config["image_size"] != image_shape[-1] or classifier.config["in_channels"] != image_shape[0]:
         raise UserError(f"classifier {path!r} is for {classifier.config['in_channels']} x "
                         f"{classifier.config['image_size']}² images, the model makes {tuple(image_shape)}")
-    if meta.get("dataset", source.dataset) != source.dataset:
-        raise UserError(f"classifier {path!r} was trained on {meta['dataset']}, not {source.dataset}; give "
+    trained_on = meta.get("dataset")
+    if trained_on in DATASET_NAMES and trained_on != source.dataset:  # (a name of ours: not a test's own data)
+        raise UserError(f"classifier {path!r} was trained on {trained_on}, not {source.dataset}; give "
                         f"--classifier another file (it is trained there)")
     return classifier
 
