@@ -208,8 +208,10 @@ def test_a_bad_zip_stops_training_with_one_line_and_no_run_directory(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Training options
 
-@pytest.mark.parametrize("argv, flip", [(["--dataset", "cifar10"], True), (["--dataset", "cifar10", "--no-random-flip"], False),
-                                        (["--dataset", "mnist"], False), (["--dataset", "mnist", "--random-flip"], True),
+@pytest.mark.parametrize("argv, flip", [(["--dataset", "cifar10"], True),
+                                        (["--dataset", "cifar10", "--no-random-flip"], False),
+                                        (["--dataset", "mnist"], False),
+                                        (["--dataset", "mnist", "--random-flip"], True),
                                         (["--dataset", "fashion-mnist"], False)])
 def test_flip_is_on_by_default_for_cifar_only(argv, flip):
     cfg, given, _ = parse_config(argv, "test")

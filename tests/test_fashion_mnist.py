@@ -33,7 +33,8 @@ def test_without_data_dir_the_debian_folder_is_read(system_dir, tmp_path):
     ds = load_dataset("fashion-mnist", root=str(tmp_path / "empty-root"), download=False)
     assert len(ds) == 30 and ds.info.name == "fashion-mnist" and ds.info.split == "train"
     assert Path(ds.info.source).parent == folder
-    assert torch.equal(ds.images[:, 0], torch.from_numpy(images)) and torch.equal(ds.labels, torch.from_numpy(labels.astype(np.int64)))
+    assert torch.equal(ds.images[:, 0], torch.from_numpy(images))
+    assert torch.equal(ds.labels, torch.from_numpy(labels.astype(np.int64)))
 
 
 def test_the_root_comes_before_the_debian_folder(system_dir, tmp_path):

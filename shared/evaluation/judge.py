@@ -93,15 +93,17 @@ def real_splits(source: JudgeSource, image_shape: Sequence[int], progress: bool)
     """((classifier-train images, labels), (held-out images, labels), the train split's DatasetInfo), images
     [N x C x H x W] in [−1, 1]: the test split held out where the dataset has one (JUDGED_ON_TEST_SPLIT),
     else the last source.heldout images of the train split."""
-    def load(train: bool):
+    own_test_split = source.dataset in JUDGED_ON_TEST_SPLIT
+
+    def load(train: bool):  # a progress bar for CIFAR-10's JPEG decode; the other datasets load quietly here
         data = load_dataset(source.dataset, data_dir=source.data_dir, train=train, image_size=int(image_shape[-1]),
-                            channels=int(image_shape[0]), quiet=not progress or source.dataset not in JUDGED_ON_TEST_SPLIT)
+                            channels=int(image_shape[0]), quiet=not (progress and own_test_split))
         images, labels = stack_dataset(data)
         check_dataset_matches(images, image_shape, f"--dataset {source.dataset}")
         return (images, labels), data.info
 
     (images, labels), info = load(train=True)
-    if source.dataset in JUDGED_ON_TEST_SPLIT:
+    if own_test_split:
         return (images, labels), load(train=False)[0], info
     return (*split_real(images, labels, source.heldout), info)
 

@@ -143,6 +143,7 @@ def build_parser(description: str, suppress_defaults: bool = False) -> argparse.
     suppress_defaults: leave every flag that is not given out of the parsed namespace (given_options).
     """
     p = flags.make_parser(description)
+    defaults = asdict(TrainConfig())  # a switch's default as the default dataset resolves it (parse_config)
     groups: dict[str, argparse._ArgumentGroup] = {}
     exclusive: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for f in fields(TrainConfig):
@@ -151,7 +152,7 @@ def build_parser(description: str, suppress_defaults: bool = False) -> argparse.
         if meta["exclusive"]:
             group = exclusive.get(meta["exclusive"]) or exclusive.setdefault(
                 meta["exclusive"], group.add_mutually_exclusive_group())
-        kwargs = {"help": meta["help"], "default": argparse.SUPPRESS if suppress_defaults else f.default}
+        kwargs = {"help": meta["help"], "default": argparse.SUPPRESS if suppress_defaults else defaults[f.name]}
         if isinstance(f.default, bool) or meta["switch"]:
             kwargs["action"] = argparse.BooleanOptionalAction if f.default or meta["switch"] else "store_true"
         else:
@@ -167,6 +168,9 @@ def parse_config(argv: Sequence[str] | None, description: str) -> tuple[TrainCon
     args = vars(build_parser(description).parse_args(argv))
     given = set(vars(build_parser(description, suppress_defaults=True).parse_args(argv))) - {"dry_run"}
     dry_run = args.pop("dry_run")
+    for f in fields(TrainConfig):
+        if f.metadata["switch"] and f.name not in given:
+            args[f.name] = None  # not given: the dataset decides (TrainConfig.__post_init__)
     return TrainConfig(**args), given, dry_run
 
 
