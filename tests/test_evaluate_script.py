@@ -37,7 +37,7 @@ def _fails_in_one_line(evaluate, argv, capsys) -> str:
 
 
 @pytest.mark.parametrize("runs,needle", [("ddim:0", "steps must be >= 1"), ("ddim:5000", "exceed the model's T = 100"),
-                                         ("euler:5", "unknown sampler 'euler'"), ("ddim:fifty", "look like ddim:50")])
+                                         ("plms:5", "unknown sampler 'plms'"), ("ddim:fifty", "look like ddim:50")])
 def test_bad_runs_are_refused_before_any_output(evaluate, assets, tmp_path, capsys, runs, needle):
     ckpt, data = assets
     out = tmp_path / "out"

@@ -144,7 +144,7 @@ BAD_INPUT = [
     (GUIDE, ["--checkpoint", "{ckpt}", "--prompt", "eleven"], "accepted"),
     (GUIDE, ["--checkpoint", "{ckpt}", "--digit", "12"], "--digit must lie in [0, 9]"),
     (GUIDE, ["--checkpoint", "{ckpt}"], "one of the arguments"),
-    (EVALUATE, ["--checkpoint", "{ckpt}", "--runs", "euler:5"], "unknown sampler 'euler'"),
+    (EVALUATE, ["--checkpoint", "{ckpt}", "--runs", "plms:5"], "unknown sampler 'plms'"),
     (SAMPLE, ["--checkpoint", "{ckpt}", "--eta", "inf"], "--eta"),
     (SAMPLE, ["--checkpoint", "{ckpt}", "--eta", "nan"], "--eta"),
     (SAMPLE, ["--checkpoint", "{ckpt}", "--label", "11"], "--label must lie in [0, 9]"),
