@@ -1,6 +1,7 @@
-"""Stage 4: draw samples from a trained checkpoint with DDPM, DDIM or DPM-Solver++(2M).
+"""Stage 4: draw samples from a trained checkpoint with DDPM, DDIM, DPM-Solver++(2M), Euler or Heun.
 
     python stage4_sampling/sample.py --checkpoint runs/00000-mnist-mnist-bf16 --sampler ddim --steps 50
+    python stage4_sampling/sample.py --checkpoint C --sampler heun --steps 10         # Karras sigmas, 19 NFE
     python stage4_sampling/sample.py --checkpoint C --sampler ddpm --trajectory        # x_t / x̂0 strip + GIF
     python stage4_sampling/sample.py --checkpoint C --compare-steps 10,20,50,100,1000  # same seeds, side by side
     python stage4_sampling/sample.py --checkpoint C --compare-steps 10,50,200 --classifier runs/classifier.pt \\
@@ -8,7 +9,9 @@
 
 Each run writes runs/samples/NNNNN-<sampler>-<steps>/ with every sample as images/NNNNNN.png and in
 samples.npz (uint8 images N x H x W x C, labels, seeds), samples.png (the first 100), results.json
-(images/s), options.json and the pictures asked for. The math lives in shared.diffusion.steps / shared.diffusion.samplers.
+(images/s and NFE, the network evaluations per image), options.json and the pictures asked for. The math
+lives in shared.diffusion.steps / shared.diffusion.samplers; a v- or x0-prediction checkpoint is sampled
+as such (its record says which).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere
 
 import torch  # noqa: E402
 
-from shared.diffusion.samplers import default_steps  # noqa: E402
+from shared.diffusion.samplers import count_nfe, default_steps  # noqa: E402
 from shared.errors import UserError  # noqa: E402
 from shared.evaluation.classifier import per_class_accuracy  # noqa: E402
 from shared.evaluation.frechet import frechet_distance  # noqa: E402
@@ -86,7 +89,8 @@ def _compare(args, model, schedule, seeds, labels, device, judge) -> tuple[list[
         out, rate = timed_sample(model, schedule, seeds, sampler_options(args, num_steps=steps), labels, device,
                                  progress=not args.no_progress)
         rows.append(out[:COMPARE_COLUMNS])
-        entry = {"sampler": args.sampler, "steps": steps, "images_per_s": rate}
+        entry = {"sampler": args.sampler, "steps": steps, "images_per_s": rate,
+                 "nfe": count_nfe(sampler_options(args, num_steps=steps), schedule.num_timesteps)}
         if judge is not None:
             entry.update(frechet_distance=frechet_distance(judge.feature, judge.heldout_images, out),
                          real_floor=floor, mean_class_accuracy=None)
@@ -94,7 +98,7 @@ def _compare(args, model, schedule, seeds, labels, device, judge) -> tuple[list[
                 per = per_class_accuracy(judge.classifier, out, labels, model.num_classes)
                 entry["mean_class_accuracy"] = sum(per.values()) / len(per)
         entries.append(entry)
-        print(f"  {steps:>5} steps: {rate:.2f} images/s" +
+        print(f"  {steps:>5} steps ({entry['nfe']} NFE): {rate:.2f} images/s" +
               (f", FD {entry['frechet_distance']:.3f} (floor {floor:.3f})" if judge else ""))
     return entries, torch.cat(rows)
 
@@ -119,8 +123,10 @@ def main(argv=None) -> dict:
     recorder = TrajectoryRecorder() if args.trajectory else None
     with output_run_dir(args.out, f"{args.sampler}-{steps_name}") as run_dir:
         shown, rate = _draw_all(args, model, schedule, seeds, labels, device, run_dir, recorder)
-        results["runs"].append({"sampler": args.sampler, "steps": steps_name, "images_per_s": rate})
-        print(f"{args.sampler}-{steps_name}: {args.n} images at {rate:.2f} images/s on {device}")
+        nfe = count_nfe(sampler_options(args), schedule.num_timesteps)
+        results["runs"].append({"sampler": args.sampler, "steps": steps_name, "nfe": nfe, "images_per_s": rate})
+        print(f"{args.sampler}-{steps_name}: {args.n} images at {rate:.2f} images/s on {device}, {nfe} NFE "
+              f"({meta.get('prediction', 'eps')}-prediction model)")
         nrow = min(args.n, COMPARE_COLUMNS)
         save_grid(shown.clamp(-1, 1), run_dir / "samples.png", nrow=nrow, scale=PICTURE_SCALE)
         if recorder is not None:

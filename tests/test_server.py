@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,7 +68,7 @@ def test_generate_returns_pngs_parameters_and_timing(client):
     ({"label": 1, "guidance_scale": -0.5}, "guidance_scale"), ({"label": 1, "guidance_scale": 20.5}, "guidance_scale"),
     ({"label": 10}, "label must lie in [0, 9]"), ({"label": -1}, "label"),
     ({"prompt": "eleven"}, "accepted"), ({"label": 1, "prompt": "one"}, "not both"),
-    ({}, "give a label"), ({"label": 1, "sampler": "euler"}, "sampler"), ({"label": 1, "bogus": 1}, "bogus"),
+    ({}, "give a label"), ({"label": 1, "sampler": "lms"}, "sampler"), ({"label": 1, "bogus": 1}, "bogus"),
     ({"label": "seven"}, "label"),
 ])
 def test_bad_requests_are_422_with_a_message(client, payload, needle):
@@ -103,7 +104,8 @@ def test_limits_endpoint_states_every_limit(client):
     limits = client.get("/limits").json()
     assert limits["max_steps"] == TIMESTEPS and limits["max_n"] == server.MAX_N
     assert limits["max_image_steps"] == server.MAX_IMAGE_STEPS and limits["max_body_bytes"] == server.MAX_BODY_BYTES
-    assert limits["samplers"] == {"ddpm": TIMESTEPS, "ddim": 50, "dpmpp": 50}
+    assert limits["samplers"] == {"ddpm": TIMESTEPS, "ddim": 50, "dpmpp": 50, "euler": 50, "heun": 50}
+    assert limits["inpaint_samplers"] == ["ddpm", "ddim"] and limits["image_shape"] == [1, SIZE, SIZE]
     assert limits["class_names"][7] == "seven" and len(limits["class_names"]) == NUM_CLASSES
 
 
@@ -121,7 +123,7 @@ def test_body_over_the_limit_is_413(client):
 
     def chunks():  # no Content-Length: the running total decides
         yield b'{"label": 1, "prompt": "'
-        for _ in range(20):
+        for _ in range(server.MAX_BODY_BYTES // 1024 + 4):
             yield b"x" * 1024
         yield b'"}'
 
@@ -222,7 +224,16 @@ MALFORMED = [
     (b"{'label': 1}", JSON), (b"[" * 4000 + b"]" * 4000, JSON), (b"label=1", "application/x-www-form-urlencoded"),
     (b"\x00" * 100, "application/octet-stream"),
     # oversize
-    (b'{"label": 1, "prompt": "' + b"x" * 20_000 + b'"}', JSON), (b" " * 17_000 + b'{"label": 1}', JSON),
+    (b'{"label": 1, "prompt": "' + b"x" * 20_000 + b'"}', JSON),
+    (b" " * (server.MAX_BODY_BYTES + 1_000) + b'{"label": 1}', JSON),
+    (b'{"label": 1, "inpaint_image": "' + b"A" * (server.MAX_BODY_BYTES + 8) + b'"}', JSON),
+    # the guidance refinements and the inpainting fields
+    (b'{"label": 1, "guidance_rescale": NaN}', JSON), (b'{"label": 1, "guidance_rescale": 1.5}', JSON),
+    (b'{"label": 1, "guidance_interval": [1]}', JSON), (b'{"label": 1, "guidance_interval": [0, Infinity]}', JSON),
+    (b'{"label": 1, "guidance_interval": [-1, 2]}', JSON), (b'{"label": 1, "guidance_interval": "0,2"}', JSON),
+    (b'{"label": 1, "inpaint_image": 7, "inpaint_mask": 7}', JSON), (b'{"label": 1, "inpaint_mask": "AAAA"}', JSON),
+    (b'{"label": 1, "inpaint_image": "%%%", "inpaint_mask": "%%%"}', JSON), (b'{"label": 1, "resamplings": 0}', JSON),
+    (b'{"label": 1, "jump_length": 1e309}', JSON),
 ]
 
 
@@ -310,3 +321,98 @@ def test_serve_py_bad_port_flag_is_one_line():
     r = subprocess.run([sys.executable, str(SERVE), "--checkpoint", "x", "--port", "70000"], capture_output=True,
                        text=True, cwd=REPO, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--port" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Euler / Heun, the guidance refinements and inpainting over the API
+
+
+def _png(pixels) -> str:
+    """base64 PNG of a uint8 array [H x W] (grey)."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _inpaint_pair(fill_rows=slice(8, None)):
+    """(source uint8 [H x W]: a class-1 bar image, mask uint8 with 255 on the rows to fill)."""
+    from shared.records.images import to_uint8
+    from tests.tiny_trained import bar_patterns
+
+    images, _ = bar_patterns(10, seed=4)
+    source = to_uint8(images[1, 0]).numpy()
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[fill_rows] = 255
+    return source, mask
+
+
+def test_heun_reports_its_nfe_and_the_guidance_refinements_change_the_images(client):
+    base = {"label": 4, "guidance_scale": 4, "sampler": "heun", "steps": 4, "seed": 2, "n": 1}
+    plain = client.post("/generate", json=base).json()
+    assert plain["parameters"]["nfe"] == 7 and plain["parameters"]["inpaint"] is None
+    rescaled = client.post("/generate", json={**base, "guidance_rescale": 0.7}).json()
+    interval = client.post("/generate", json={**base, "guidance_interval": [0.5, 3.0]}).json()
+    assert rescaled["parameters"]["guidance_rescale"] == 0.7 and interval["parameters"]["guidance_interval"] == [0.5, 3.0]
+    assert len({plain["images"][0], rescaled["images"][0], interval["images"][0]}) == 3
+    wide = client.post("/generate", json={**base, "guidance_interval": [0.0, 1e6]}).json()  # every level: plain CFG
+    assert wide["images"] == plain["images"]
+
+
+def test_trajectory_of_a_karras_sampler_has_fractional_t(client, checkpoint):
+    from shared.diffusion.schedule import alpha_bar_at
+
+    _, schedule, _ = load_for_sampling(checkpoint, "cpu")
+    frames = client.post("/trajectory", json={"label": 2, "sampler": "euler", "steps": 6}).json()["frames"]
+    ts = [f["t"] for f in frames]
+    assert len(ts) == 6 and ts == sorted(ts, reverse=True) and ts[0] == TIMESTEPS - 1
+    assert any(t != round(t) for t in ts)
+    for f in frames:
+        assert f["alpha_bar"] == pytest.approx(alpha_bar_at(schedule, float(f["t"])), rel=1e-4)
+
+
+def test_inpainting_over_the_api_keeps_the_source_pixels(client):
+    source, mask = _inpaint_pair()
+    body = {"label": 3, "guidance_scale": 3, "sampler": "ddim", "steps": 10, "seed": 1, "n": 2,
+            "inpaint_image": _png(source), "inpaint_mask": "data:image/png;base64," + _png(mask),
+            "jump_length": 2, "resamplings": 2}
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    params = r.json()["parameters"]
+    assert params["inpaint"] == {"jump_length": 2, "resamplings": 2, "filled_pixels": 8 * SIZE}
+    assert params["nfe"] == 18  # RePaint's down moves: 10, + (r − 1)·j = 2 at each of 4 jump points (t = 0, 2, 4, 6)
+    keep = mask == 0
+    for image in r.json()["images"]:
+        pixels = np.asarray(_decode(image).convert("L"))
+        assert np.array_equal(pixels[keep], source[keep])
+        assert not np.array_equal(pixels[~keep], source[~keep])  # the filled rows were drawn anew
+
+
+@pytest.mark.parametrize("change, field, needle", [
+    (dict(inpaint_mask=None), "inpaint_mask", "needs both"),
+    (dict(inpaint_image=base64.b64encode(b"not an image").decode()), "inpaint_image", "not an image"),
+    (dict(inpaint_image="@@@"), "inpaint_image", "base64"),
+    (dict(inpaint_mask=_png(np.full((8, 8), 255, dtype=np.uint8))), "inpaint_mask", "8×8"),
+    (dict(inpaint_image=_png(np.zeros((SIZE + 1, SIZE), dtype=np.uint8))), "inpaint_image", f"{SIZE}×{SIZE + 1}"),
+    (dict(inpaint_mask=_png(np.full((SIZE, SIZE), 128, dtype=np.uint8))), "inpaint_mask", "binary"),
+    (dict(sampler="dpmpp"), "sampler", "inpainting runs on"),
+    (dict(sampler="heun"), "sampler", "inpainting runs on"),
+])
+def test_bad_inpainting_inputs_are_422_naming_the_field(client, change, field, needle):
+    source, mask = _inpaint_pair()
+    body = {"label": 3, "sampler": "ddim", "steps": 4, "n": 1, "inpaint_image": _png(source),
+            "inpaint_mask": _png(mask), **change}
+    r = client.post("/generate", json={k: v for k, v in body.items() if v is not None})
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == field and needle in r.json()["message"], r.json()
+
+
+def test_inpainting_work_counts_its_resampling(client, monkeypatch):
+    source, mask = _inpaint_pair()
+    monkeypatch.setattr(server, "MAX_IMAGE_STEPS", 100)
+    body = {"label": 3, "sampler": "ddim", "steps": 20, "n": 2, "inpaint_image": _png(source),
+            "inpaint_mask": _png(mask), "jump_length": 5, "resamplings": 3}
+    r = client.post("/generate", json=body)  # 20 steps, 3 jump points × 2 × 5 more: 50 NFE, × 2 images = 100
+    assert r.status_code == 200 and r.json()["parameters"]["nfe"] == 50, r.text
+    body["n"] = 3
+    r = client.post("/generate", json=body)
+    assert r.status_code == 422 and "n × NFE = 3 × 50 = 150 exceeds 100" in r.json()["message"]

@@ -3,7 +3,8 @@ the packaged chromedriver, against a real serve.py on loopback serving the tiny 
 
 The page only uses the HTTP API, so what is checked here is what a user sees: the limits shown, a
 request for "seven" rendering the asked number of images, the trajectory playing its frames with t and
-ᾱ_t, a guidance sweep, and a bad value's message next to its field.
+ᾱ_t, a guidance sweep, a bad value's message next to its field, and inpainting: the first image drawn
+as the source, a preset mask, the kept half unchanged in the result, and a bad mask's message.
 """
 from __future__ import annotations
 
@@ -63,9 +64,9 @@ def text(driver, element_id: str) -> str:
 
 def test_page_loads_with_the_servers_limits(page):
     samplers = [o.get_attribute("value") for o in page.find_elements(By.CSS_SELECTOR, "#sampler option")]
-    assert samplers == ["ddpm", "ddim", "dpmpp"]
+    assert samplers == ["ddpm", "ddim", "dpmpp", "euler", "heun"]
     assert len(page.find_elements(By.CSS_SELECTOR, "#class-buttons button")) == NUM_CLASSES
-    assert "n × steps ≤ 6400" in text(page, "limits") and "T = 100" in text(page, "model-info")
+    assert "n × NFE ≤ 6400" in text(page, "limits") and "T = 100" in text(page, "model-info")
     assert "w = 0" in page.find_element(By.CSS_SELECTOR, ".meanings").text
 
 
@@ -116,3 +117,46 @@ def test_a_bad_value_shows_the_servers_message_next_to_its_field(page):
     page.find_element(By.ID, "generate").click()
     WebDriverWait(page, WAIT_S).until(lambda d: text(d, "error-n"))
     assert "less than or equal to 64" in text(page, "error-n")
+
+
+def _pixels(driver, selector: str) -> list[list[int]]:
+    """The grey values of each image matching `selector`, read back through a canvas."""
+    return driver.execute_script("""
+        return [...document.querySelectorAll(arguments[0])].map((img) => {
+          const c = document.createElement("canvas");
+          c.width = img.naturalWidth; c.height = img.naturalHeight;
+          const ctx = c.getContext("2d");
+          ctx.drawImage(img, 0, 0);
+          const rgba = ctx.getImageData(0, 0, c.width, c.height).data;
+          return [...rgba].filter((_, i) => i % 4 === 0);
+        });""", selector)
+
+
+def test_inpainting_keeps_the_source_where_the_mask_is_black(page):
+    fill(page, "prompt", "three")
+    fill(page, "n", "1")
+    fill(page, "steps", "6")
+    page.find_element(By.ID, "generate").click()
+    WebDriverWait(page, WAIT_S).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#images img")) == 1)
+    source = _pixels(page, "#images img")[0]
+    page.find_element(By.ID, "inpaint-use-first").click()
+    page.find_element(By.CSS_SELECTOR, "#inpaint-mask-preset option[value='right']").click()
+    mask = _pixels(page, "#inpaint-mask-preview")[0]
+    assert set(mask) == {0, 255} and mask[0] == 0 and mask[SIZE - 1] == 255  # black left, white right
+    fill(page, "prompt", "eight")
+    fill(page, "n", "2")
+    fill(page, "seed", "5")
+    page.find_element(By.ID, "generate").click()
+    WebDriverWait(page, WAIT_S).until(lambda d: "inpainted" in text(d, "status"))
+    for result in _pixels(page, "#images img"):
+        assert all(r == s for r, s, m in zip(result, source, mask) if m == 0)  # the left half is the source's
+    page.find_element(By.ID, "inpaint-clear").click()
+    fill(page, "seed", "0")
+
+
+def test_a_mask_without_a_source_is_named_next_to_its_field(page):
+    page.find_element(By.CSS_SELECTOR, "#inpaint-mask-preset option[value='top']").click()
+    page.find_element(By.ID, "generate").click()
+    WebDriverWait(page, WAIT_S).until(lambda d: text(d, "error-inpaint_image"))
+    assert "needs both" in text(page, "error-inpaint_image")
+    page.find_element(By.ID, "inpaint-clear").click()

@@ -5,14 +5,22 @@ over that API.
     GET  /health       → {"status": "ok", "num_classes", "image_shape", "num_timesteps", "device", "dataset"}
     GET  /limits       → every limit below, the samplers with their default steps, the class names
     POST /generate     {"label": 7 | "prompt": "seven", "guidance_scale": 3, "sampler": "ddim", "steps": 50,
-                        "seed": 0, "n": 4, "eta": 0, "clip_x0": true}
+                        "seed": 0, "n": 4, "eta": 0, "clip_x0": true, "guidance_rescale": 0,
+                        "guidance_interval": [lo, hi] | null, "inpaint_image": base64 PNG | null,
+                        "inpaint_mask": base64 PNG | null, "jump_length": 10, "resamplings": 10}
         → {"images": [base64 PNG, …], "parameters": {resolved request}, "timing": {"seconds", "images_per_s"}}
-    POST /trajectory   the same fields without n: one sample (the seed's), recorded at every step
+    POST /trajectory   the same fields without n: one sample (the seed's), recorded at every network call
         → {"frames": [{"step", "t", "alpha_bar", "x_t", "x0"}, …], "final", "parameters", "timing"}
 
-Limits: steps 1-1000 and ≤ T; n 1-64; n × steps ≤ 6,400 per request; guidance 0-20; η 0-1; every float
-finite; request bodies ≤ 16 KiB (413 beyond); at most 4 requests holding or waiting for the model (a
-503 with Retry-After beyond, or after 120 s of waiting). A bad request is a 422 whose body names the
+Inpainting (RePaint, samplers ddpm and ddim): inpaint_image is the source (the model's size and
+channels), inpaint_mask a grey image with 255 (white) where to draw and 0 (black) where to keep the
+source; both or neither. A bad image (not decodable, wrong size, a mask with other values) is a 422
+naming its field.
+
+Limits: steps 1-1000 and ≤ T; n 1-64; n × NFE ≤ 6,400 per request (NFE: network evaluations per image,
+the steps for most samplers, 2·steps − 1 for heun, RePaint's down moves when inpainting); guidance 0-20;
+guidance_rescale 0-1; η 0-1; every float finite; request bodies ≤ 64 KiB (413 beyond); at most 4 requests
+holding or waiting for the model (a 503 with Retry-After beyond, or after 120 s of waiting). A bad request is a 422 whose body names the
 field: {"detail": [{"loc", "msg", "type"}], "field", "message"}. A request that fails inside the
 sampler is a 500 with a message; the server keeps serving. fastapi and pydantic are imported lazily,
 inside create_app: the rest of the repo runs without them.
@@ -21,25 +29,32 @@ inside create_app: the rest of the repo runs without them.
 # and they are local to create_app, so string annotations could not be resolved.
 
 import base64
+import binascii
 import contextlib
 import io
 import threading
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 
 from shared.diffusion.guidance import MAX_GUIDANCE
-from shared.diffusion.samplers import SAMPLERS, SamplerOptions, default_steps, sample
+from shared.diffusion.inpainting import DEFAULT_JUMP_LENGTH, DEFAULT_RESAMPLINGS, INPAINT_SAMPLERS, MAX_RESAMPLINGS
+from shared.diffusion.samplers import SAMPLERS, SamplerOptions, count_nfe, default_steps, sample
+from shared.diffusion.schedule import alpha_bar_at
 from shared.errors import USER_ERRORS, UserError
 from shared.interface.prompts import CLASS_NAMES, NUMBER_WORDS, parse_prompt
+from shared.interface.sampling_args import inpainting_from_png
 from shared.records.trajectory import TrajectoryRecorder
 from shared.records.images import grid_image
 
 MAX_STEPS, MAX_N, MAX_SEED = 1000, 64, 2**63 - 1
-MAX_IMAGE_STEPS = 6400           # n × steps of one request: 64 images × 100 steps, or 6 × 1000
-MAX_BODY_BYTES = 16 * 1024       # a valid request is under 300 bytes
+MAX_IMAGE_STEPS = 6400           # n × NFE of one request: 64 images × 100 steps, or 6 × 1000
+# A valid request is under 300 bytes, or about 1.5 KB with an MNIST inpainting pair; two 64×64 RGB PNGs in
+# base64 stay under 48 KiB.
+MAX_BODY_BYTES = 64 * 1024
+MAX_IMAGE_FIELD = 48 * 1024      # characters of one base64 image field
 MAX_PENDING = 4                  # requests running or waiting for the model
 QUEUE_WAIT_S = 120.0             # a request waits this long for the model before a 503
 RETRY_AFTER_S = 5
@@ -164,6 +179,16 @@ def probe_fused(model: torch.nn.Module, schedule, device: torch.device, precisio
         raise UserError(f"--fused-kernels cannot run here: {type(err).__name__}: {reason}") from None
 
 
+def public(params: dict) -> dict:
+    """A resolved request as the response states it: the inpainting as its settings, not its tensors."""
+    inpainting = params.get("inpainting")
+    shown = {k: v for k, v in params.items() if k != "inpainting"}
+    shown["inpaint"] = None if inpainting is None else {
+        "jump_length": inpainting.jump_length, "resamplings": inpainting.resamplings,
+        "filled_pixels": int(inpainting.mask.any(dim=0).sum())}
+    return shown
+
+
 class Invalid(Exception):
     """A request the model cannot serve: a 422 naming `field` (None: the request as a whole)."""
 
@@ -187,7 +212,35 @@ class Service:
         self.num_classes, self.num_timesteps = int(model.num_classes), int(schedule.num_timesteps)
 
     def resolve(self, req, n: int) -> dict:
-        """The request with the model's limits applied and defaults filled in; Invalid on a mismatch."""
+        """The request with the model's limits applied and defaults filled in; Invalid on a mismatch.
+        params["inpainting"] holds the decoded Inpainting (or None); `public(params)` is what is returned."""
+        label = self._label(req)
+        steps = default_steps(req.sampler, req.steps, self.num_timesteps)
+        if steps > self.num_timesteps:
+            raise Invalid("steps", f"steps must lie in [1, {self.num_timesteps}] for this model, got {steps}")
+        if req.guidance_interval is not None and not req.guidance_interval[0] < req.guidance_interval[1]:
+            raise Invalid("guidance_interval", f"guidance_interval needs lo < hi, got {list(req.guidance_interval)}")
+        inpainting = self._inpainting(req)
+        if inpainting is not None and req.sampler not in INPAINT_SAMPLERS:
+            raise Invalid("sampler", f"inpainting runs on the samplers {', '.join(INPAINT_SAMPLERS)}, not {req.sampler}")
+        params = {"label": label, "guidance_scale": req.guidance_scale if self.num_classes else None,
+                  "sampler": req.sampler, "steps": steps, "seed": req.seed, "n": n, "eta": req.eta,
+                  "clip_x0": req.clip_x0, "guidance_rescale": req.guidance_rescale,
+                  "guidance_interval": None if req.guidance_interval is None else list(req.guidance_interval),
+                  "seeds": [req.seed + i for i in range(n)], "inpainting": inpainting}
+        try:
+            params["nfe"] = count_nfe(self.options(params), self.num_timesteps)
+        except UserError as err:
+            raise Invalid(None, str(err)) from None
+        if n * params["nfe"] > MAX_IMAGE_STEPS:
+            raise Invalid("n", f"n × NFE = {n} × {params['nfe']} = {n * params['nfe']} exceeds {MAX_IMAGE_STEPS} "
+                               f"per request (NFE: network evaluations per image); lower n or steps")
+        if req.seed + n - 1 > MAX_SEED:
+            raise Invalid("seed", f"seed + n − 1 must be <= {MAX_SEED}")
+        return params
+
+    def _label(self, req) -> int | None:
+        """The class a request asks for (label or prompt), checked against the model."""
         num_classes = self.num_classes
         if req.label is not None and req.prompt is not None:
             raise Invalid("prompt", "give either label or prompt, not both")
@@ -203,17 +256,30 @@ class Service:
             raise Invalid("prompt", f"give a label in [0, {num_classes - 1}] or a prompt")
         if label is not None and label >= num_classes:
             raise Invalid("label", f"label must lie in [0, {num_classes - 1}], got {label}")
-        steps = default_steps(req.sampler, req.steps, self.num_timesteps)
-        if steps > self.num_timesteps:
-            raise Invalid("steps", f"steps must lie in [1, {self.num_timesteps}] for this model, got {steps}")
-        if n * steps > MAX_IMAGE_STEPS:
-            raise Invalid("n", f"n × steps = {n} × {steps} = {n * steps} exceeds {MAX_IMAGE_STEPS} per request; "
-                               f"lower n or steps")
-        if req.seed + n - 1 > MAX_SEED:
-            raise Invalid("seed", f"seed + n − 1 must be <= {MAX_SEED}")
-        return {"label": label, "guidance_scale": req.guidance_scale if num_classes else None,
-                "sampler": req.sampler, "steps": steps, "seed": req.seed, "n": n, "eta": req.eta,
-                "clip_x0": req.clip_x0, "seeds": [req.seed + i for i in range(n)]}
+        return label
+
+    def _inpainting(self, req):
+        """The Inpainting of inpaint_image / inpaint_mask (base64 PNGs, or data: URLs), or None without them."""
+        fields = {"inpaint_image": req.inpaint_image, "inpaint_mask": req.inpaint_mask}
+        if all(v is None for v in fields.values()):
+            return None
+        missing = [field for field, text in fields.items() if text is None]
+        if missing:
+            raise Invalid(missing[0], "inpainting needs both inpaint_image and inpaint_mask")
+        files = {}
+        for field, text in fields.items():
+            try:
+                files[field] = base64.b64decode(text.split(",", 1)[1] if text.startswith("data:") else text,
+                                                validate=True)
+            except (binascii.Error, ValueError):
+                raise Invalid(field, f"{field} must be a base64-encoded image file") from None
+        shape = (self.model.in_channels, self.model.image_size, self.model.image_size)
+        try:
+            return inpainting_from_png(files["inpaint_image"], files["inpaint_mask"], shape, req.jump_length,
+                                       req.resamplings, names=("inpaint_image", "inpaint_mask"))
+        except UserError as err:
+            field = "inpaint_mask" if str(err).startswith("inpaint_mask") else "inpaint_image"
+            raise Invalid(field, str(err)) from None
 
     def run(self, params: dict, callback=None) -> tuple[torch.Tensor, float]:
         """Samples under the queue: (images [n x C x H x W] float32 on the CPU, seconds).
@@ -238,9 +304,13 @@ class Service:
 
     def options(self, params: dict) -> SamplerOptions:
         """The SamplerOptions of a resolved request, at this server's precision and kernels."""
+        interval = params["guidance_interval"]
         return SamplerOptions(sampler=params["sampler"], num_steps=params["steps"], eta=params["eta"],
                               clip_x0=params["clip_x0"], guidance_scale=params["guidance_scale"] or 1.0,
-                              precision=self.precision, fused_step=self.fused_step)
+                              precision=self.precision, fused_step=self.fused_step,
+                              guidance_rescale=params["guidance_rescale"],
+                              guidance_interval=None if interval is None else tuple(interval),
+                              inpaint=params["inpainting"])
 
     def trajectory(self, params: dict) -> dict:
         """One sample with x_t and x̂0 at up to MAX_TRAJECTORY_FRAMES evenly spaced steps, with t and ᾱ_t."""
@@ -249,10 +319,11 @@ class Service:
         count = len(recorder.timesteps)
         shown = min(count, MAX_TRAJECTORY_FRAMES)
         picks = sorted({round(i * (count - 1) / max(shown - 1, 1)) for i in range(shown)})
-        abar = self.schedule.alphas_cumprod
-        frames = [{"step": i, "t": int(recorder.timesteps[i]), "alpha_bar": float(abar[recorder.timesteps[i]]),
+        ts = recorder.timesteps  # ints, or fractional timesteps for euler / heun
+        frames = [{"step": i, "t": ts[i] if isinstance(ts[i], int) else round(float(ts[i]), 3),
+                   "alpha_bar": alpha_bar_at(self.schedule, ts[i]),
                    "x_t": png_base64(recorder.x_t[i][0]), "x0": png_base64(recorder.x0[i][0])} for i in picks]
-        return {"frames": frames, "final": png_base64(images[0]), "parameters": params,
+        return {"frames": frames, "final": png_base64(images[0]), "parameters": public(params),
                 "timing": {"seconds": seconds, "steps": count}}
 
     def health(self) -> dict:
@@ -265,7 +336,9 @@ class Service:
                 "max_image_steps": MAX_IMAGE_STEPS, "max_guidance": MAX_GUIDANCE, "max_seed": MAX_SEED,
                 "max_eta": 1.0, "max_body_bytes": MAX_BODY_BYTES, "max_pending": self.queue.capacity,
                 "queue_wait_s": self.queue.wait_s, "max_trajectory_frames": MAX_TRAJECTORY_FRAMES,
-                "samplers": {s: default_steps(s, None, T) for s in SAMPLERS}, "num_classes": self.num_classes,
+                "samplers": {s: default_steps(s, None, T) for s in SAMPLERS}, "inpaint_samplers": list(INPAINT_SAMPLERS),
+                "max_resamplings": MAX_RESAMPLINGS, "max_guidance_rescale": 1.0, "num_classes": self.num_classes,
+                "image_shape": [self.model.in_channels, self.model.image_size, self.model.image_size],
                 "class_names": class_names(self.num_classes, self.meta.get("dataset")),
                 "dataset": self.meta.get("dataset")}
 
@@ -313,7 +386,7 @@ def create_app(model: torch.nn.Module, schedule, meta: dict, device: torch.devic
     def generate(req: GenerateRequest) -> dict:
         params = service.resolve(req, req.n)
         images, seconds = service.run(params)
-        return {"images": [png_base64(img) for img in images], "parameters": params,
+        return {"images": [png_base64(img) for img in images], "parameters": public(params),
                 "timing": {"seconds": seconds, "images_per_s": params["n"] / seconds}}
 
     @app.post("/trajectory")
@@ -327,6 +400,8 @@ def request_models():
     """(GenerateRequest, TrajectoryRequest): the pydantic request bodies; every float must be finite."""
     from pydantic import BaseModel, ConfigDict, Field
 
+    NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]  # an EDM noise level σ
+
     class TrajectoryRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
         label: Optional[int] = Field(None, ge=0, description="class index")
@@ -337,6 +412,13 @@ def request_models():
         seed: int = Field(0, ge=0, le=MAX_SEED)
         eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
         clip_x0: bool = True
+        guidance_rescale: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+        guidance_interval: Optional[tuple[NonNegative, NonNegative]] = None
+        inpaint_image: Optional[str] = Field(None, max_length=MAX_IMAGE_FIELD, description="base64 PNG: the source")
+        inpaint_mask: Optional[str] = Field(None, max_length=MAX_IMAGE_FIELD,
+                                            description="base64 PNG: 255 = draw, 0 = keep the source")
+        jump_length: int = Field(DEFAULT_JUMP_LENGTH, ge=1, le=MAX_STEPS)
+        resamplings: int = Field(DEFAULT_RESAMPLINGS, ge=1, le=MAX_RESAMPLINGS)
 
     class GenerateRequest(TrajectoryRequest):
         n: int = Field(4, ge=1, le=MAX_N)

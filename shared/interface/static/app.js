@@ -1,4 +1,6 @@
 // The page talks to the server only through its HTTP API: GET /limits, POST /generate, POST /trajectory.
+// Inpainting sends the source and the mask as PNG data URLs (inpaint_image, inpaint_mask); a preset mask
+// is drawn on a canvas of the model's size, white (255) where to draw and black (0) where to keep.
 // A 422 names the field it is about ({"detail": [{"loc": ["body", field], "msg"}]}); its message is shown
 // next to that field. A 503 is the server's full queue: shown as "busy, retry".
 "use strict";
@@ -7,6 +9,8 @@ const $ = (id) => document.getElementById(id);
 const FRAME_MS = 80;     // trajectory playback: one frame every 80 ms
 let playTimer = null;
 let frames = [];
+let imageShape = null;   // the model's [C, H, W], from /limits
+const inpaint = { source: null, mask: null };  // PNG data URLs, or null
 
 function png(b64) { return "data:image/png;base64," + b64; }
 
@@ -43,7 +47,68 @@ function requestBody(withN) {
     seed: numberField("seed"),
   };
   if (withN) body.n = numberField("n");
+  const rescale = numberField("rescale");
+  if (rescale !== undefined) body.guidance_rescale = rescale;
+  const lo = numberField("interval-lo"), hi = numberField("interval-hi");
+  if (lo !== undefined || hi !== undefined) body.guidance_interval = [lo, hi];
+  if (inpaint.source || inpaint.mask) {
+    body.inpaint_image = inpaint.source;
+    body.inpaint_mask = inpaint.mask;
+    body.jump_length = numberField("jump-length");
+    body.resamplings = numberField("resamplings");
+  }
   return body;
+}
+
+// --- inpainting inputs
+
+function setInpaint(which, dataUrl) {
+  inpaint[which] = dataUrl;
+  const preview = $("inpaint-" + which + "-preview");
+  if (dataUrl) preview.src = dataUrl; else preview.removeAttribute("src");
+}
+
+function readFile(input, which) {
+  const file = input.files[0];
+  if (!file) return;
+  const reader = new FileReader();
+  reader.onload = () => setInpaint(which, reader.result);
+  reader.readAsDataURL(file);
+}
+
+// A preset mask at the model's size: white (fill) in the region, black (keep) elsewhere, exact 0/255 pixels.
+function presetMask(kind) {
+  if (!kind || !imageShape) return null;
+  const [, h, w] = imageShape;
+  const canvas = document.createElement("canvas");
+  canvas.width = w;
+  canvas.height = h;
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, w, h);
+  ctx.fillStyle = "#fff";
+  const half = { left: [0, 0, w / 2, h], right: [w / 2, 0, w / 2, h], top: [0, 0, w, h / 2],
+                 bottom: [0, h / 2, w, h / 2], centre: [w / 4, h / 4, w / 2, h / 2] }[kind];
+  ctx.fillRect(...half.map(Math.round));
+  return canvas.toDataURL("image/png");
+}
+
+function useFirstImage() {
+  const first = document.querySelector("#images img");
+  if (!first) {
+    $("error-inpaint_image").textContent = "generate an image first";
+    return;
+  }
+  $("error-inpaint_image").textContent = "";
+  setInpaint("source", first.src);
+}
+
+function clearInpaint() {
+  setInpaint("source", null);
+  setInpaint("mask", null);
+  $("inpaint-mask-preset").value = "";
+  $("inpaint-source-file").value = "";
+  $("inpaint-mask-file").value = "";
 }
 
 async function call(path, body) {
@@ -95,7 +160,8 @@ async function generate(event) {
   if (!data) return;
   const gallery = $("images");
   gallery.replaceChildren(...data.images.map((b64, i) => figure(b64, "seed " + data.parameters.seeds[i])));
-  $("status").textContent = data.images.length + " images in " + data.timing.seconds.toFixed(2) + " s";
+  $("status").textContent = data.images.length + " images in " + data.timing.seconds.toFixed(2) + " s, " +
+    data.parameters.nfe + " NFE each" + (data.parameters.inpaint ? " (inpainted)" : "");
 }
 
 function showFrame(i) {
@@ -155,12 +221,13 @@ async function loadLimits() {
     select.append(option);
   }
   select.value = "ddim";
+  imageShape = limits.image_shape;
   $("guidance").max = String(limits.max_guidance);
   $("steps").value = String(Math.min(Number($("steps").value), limits.max_steps));
   $("model-info").textContent = (limits.dataset || "model") + " · " + limits.num_classes + " classes · T = " +
     limits.num_timesteps;
-  $("limits").textContent = "limits: steps 1–" + limits.max_steps + ", n 1–" + limits.max_n + ", n × steps ≤ " +
-    limits.max_image_steps + ", 0 ≤ w ≤ " + limits.max_guidance + "; " + limits.max_pending +
+  $("limits").textContent = "limits: steps 1–" + limits.max_steps + ", n 1–" + limits.max_n + ", n × NFE ≤ " +
+    limits.max_image_steps + " (NFE: network calls per image), 0 ≤ w ≤ " + limits.max_guidance + "; " + limits.max_pending +
     " requests at a time";
   const buttons = $("class-buttons");
   limits.class_names.forEach((name, k) => {
@@ -179,5 +246,13 @@ $("controls").addEventListener("submit", generate);
 $("trajectory-button").addEventListener("click", trajectory);
 $("sweep-button").addEventListener("click", sweep);
 $("traj-play").addEventListener("click", play);
+$("inpaint-source-file").addEventListener("change", () => readFile($("inpaint-source-file"), "source"));
+$("inpaint-mask-file").addEventListener("change", () => {
+  $("inpaint-mask-preset").value = "";
+  readFile($("inpaint-mask-file"), "mask");
+});
+$("inpaint-mask-preset").addEventListener("change", () => setInpaint("mask", presetMask($("inpaint-mask-preset").value)));
+$("inpaint-use-first").addEventListener("click", useFirstImage);
+$("inpaint-clear").addEventListener("click", clearInpaint);
 $("traj-slider").addEventListener("input", () => { clearInterval(playTimer); showFrame(Number($("traj-slider").value)); });
 loadLimits().catch((err) => { $("error-general").textContent = "cannot read /limits (" + err + ")"; });
