@@ -282,7 +282,7 @@ def test_the_cifar_recipe_learns_colours_with_flips_and_crops():
     palette = torch.tensor([[0.8, -0.8, -0.8], [-0.8, 0.8, -0.8], [-0.8, -0.8, 0.8], [0.8, 0.8, 0.8]])
     labels = torch.arange(4).repeat(40)
     images = palette[labels].view(-1, 3, 1, 1) + 0.1 * torch.randn(labels.shape[0], 3, 32, 32, generator=gen)
-    recipe = recipe_for("cifar10", epochs=5, batch_size=32, lr=0.05, precision="fp32")
+    recipe = recipe_for("cifar10", epochs=10, batch_size=32, lr=0.05, precision="fp32")  # 5 epochs: one class missed on 2 threads
     assert recipe.flip and recipe.arch == "resnet" and recipe.shift_pixels == CIFAR_RECIPE.shift_pixels == 4
     model = train_classifier(images.clamp(-1, 1), labels, 4, recipe, progress=False)
     predicted = model(images.clamp(-1, 1)).argmax(1)
