@@ -100,8 +100,10 @@ def write_options(run_dir: Path, options: dict, device: torch.device, extra: dic
     """options.json: {"options": {...}, "environment": {...}, **extra}."""
     record = {"options": options, "environment": environment(device), **(extra or {})}
     path = run_dir / "options.json"
+    temp = path.with_name(path.name + ".tmp")  # then a rename: a rewrite mid-run is never half-written
     try:
-        path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+        temp.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+        os.replace(temp, path)
     except OSError as err:
         raise UserError(f"cannot write {str(path)!r} ({err.strerror or err})") from None
     return path

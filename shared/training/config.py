@@ -35,7 +35,7 @@ MAX_SEED = 2**62
 # with --random-flip unless --no-random-flip is given, as DDPM trained CIFAR-10 (Ho et al. 2020, App. B).
 FLIP_BY_DEFAULT = ("cifar10",)
 CPU_RECIPE = {"preset": "cpu", "batch_size": 128, "lr": 2e-3, "cosine": True, "min_snr_gamma": 2.0,
-              "max_steps": 1600, "precision": "auto"}
+              "max_steps": 1600, "minutes": 10.0, "precision": "auto"}
 
 
 positive_float = flags.positive_float  # finite: the cli's float parsers refuse NaN, inf and 1e309
@@ -245,12 +245,15 @@ def apply_cpu_recipe(cfg: TrainConfig, given: set[str], device: torch.device) ->
     Returns (config, the one line that says so, or None when the recipe does not apply)."""
     if device.type == "cuda" or cfg.resume is not None or "preset" in given:
         return cfg, None
+    length_given = bool({"max_steps", "epochs", "minutes"} & given)  # a length asked for replaces the recipe's
     taken = {k: v for k, v in CPU_RECIPE.items()
-             if k not in given and not (k == "max_steps" and "epochs" in given)}
+             if k not in given and not (k in ("max_steps", "minutes") and length_given)}
     if not taken:
         return cfg, None
     cfg = TrainConfig(**{**asdict(cfg), **taken})
     length = f"{cfg.max_steps} steps" if cfg.max_steps is not None else f"{cfg.epochs} epochs"
+    if cfg.minutes is not None:
+        length += f" within {cfg.minutes:g} minutes"
     return cfg, (f"note: no CUDA GPU, so the CPU recipe: preset {cfg.preset}, batch {cfg.batch_size}, "
                  f"lr {cfg.lr:g}, {length}, precision {resolve_precision(cfg.precision, device)} "
                  f"(for the full model: --preset mnist)")

@@ -85,6 +85,15 @@ def broadcast_flag(flag: bool, ctx: DistContext, device: torch.device) -> bool:
     return bool(box.item())
 
 
+def broadcast_int(value: int, ctx: DistContext, device: torch.device) -> int:
+    """Rank 0's integer (e.g. a planned step count), made known to every rank."""
+    if not ctx.enabled:
+        return value
+    box = torch.tensor([value], dtype=torch.long, device=device)
+    dist.broadcast(box, src=0)
+    return int(box.item())
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()

@@ -301,6 +301,8 @@ class Trainer:
     def bookkeeping(self, lr: float) -> None:
         """Evaluation, the log row with its stop checks, checkpoints, grids and plots due after this step.
         lr: the learning rate the step trained with."""
+        if self.progress.step == self.plan_step:
+            self.fit_to_budget()
         due = due_at(self.progress.step, self.cfg, self.final)
         if due.log and self.out_of_time():
             self.stop = self.stop or "time"
@@ -312,11 +314,47 @@ class Trainer:
             self.bar.update(1)
         self.save_records(due, improved)
 
+    def clock_s(self) -> float:
+        """Seconds since this run's first step started, bookkeeping included (the --minutes clock)."""
+        return time.perf_counter() - self.started
+
     def minutes_left(self) -> float | None:
         """What is left of the --minutes budget (None without one), on this rank's clock."""
         if self.cfg.minutes is None:
             return None
-        return self.cfg.minutes - (time.perf_counter() - self.started) / 60
+        return self.cfg.minutes - self.clock_s() / 60
+
+    @property
+    def plan_step(self) -> int | None:
+        """The step after which a --minutes budget with a cosine decay fits the run's length to the time:
+        the end of the warm-up, before the decay has begun (None: nothing to plan)."""
+        if self.cfg.minutes is None or not self.cfg.cosine:
+            return None
+        return max(self.cfg.warmup_steps, 1)
+
+    def fit_to_budget(self) -> None:
+        """Shortens the run, once, so that its cosine decay ends inside the --minutes budget at the speed the
+        steps so far ran (rank 0's clock); the new length goes into options.json and every later
+        checkpoint, so --resume keeps it. A run that fits is left as it was."""
+        if self.steps_here < 1 or self.final:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the clock must see the queued steps
+        elapsed = self.clock_s()
+        fit = steps_in_budget(self.progress.step, self.total_steps, elapsed / self.steps_here,
+                              self.cfg.minutes * 60 - elapsed)
+        fit = distributed.broadcast_int(fit, self.ctx, self.device)
+        if fit >= self.total_steps:
+            return
+        if self.ctx.is_main:
+            rate = self.images_per_step * self.steps_here / elapsed
+            tqdm.write(f"note: at {rate:.0f} images/s the {self.total_steps} steps would overrun the "
+                       f"{self.cfg.minutes:g}-minute budget; the cosine decay now ends at step {fit}", file=sys.stdout)
+        self.total_steps, self.cfg = fit, replace(self.cfg, max_steps=fit, epochs=None)
+        cfg = self.cfg
+        self.state.lr_scheduler.lr_lambdas = [lambda s: lr_factor(s, cfg.warmup_steps, fit, cfg.cosine)]
+        self.recorder.replan(cfg.max_steps)
+        self.bar.total = fit
 
     def out_of_time(self) -> bool:
         """Whether the --minutes budget is spent: rank 0's clock decides for every rank (checked at the log
@@ -449,6 +487,17 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, cosine: bool) -> f
         return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def steps_in_budget(step: int, total_steps: int, seconds_per_step: float, seconds_left: float,
+                    margin: float = 0.95) -> int:
+    """The run's length in steps so that the steps after `step`, at `seconds_per_step`, take at most
+    `margin` of `seconds_left` (the rest for evaluations, grids and the last checkpoint); never more than
+    `total_steps`, never less than `step`."""
+    if seconds_per_step <= 0:
+        return total_steps
+    more = math.floor(margin * max(seconds_left, 0.0) / seconds_per_step)
+    return max(step, min(total_steps, step + more))
 
 
 def build_model(cfg: TrainConfig, image_shape: tuple, num_classes: int) -> UNet:

@@ -102,6 +102,7 @@ class Recorder:
     def __init__(self, ctx, cfg, options: dict, meta: dict, extra: dict, device: torch.device,
                  resumed_from: Path | None, start_step: int):
         self.ctx, self.cfg, self.options, self.meta, self.device = ctx, cfg, options, meta, device
+        self.extra = extra
         self.run_dir, self.log, self.tensorboard, self.last_plot = None, None, None, time.monotonic()
         self.saved_step: int | None = None  # the step of the last last.pt written (None: none yet)
         if not ctx.is_main:
@@ -117,6 +118,13 @@ class Recorder:
             self.tensorboard = TensorBoardLog(self.run_dir / TENSORBOARD_DIR)
             for old in prior:
                 self.tensorboard.scalars({k: float(v) if v not in ("", None) else None for k, v in old.items()})
+
+    def replan(self, max_steps: int) -> None:
+        """The run's length changed (a --minutes budget fitted it): options.json and the options every
+        later checkpoint carries say so."""
+        self.options.update(max_steps=max_steps, epochs=None, resolved_max_steps=max_steps)
+        if self.run_dir is not None:
+            write_options(self.run_dir, self.options, self.device, extra=self.extra)
 
     def write_row(self, row: dict) -> None:
         if self.log is not None:
