@@ -74,6 +74,8 @@ BAD_INPUTS = {
     "corrupt checkpoint": (["--resume", "{root}/corrupt.pt"], "corrupt"),
     "truncated checkpoint": (["--resume", "{root}/truncated.pt"], "corrupt or truncated"),
     "fp16 on cpu": (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
+    "cuda graphs on cpu": (["--data-dir", "{data}", "--cuda-graphs", "--device", "cpu"],
+                           "--cuda-graphs cannot be used here: it needs a CUDA GPU"),
     "other preset on resume": (["--resume", "{run}", "--preset", "mnist"], "--preset mnist does not match"),
     "label out of range": (["--data-dir", "{root}/label12"], "holds label 12, outside the 10 classes"),
     "out is a run directory": (["--data-dir", "{data}", "--out", "{run}"], "is a run directory"),

@@ -27,6 +27,7 @@ do (`_sigma_to_t`). At an integer t both are exact.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -114,6 +115,21 @@ class NoiseSchedule:
 
     def __repr__(self) -> str:
         return f"NoiseSchedule(kind={self.kind!r}, num_timesteps={self.num_timesteps})"
+
+    def to(self, device: torch.device | str) -> "NoiseSchedule":
+        """This schedule with its arrays on `device` (still float64); itself when they are there already.
+
+        The training step gathers coefficients by per-sample t on the device: arrays on the CPU would be
+        copied from pageable memory at every step, and such a copy makes the host wait for the GPU (and
+        cannot be captured in a CUDA graph)."""
+        device = torch.device(device)
+        if self.betas.device == device:
+            return self
+        moved = copy.copy(self)
+        for name, value in vars(self).items():
+            if torch.is_tensor(value):
+                setattr(moved, name, value.to(device))
+        return moved
 
     def to_dict(self) -> dict:
         """What a checkpoint stores to rebuild this schedule."""

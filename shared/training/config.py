@@ -127,6 +127,8 @@ class TrainConfig:
     fused_kernels: bool = option(False, "use the fused Triton kernels (fails if unavailable)", SPEED)
     compile: bool = option(False, "torch.compile the model", SPEED)
     channels_last: bool = option(False, "channels-last memory format", SPEED)
+    cuda_graphs: bool | None = option(None, "replay each training step as one CUDA graph; default: on for one "
+                                      "CUDA GPU training in fp32 or bf16 without --compile", SPEED, switch=True)
 
     def __post_init__(self):
         if self.random_flip is None:  # not given: the dataset's default (FLIP_BY_DEFAULT)
@@ -237,6 +239,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise UserError("--precision fp16 needs a CUDA GPU (CPU autocast has no fp16 loss scaling); "
                         "use bf16 or fp32 on the CPU")
     return precision
+
+
+def resolve_cuda_graphs(cfg: TrainConfig, precision: str, device: torch.device, world_size: int) -> bool:
+    """Whether the training step replays as a CUDA graph (shared/training/graphed.py): --cuda-graphs or
+    --no-cuda-graphs as given, else wherever it applies. precision: the resolved one."""
+    reasons = {"it needs a CUDA GPU": device.type != "cuda",
+               "fp16's loss scaler is not captured; use bf16 or fp32": precision == "fp16",
+               "--compile replaces the eager step it captures": cfg.compile,
+               "it runs one process; DistributedDataParallel's all-reduce is not captured": world_size > 1}
+    blocked = [reason for reason, applies in reasons.items() if applies]
+    if cfg.cuda_graphs is None:
+        return not blocked
+    if cfg.cuda_graphs and blocked:
+        raise UserError(f"--cuda-graphs cannot be used here: {blocked[0]} (or give --no-cuda-graphs)")
+    return cfg.cuda_graphs
 
 
 def apply_cpu_recipe(cfg: TrainConfig, given: set[str], device: torch.device) -> tuple[TrainConfig, str | None]:

@@ -54,8 +54,10 @@ from shared.records.checkpoint import (BEST_NAME, LAST_NAME, TRAIN_FORMAT, check
 from shared.records.runs import check_not_run_dir, check_writable_dir
 from shared.training import distributed
 from shared.training.batches import Batches
-from shared.training.config import TrainConfig, check_config, merge_resume_options, resolve_precision, resolved_length
+from shared.training.config import (TrainConfig, check_config, merge_resume_options, resolve_cuda_graphs,
+                                    resolve_precision, resolved_length)
 from shared.training.distributed import DistContext
+from shared.training.graphed import CounterDraws, GraphedStep
 from shared.training.heldout import fixed_heldout_batch, heldout_loss, split_heldout
 from shared.training.loss import drop_labels, l_simple, min_snr_weight
 from shared.training.recorder import Due, Recorder, Window, agree, check_tensorboard, due_at
@@ -124,7 +126,10 @@ class GradientStep:
     wrapper. autocast: the context the network runs in. max_grad_norm: the clip (inf: measure the norm,
     clip nothing). p_uncond: the label dropout to the null class (class-conditional models).
     min_snr_gamma: 0 trains on L_simple; γ > 0 weights each image's L_simple by min(1, γ/SNR_t) (or the
-    weight of the network's target, v or x0: loss.min_snr_weight).
+    weight of the network's target, v or x0: loss.min_snr_weight). draws: None draws the label dropout,
+    t and ε from state.train_noise; a graphed.CounterDraws draws them from Philox counters on the device
+    (what a CUDA graph can replay). schedule: on the device the step runs on (NoiseSchedule.to), so the
+    per-sample coefficients are gathered there.
     """
     state: TrainState
     model: torch.nn.Module
@@ -134,6 +139,7 @@ class GradientStep:
     p_uncond: float = 0.0
     min_snr_gamma: float = 0.0
     ctx: DistContext = DistContext()
+    draws: CounterDraws | None = None
 
     def __call__(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple:
         """Steps on [(x0 [N x C x H x W], y [N]), …] (K pairs of equal N, on the device).
@@ -145,15 +151,20 @@ class GradientStep:
         grad_norm, skip = self.update(loss)
         return loss, grad_norm, skip
 
-    def loss(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(self, x0: torch.Tensor, y: torch.Tensor, micro: int = 0) -> torch.Tensor:
         """L_simple (or its min-SNR-γ weighting) averaged over x0 [N x C x H x W], y [N]: a 0-dim device tensor.
 
-        The label dropout, t and ε are drawn from state.train_noise in that order, once per call."""
-        raw, noise = self.state.model, self.state.train_noise
-        y = drop_labels(y, self.p_uncond, raw.null_class, noise) if raw.num_classes else None
-        # t drawn here, first, as l_simple would draw it: the same stream, and the weights need it
-        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=noise)
-        per_image = l_simple(self.model, self.schedule, x0, y, t, generator=noise, autocast=self.autocast)
+        The label dropout, t and ε are drawn from state.train_noise in that order, once per call, or
+        from the draws' counter for micro-batch `micro` of this step."""
+        raw, noise, eps = self.state.model, self.state.train_noise, None
+        if self.draws is not None:
+            labels = (y, raw.null_class, self.p_uncond) if raw.num_classes else (None, None, 0.0)
+            y, t, eps = self.draws.draw(micro, *labels)
+        else:
+            y = drop_labels(y, self.p_uncond, raw.null_class, noise) if raw.num_classes else None
+            # t drawn here, first, as l_simple would draw it: the same stream, and the weights need it
+            t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=noise)
+        per_image = l_simple(self.model, self.schedule, x0, y, t, eps, generator=noise, autocast=self.autocast)
         if self.min_snr_gamma > 0:  # the weights of the network's target (ε, v or x0)
             per_image = per_image * min_snr_weight(self.schedule, t, self.min_snr_gamma, prediction_of(raw))
         return per_image.mean()
@@ -168,7 +179,7 @@ class GradientStep:
         k, loss_sum = len(micro_batches), None
         for i, (x0, y) in enumerate(micro_batches):
             with distributed.no_sync(self.model) if i < k - 1 else nullcontext():
-                loss = self.loss(x0, y) / k
+                loss = self.loss(x0, y, i) / k
                 self.state.scaler.scale(loss).backward()
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         return distributed.mean_across_ranks(loss_sum, self.ctx)  # every rank decides on the same value
@@ -185,6 +196,8 @@ class GradientStep:
         state.ema.update_parameters(state.model, skip=skip)
         state.optimizer.zero_grad(set_to_none=True)
         state.count_step(skip)
+        if self.draws is not None:
+            self.draws.advance()
         return grad_norm, skip
 
 
@@ -205,6 +218,7 @@ class Trainer:
         cfg, ckpt, self.resumed_from = _resume_point(cfg, given)
         self.cfg, self.ctx, self.device, self.signals = cfg, ctx, device, signals
         self.precision = resolve_precision(cfg.precision, device)
+        self.graphed = resolve_cuda_graphs(cfg, self.precision, device, ctx.world_size)
         _check_records_can_be_written(cfg, ctx)  # fail before any slow work
         self.info, self.batches, heldout_set, excluded = _data(cfg, dataset, ctx, device)
         k = cfg.grad_accum
@@ -214,7 +228,7 @@ class Trainer:
         self.total_steps = resolved_length(cfg, self.steps_per_epoch)
         self.schedule = NoiseSchedule(cfg.schedule, cfg.timesteps)
         self.state = _build_state(replace(cfg, precision=self.precision), self.info, device, ctx, self.total_steps,
-                                  self.batches.loader_gen)
+                                  self.batches.loader_gen, self.graphed)
         if ckpt is not None:
             self._restore(ckpt)
         self.model = _wrap(self.state.model, cfg, ctx, device)
@@ -222,9 +236,7 @@ class Trainer:
         self.heldout = fixed_heldout_batch(heldout_set, cfg.timesteps, cfg.seed, device) if heldout_set else None
         if cfg.fused_kernels:
             _probe_fused(self.state.model, self.info, device, self.autocast)
-        self.gradient_step = GradientStep(self.state, self.model, self.schedule, self.autocast,
-                                          cfg.grad_clip if cfg.grad_clip > 0 else math.inf, cfg.p_uncond,
-                                          cfg.min_snr_gamma, ctx)
+        self.gradient_step = self._gradient_step()
         self.recorder = self._recorder(excluded)
         # the loop's own: the log window, the progress bar (run() opens it), the stop reason, throughput
         self.window, self.bar = Window(device), None
@@ -248,7 +260,7 @@ class Trainer:
         self.started = time.perf_counter()
         while progress.step < self.total_steps and self.stop is None:
             for micro_batches in self.rest_of_epoch():  # x0 ~ q(x0)
-                lr = self.state.lr_scheduler.get_last_lr()[0]  # the LR this step trains with
+                lr = self.scheduled_lr()  # the LR this step trains with
                 loss, grad_norm, skip = self.step(micro_batches)  # t, ε and the gradient step on L_simple
                 self.after_step(loss, grad_norm, skip, lr)
                 if self.final or self.stop:
@@ -258,6 +270,11 @@ class Trainer:
                 progress.batch_in_epoch = 0
         self.bar.close()
         return self.result()
+
+    def scheduled_lr(self) -> float:
+        """The LR of the next step, from the schedule on the host (the optimizer's may be a device tensor)."""
+        sched = self.state.lr_scheduler
+        return sched.base_lrs[0] * sched.lr_lambdas[0](sched.last_epoch)
 
     def rest_of_epoch(self):
         """The current epoch from its next micro-batch on, as lists of K micro-batches (one optimizer step
@@ -276,6 +293,8 @@ class Trainer:
         advanced. No host sync: returns the device tensors (loss, gradient norm, skipped)."""
         loss, grad_norm, skip = self.gradient_step(micro_batches)
         self.state.lr_scheduler.step()
+        if self.graphed:
+            self.gradient_step.sync_lr()
         progress = self.progress
         progress.step += 1
         progress.batch_in_epoch += self.cfg.grad_accum
@@ -460,11 +479,26 @@ class Trainer:
             print(f"warning: checkpoint was written by {len(ckpt['rng'])} process(es), this run has "
                   f"{self.ctx.world_size}; random streams restart from the seed, so the run is not bit-exact")
 
+    def _gradient_step(self):
+        """The step the loop calls: a GradientStep, or with CUDA graphs a GraphedStep around one whose
+        t, ε and label dropout come from counters that start at this run's step."""
+        cfg, ctx = self.cfg, self.ctx
+        draws = None
+        if self.graphed:
+            draws = CounterDraws(cfg.seed + RANK_SEED_STRIDE * ctx.rank, cfg.batch_size, tuple(self.info.image_shape),
+                                 cfg.timesteps, cfg.grad_accum, self.device)
+            draws.start_at(self.progress.step)
+        step = GradientStep(self.state, self.model, self.schedule.to(self.device), self.autocast,
+                            cfg.grad_clip if cfg.grad_clip > 0 else math.inf, cfg.p_uncond, cfg.min_snr_gamma, ctx,
+                            draws)
+        return GraphedStep(step, capture=self.device.type == "cuda") if self.graphed else step
+
     def _recorder(self, excluded) -> Recorder:
         """The run directory (rank 0) with options.json: the resolved options, what a checkpoint's meta
         says about the model, and the facts of this run."""
         cfg, ctx, raw = self.cfg, self.ctx, self.state.model
-        options = {**asdict(cfg), "precision": self.precision, "resolved_max_steps": self.total_steps,
+        options = {**asdict(cfg), "precision": self.precision, "cuda_graphs_used": self.graphed,
+                   "resolved_max_steps": self.total_steps,
                    "steps_per_epoch": self.steps_per_epoch, "world_size": ctx.world_size,
                    "judge_heldout_excluded": excluded, "data_on_device": self.batches.on_device}
         meta = {"dataset": cfg.dataset, "preset": cfg.preset, "num_classes": raw.num_classes,
@@ -556,10 +590,11 @@ def _data(cfg: TrainConfig, dataset, ctx: DistContext, device: torch.device):
 
 
 def _build_state(cfg: TrainConfig, info, device: torch.device, ctx: DistContext, total_steps: int,
-                 loader_gen: torch.Generator) -> TrainState:
+                 loader_gen: torch.Generator, graphed: bool = False) -> TrainState:
     """Model, EMA, optimizer, LR schedule, scaler: identical initial weights on every rank.
 
-    cfg.precision: the resolved one (fp16 turns the GradScaler on)."""
+    cfg.precision: the resolved one (fp16 turns the GradScaler on). graphed: the optimizer for a CUDA
+    graph (capturable, its lr a device tensor; the schedule's base LR stays a float)."""
     seed_everything(cfg.seed)
     raw_model = build_model(cfg, tuple(info.image_shape), info.num_classes).to(device)
     set_prediction(raw_model, cfg.prediction)  # what its output means; the EMA copy below inherits it
@@ -569,7 +604,11 @@ def _build_state(cfg: TrainConfig, info, device: torch.device, ctx: DistContext,
         raw_model.set_fused_kernels(True)  # raises kernels.FusedKernelsUnavailable; never falls back
     ema = make_ema(raw_model, cfg.ema_decay, cfg.ema_warmup)
     # fused: one kernel per step on CPU and CUDA, and its found_inf masks a skipped step on the device
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    lr = torch.tensor(cfg.lr, device=device) if graphed else cfg.lr
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True,
+                                  capturable=graphed)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.cosine))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")

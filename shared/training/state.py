@@ -109,7 +109,9 @@ class TrainState:
     def count_step(self, skipped: torch.Tensor) -> None:
         """Device-side bookkeeping of one step; skipped: 0-dim bool tensor."""
         self.skipped_total += skipped.long()
-        self.consecutive_skips = torch.where(skipped, self.consecutive_skips + 1, torch.zeros_like(self.consecutive_skips))
+        # in place: a CUDA graph replays this on the same tensor
+        self.consecutive_skips.copy_(torch.where(skipped, self.consecutive_skips + 1,
+                                                 torch.zeros_like(self.consecutive_skips)))
 
     def sync_progress(self) -> Progress:
         """Reads the device counters into progress (one host sync); returns it."""
@@ -128,8 +130,11 @@ class TrainState:
     def state_dict(self, rng: list[dict]) -> dict:
         """rng: capture_rng() of every rank (this rank's alone when single-process)."""
         self.sync_progress()
+        optimizer = self.optimizer.state_dict()
+        # a graphed step's lr is a device tensor; files hold the float, so any run can load them
+        optimizer["param_groups"] = [{**g, "lr": float(g["lr"])} for g in optimizer["param_groups"]]
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                "optimizer": optimizer, "lr_scheduler": self.lr_scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "progress": self.progress.to_dict(), "rng": rng}
 
     def load_state_dict(self, ckpt: dict, rank: int, world_size: int) -> bool:
@@ -139,10 +144,14 @@ class TrainState:
         self.ema.load_state_dict(ckpt["ema"])
         # the implementation flags are this run's choice, not the file's (an older file says fused=None,
         # and only fused AdamW can mask a skipped step on the device)
+        # (and so is the lr's type: a graphed step's device tensor is filled with the file's value)
         flags = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in self.optimizer.param_groups]
+        own_lr = [g["lr"] for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        for group, own in zip(self.optimizer.param_groups, flags):
+        for group, own, lr in zip(self.optimizer.param_groups, flags, own_lr):
             group.update(own)
+            if torch.is_tensor(lr):
+                group["lr"] = lr.fill_(float(group["lr"]))
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress.from_dict(ckpt["progress"])
