@@ -6,7 +6,9 @@ it, so the U-Net calls each of its blocks the same way (improved-diffusion's Tim
 
 The two fusable spots, GroupNorm+FiLM(+SiLU) and attention, go through `GroupNormAct` and
 `SelfAttention`, which call either the eager references in `kernels.reference` or the fused kernels,
-depending on a switch the U-Net sets on all of them at once.
+depending on a switch the U-Net sets on all of them at once. For attention "fused" means the faster
+of the project's Triton kernel and torch's scaled_dot_product_attention at the layer's size
+(TRITON_ATTENTION_FASTER).
 """
 from __future__ import annotations
 
@@ -14,9 +16,18 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import kernels
 from kernels import reference
+
+# The (sequence length L, head dim d) pairs at which the fused U-Net runs the project's Triton attention
+# (kernels.attention) rather than torch's scaled_dot_product_attention: those where the Triton kernel's
+# forward+backward beat SDPA on a GPU. On the H200 (benches/results/h200.md, the attention rows) SDPA won
+# at every size measured, L = 49 … 1,024 with d = 64 (the Triton kernel ran at 0.14–0.29× its speed), so
+# the set is empty; `python scripts/gpu_bench.py` measures both again, and a size it shows the Triton
+# kernel winning belongs here.
+TRITON_ATTENTION_FASTER: frozenset[tuple[int, int]] = frozenset()
 
 # Transformer-style sinusoidal embedding (Vaswani et al. 2017, Sec. 3.5): frequencies span
 # 1 … 1/MAX_PERIOD geometrically.
@@ -138,10 +149,19 @@ class SelfAttention(nn.Module):
         n, c, height, width = x.shape
         qkv = self.qkv(self.norm(x)).reshape(n, 3, self.num_heads, self.head_dim, height * width)  # (N, 3, nh, d, L)
         q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # (N, nh, L, d) each, strided views
-        impl = kernels.attention if self.fused else reference.attention
-        out = impl(q, k, v)  # (N, nh, L, d)
+        out = self.attend(q, k, v)  # (N, nh, L, d)
         out = out.transpose(-1, -2).reshape(n, c, height, width)
         return x + self.proj_out(out)
+
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q kᵀ/√d) v for q, k, v [N x heads x L x d]: the eager reference, or with fused kernels
+        the faster of the Triton kernel and SDPA at this (L, d) (TRITON_ATTENTION_FASTER)."""
+        if not self.fused:
+            return reference.attention(q, k, v)
+        if (q.shape[-2], q.shape[-1]) in TRITON_ATTENTION_FASTER:
+            return kernels.attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 class Downsample(nn.Module):

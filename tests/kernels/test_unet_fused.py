@@ -17,6 +17,7 @@ from tests.kernels.tolerances import DEVICES, REL_TOL, rel_err
 kernels = pytest.importorskip("kernels")
 shared = pytest.importorskip("shared")
 from shared.diffusion.forward import q_sample  # noqa: E402
+from shared.model import blocks  # noqa: E402
 from shared.model.blocks import GroupNormAct, SelfAttention  # noqa: E402
 from shared.diffusion.schedule import NoiseSchedule  # noqa: E402
 from shared.model.unet import UNet  # noqa: E402
@@ -60,8 +61,17 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+@pytest.fixture(params=["sdpa", "triton"])
+def attention_choice(request, monkeypatch):
+    """The fused model's attention as chosen by size (SDPA at every size, as measured), or the Triton
+    kernel forced at the tiny preset's L = 196, d = 32, so the whole-network test covers both."""
+    if request.param == "triton":
+        monkeypatch.setattr(blocks, "TRITON_ATTENTION_FASTER", frozenset({(196, 32)}))
+    return request.param
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_one_training_step_fused_matches_eager(device, no_tf32):
+def test_one_training_step_fused_matches_eager(device, no_tf32, attention_choice):
     eager = randomized_tiny(torch.device(device))
     fused = copy.deepcopy(eager).set_fused_kernels(True)
     spots = [m for m in fused.modules() if isinstance(m, (GroupNormAct, SelfAttention))]
@@ -84,3 +94,21 @@ def test_one_training_step_fused_matches_eager(device, no_tf32):
         assert rel_err(grads_f[name], g) < PER_PARAMETER_TOL_FP32, f"{name}: gradient differs"
     for name, p in params_e.items():
         assert rel_err(params_f[name], p) < out_tol, f"{name}: parameter after the AdamW step differs"
+
+
+def test_fused_attention_runs_the_faster_implementation(monkeypatch):
+    """With fused kernels a SelfAttention calls SDPA unless its (L, d) is listed as a size where the Triton
+    kernel is faster; without them, the eager reference."""
+    calls = []
+    monkeypatch.setattr(blocks.F, "scaled_dot_product_attention", lambda q, k, v: calls.append("sdpa") or q)
+    monkeypatch.setattr(kernels, "attention", lambda q, k, v: calls.append("triton") or q, raising=False)
+    monkeypatch.setattr(blocks.reference, "attention", lambda q, k, v: calls.append("eager") or q)
+    layer = SelfAttention(64, num_heads=2, num_groups=8)
+    x = torch.randn(2, 64, 7, 7)
+    layer(x)
+    layer.fused = True
+    layer(x)
+    monkeypatch.setattr(blocks, "TRITON_ATTENTION_FASTER", frozenset({(49, 32)}))
+    layer(x)
+    layer(torch.randn(2, 64, 4, 4))  # L = 16: not listed
+    assert calls == ["eager", "sdpa", "triton", "sdpa"]
