@@ -1,7 +1,8 @@
 """Phase kernel-tests: the CUDA variants of the kernel tests, and tests/test_cuda_parity.py.
 
 Measures: whether every CUDA test passes (the fused sampling step and its in-kernel noise, the Philox
-noise op, the Triton kernels against float64, the noise op and the U-Net on CUDA against the CPU).
+noise op, the Triton kernels against float64, the noise op and the U-Net on CUDA against the CPU, the
+training step's CUDA graph against the same step uncaptured).
 Writes: pytest's output to gpu_bench.log; the phase fails naming the run that failed.
 
 Under --dry-run (no GPU) the CUDA tests skip with their reason, which still exercises this phase.
@@ -16,7 +17,8 @@ BAD_TENSORS_TEST = "tests/test_sampling_step_ext.py::test_op_rejects_bad_tensors
 
 #: The C++/CUDA op's files first: they run in seconds; the Triton ones compile a kernel per shape.
 CUDA_TEST_FILES = ["tests/test_sampling_step_ext.py", "tests/test_noise_op.py", "tests/test_sampling_step_noise.py",
-                   "tests/test_cuda_parity.py", "tests/kernels", "--ignore=tests/kernels/test_compile_targets.py"]
+                   "tests/test_cuda_parity.py", "tests/test_graphed_step.py", "tests/kernels",
+                   "--ignore=tests/kernels/test_compile_targets.py"]
 ALONE_MARGIN_S = 10   # of the share, kept for the bad-tensors test
 PYTEST_NOTHING_COLLECTED = 5
 
