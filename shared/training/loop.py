@@ -485,7 +485,7 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         draws = None
         if self.graphed:
-            draws = CounterDraws(cfg.seed + RANK_SEED_STRIDE * ctx.rank, cfg.batch_size, tuple(self.info.image_shape),
+            draws = CounterDraws(rank_seed(cfg.seed, ctx.rank), cfg.batch_size, tuple(self.info.image_shape),
                                  cfg.timesteps, cfg.grad_accum, self.device)
             draws.start_at(self.progress.step)
         step = GradientStep(self.state, self.model, self.schedule.to(self.device), self.autocast,
@@ -512,6 +512,11 @@ class Trainer:
 
 # --------------------------------------------------------------------------------------------------
 # Set-up
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s own random streams."""
+    return seed + RANK_SEED_STRIDE * rank
+
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, cosine: bool) -> float:
     """Multiplier of the base LR at `step`: linear warm-up to 1, then 1 or a cosine decay to 0."""
@@ -612,8 +617,8 @@ def _build_state(cfg: TrainConfig, info, device: torch.device, ctx: DistContext,
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.cosine))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    seed_everything(cfg.seed + RANK_SEED_STRIDE * ctx.rank)  # then per-rank streams
-    train_noise = torch.Generator(device).manual_seed(cfg.seed + RANK_SEED_STRIDE * ctx.rank)
+    seed_everything(rank_seed(cfg.seed, ctx.rank))  # then per-rank streams
+    train_noise = torch.Generator(device).manual_seed(rank_seed(cfg.seed, ctx.rank))
     return TrainState(raw_model, ema, optimizer, lr_sched, scaler, train_noise, loader_gen, device)
 
 
