@@ -1,6 +1,10 @@
 """Fused Triton kernels against eager PyTorch, torch.compile of the eager expression and,
-for attention, F.scaled_dot_product_attention. CUDA only: Triton's CPU interpreter checks correctness,
-its speed means nothing.
+for attention, F.scaled_dot_product_attention. The kernel timings are CUDA only: Triton's CPU
+interpreter checks correctness, its speed means nothing.
+
+The host cost of one call (kernels/host_cost.py: the op's Python, checks, allocations and autograd
+bookkeeping, with the Triton launch stubbed out) is measured on any device, against the eager
+reference's host time in the same run; without a GPU it runs in a subprocess through the interpreter.
 
 Sizes come from the presets at the seeds' batch of 128 (mnist: 28² × 64 ch, 7² × 128 ch with attention
 at L = 49; cifar10: 16² × 256 ch with attention at L = 256) plus a large GroupNorm (256×128×32×32) and
@@ -14,13 +18,12 @@ import torch.nn.functional as F
 
 import kernels
 from benches.measure import budget_skip_reason, module_missing, record, record_bandwidth, record_flops, time_call
-from kernels import reference
+from kernels import host_cost, reference
 from kernels.costs import attention_flops
 
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(),
                                reason="Triton kernels are timed on CUDA only (the CPU interpreter is a "
                                       "correctness tool; its speed means nothing)")
-pytestmark = CUDA_ONLY
 
 # Seconds a torch.compile of one small expression takes on a cold cache (inductor, 16 cores), so that
 # compile variants skip instead of overrunning the GPU script's 10 minutes.
@@ -92,6 +95,7 @@ def _gn_cases():
                            id=f"{_shape_id(large)}-fp32-{impl}")
 
 
+@CUDA_ONLY
 @pytest.mark.parametrize("shape,dtype_name,impl", list(_gn_cases()))
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 def test_group_norm_film_silu(benchmark, device, ceilings, shape, dtype_name, impl, pass_):
@@ -129,6 +133,7 @@ def _attn_cases():
             yield pytest.param(shape, impl, marks=marks, id=f"{_shape_id(shape)}-{impl}")
 
 
+@CUDA_ONLY
 @pytest.mark.parametrize("shape,impl", list(_attn_cases()))
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 def test_attention(benchmark, device, ceilings, shape, impl, pass_):
@@ -160,3 +165,35 @@ def test_attention(benchmark, device, ceilings, shape, impl, pass_):
     record(benchmark, family="kernel", case=f"attention {pass_} bf16 {label} ({n}×{heads}×{length}×{d})",
            impl=impl, op=f"attn_{pass_}", dtype="bf16", size=label, L=length, shape=[n, heads, length, d])
     record_flops(benchmark, seconds, flops, formula, ceilings)
+
+
+# --------------------------------------------------------------------------------------------------
+# host cost per call
+
+
+@pytest.fixture(scope="module")
+def host_costs(device) -> dict:
+    """Every host-cost case of kernels/host_cost.py, fused and eager, from one measurement: in this
+    process on CUDA, in a subprocess through the interpreter on the CPU (CPU tensors need it)."""
+    if device.type == "cuda":
+        return host_cost.measure(device)
+    return host_cost.measure_in_subprocess()
+
+
+@pytest.mark.priority(20)
+@pytest.mark.parametrize("impl", ["eager", "fused"])
+@pytest.mark.parametrize("case", host_cost.CASES)
+def test_host_cost(benchmark, host_costs, case, impl):
+    """Host µs per call: fused with its launches stubbed, eager (the reference) as it runs. The figure
+    (time_ms) comes from kernels/host_cost.py; pytest-benchmark is handed one trivial call only so
+    that the row is written to the JSON."""
+    us = host_costs[case][impl]
+    benchmark.pedantic(lambda: None, rounds=1)
+    shape = host_cost.GN_SHAPE if case.startswith("gn") else host_cost.ATTN_SHAPE
+    what = "launch stubbed" if impl == "fused" else "reference, kernels run"
+    benchmark.extra_info.update(
+        time_ms=us * 1e-3, custom_op_ms=host_costs[case]["custom op"] * 1e-3,
+        timer=(f"perf_counter_ns: smallest of {host_cost.REPEATS} medians of {host_cost.CALLS} calls "
+               f"(kernels/host_cost.py), {what}"))
+    record(benchmark, family="kernel", case=f"host per call: {case} fp32 ({'×'.join(map(str, shape))})",
+           impl=impl, op=f"host_{case}", dtype="fp32", size="host", shape=list(shape))

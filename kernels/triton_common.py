@@ -27,7 +27,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Tests set this to "1" so every buffer an op allocates starts as NaN: an element a kernel forgets to
 # write then shows up as NaN in the result (or in a gradient) instead of as plausible stale memory.
+# Read once, when this module is imported (tests/kernels/conftest.py sets it before any kernel loads):
+# an environment lookup per buffer would cost more host time than the allocation itself.
 POISON_ENV = "KERNELS_POISON_OUTPUTS"
+POISON_OUTPUTS: bool = os.environ.get(POISON_ENV) == "1"
 
 
 # CUDA's launch-grid limits: 2^31 − 1 programs along axis 0, 65,535 along axes 1 and 2.
@@ -58,6 +61,12 @@ def launch_options(config: triton.Config) -> dict:
     return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def runs_here(t: torch.Tensor) -> bool:
+    """Whether the kernels can take t: a CUDA tensor, or a CPU tensor under the interpreter (the cheap
+    test an op runs on every call; check_device says what is wrong when it fails)."""
+    return t.is_cuda or (INTERPRET and t.is_cpu)
+
+
 def check_device(name: str, *tensors: torch.Tensor) -> None:
     """Raises FusedKernelsUnavailable (CPU without the interpreter) or ValueError (any other device)."""
     for t in tensors:
@@ -80,15 +89,27 @@ def check_dtype(name: str, *tensors: torch.Tensor) -> None:
 
 
 def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised buffer a kernel is expected to fill completely (NaN-filled under POISON_ENV)."""
-    if os.environ.get(POISON_ENV) == "1":
+    """An uninitialised contiguous buffer of a non-empty `shape` that a kernel is expected to fill
+    completely (NaN-filled under POISON_ENV)."""
+    if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty(*shape, dtype=dtype, device=device)  # sizes unpacked: parsed faster than a tuple
+
+
+def new_buffer_like(t: torch.Tensor) -> torch.Tensor:
+    """new_buffer with t's shape, dtype and device; t must be contiguous (the buffer takes its strides)."""
+    if POISON_OUTPUTS:
+        return torch.full_like(t, float("nan"))
+    return torch.empty_like(t)
+
+
+# One no-op context serves every CPU launch (contextlib.nullcontext is reusable).
+_NO_GUARD = contextlib.nullcontext()
 
 
 def device_guard(t: torch.Tensor):
     """Launch on t's GPU (Triton uses the current device's current stream); a no-op on the CPU."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    return torch.cuda.device(t.get_device()) if t.is_cuda else _NO_GUARD
 
 
 def upcast_dots(dtype: torch.dtype) -> bool:

@@ -1,13 +1,21 @@
-"""Flash attention softmax(q kᵀ/√d) v as a torch.library custom op with Triton forward and backward.
+"""Flash attention softmax(q kᵀ/√d) v: the Triton launches, an eager autograd path, and torch.library ops.
 
 `attention` has the signature of the eager reference (kernels/flash_attention/reference.py); kernels and
-math are in kernels/flash_attention/kernel.py and kernels/README.md. Two custom ops carry it:
-`diffusion_kernels::flash_attention_fwd` (returns O and the fp32 base-2 log-sum-exp of each row) and
-`diffusion_kernels::flash_attention_bwd` (returns dq, dk, dv), tied together with register_autograd, each
-with a fake (meta) implementation so torch.compile traces through them.
+math are in kernels/flash_attention/kernel.py and kernels/README.md. One launch function per direction
+(`_forward`, `_backward`) is reached by two paths:
+
+- eager: `_FlashAttention`, a plain torch.autograd.Function (or `_forward` alone when no input needs a
+  gradient), so a call pays no dispatcher cost (kernels/host_cost.py measures what it does pay);
+- torch.compile (`torch.compiler.is_compiling()`): the custom ops `diffusion_kernels::flash_attention_fwd`
+  (O and the fp32 base-2 log-sum-exp of each row) and `diffusion_kernels::flash_attention_bwd`
+  (dq, dk, dv), tied together with register_autograd, each with a fake (meta) implementation so
+  torch.compile traces through them.
 
 No `from __future__ import annotations` here: torch.library infers the op schemas from the annotations.
 """
+import functools
+from typing import NamedTuple
+
 import torch
 import triton
 
@@ -15,8 +23,9 @@ from kernels.flash_attention import SUPPORTED_HEAD_DIMS
 from kernels.flash_attention.kernel import (attn_backward_dkdv_kernel, attn_backward_dq_kernel,
                                             attn_backward_preprocess_kernel, attn_forward_kernel)
 from kernels.flash_attention.reference import check_attention_args
-from kernels.triton_common import (OP_NAMESPACE, check_device, check_dtype, check_grid, device_guard,
-                                   dot_precision, launch_options, new_buffer, upcast_dots, use_gpu_configs)
+from kernels.triton_common import (OP_NAMESPACE, SUPPORTED_DTYPES, check_device, check_dtype, check_grid,
+                                   device_guard, dot_precision, launch_options, new_buffer, runs_here,
+                                   upcast_dots, use_gpu_configs)
 
 __all__ = ["attention", "attention_configs", "attention_grid", "SUPPORTED_HEAD_DIMS", "ATTN_FWD_GPU_CONFIGS",
            "ATTN_DKDV_GPU_CONFIGS", "ATTN_DQ_GPU_CONFIGS", "ATTN_FWD_FP32_CONFIGS", "ATTN_DKDV_FP32_CONFIGS",
@@ -77,27 +86,91 @@ def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+class _Launch(NamedTuple):
+    """Everything the launches need that depends only on (Z, H, L, d, dtype) and the configuration."""
+    forward_grid: tuple
+    preprocess_grid: tuple
+    dkdv_grid: tuple
+    dq_grid: tuple
+    forward_meta: dict    # HEAD_DIM, UPCAST, PRECISION and the pinned forward configuration
+    dkdv_meta: dict
+    dq_meta: dict
+    sm_scale: float       # 1/√d
 
 
-def _meta_args(q: torch.Tensor) -> dict:
-    return dict(HEAD_DIM=q.shape[-1], UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype))
+@functools.lru_cache(maxsize=1024)
+def _launch(z: int, h: int, seq: int, d: int, dtype: torch.dtype, gpu_configs: bool) -> _Launch:
+    """The launches of a shape, computed once per shape (`gpu_configs` is part of the key because
+    attention_configs reads it)."""
+    forward, dkdv, dq = attention_configs(dtype, d)
+    common = dict(HEAD_DIM=d, UPCAST=upcast_dots(dtype), PRECISION=dot_precision(dtype))
+    rows = z * h * seq
+    return _Launch(attention_grid(z * h, seq, forward.kwargs["BLOCK_M"]),
+                   check_grid("attention", (triton.cdiv(rows, PREPROCESS_BLOCK_M),)),
+                   attention_grid(z * h, seq, dkdv.kwargs["BLOCK_N"]),
+                   attention_grid(z * h, seq, dq.kwargs["BLOCK_M"]),
+                   dict(common, **launch_options(forward)), dict(common, **launch_options(dkdv)),
+                   dict(common, **launch_options(dq)), d ** -0.5)
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Launches attn_forward_kernel. q, k, v [Z, H, L, D], any strides.
+    Returns (O [Z, H, L, D] contiguous in q's dtype, LSE2 [Z·H, L] fp32)."""
+    (sqz, sqh, sql, sqd), (skz, skh, skl, skd), (svz, svh, svl, svd) = q.stride(), k.stride(), v.stride()
+    if sqd != 1 or skd != 1 or svd != 1:
+        return _forward(_unit_stride_last(q), _unit_stride_last(k), _unit_stride_last(v))
+    z, h, seq, d = q.shape
+    launch = _launch(z, h, seq, d, q.dtype, use_gpu_configs())
+    o = new_buffer((z, h, seq, d), q.dtype, q.device)
+    lse2 = new_buffer((z * h, seq), torch.float32, q.device)
+    with device_guard(q):
+        attn_forward_kernel[launch.forward_grid](q, k, v, o, lse2, sqz, sqh, sql, skz, skh, skl, svz, svh, svl,
+                                                 h, seq, launch.sm_scale, **launch.forward_meta)
+    return o, lse2
+
+
+def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+              lse2: torch.Tensor):
+    """Launches the D_i = Σ dO·O, dK/dV and dQ kernels. Returns (dq, dk, dv), each [Z, H, L, D]
+    contiguous in q's dtype."""
+    q, k, v = _unit_stride_last(q), _unit_stride_last(k), _unit_stride_last(v)
+    do, o = do.contiguous(), o.contiguous()
+    z, h, seq, d = q.shape
+    launch = _launch(z, h, seq, d, q.dtype, use_gpu_configs())
+    delta = new_buffer((z * h, seq), torch.float32, q.device)
+    dq = new_buffer((z, h, seq, d), q.dtype, q.device)
+    dk = new_buffer((z, h, seq, d), q.dtype, q.device)
+    dv = new_buffer((z, h, seq, d), q.dtype, q.device)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    with device_guard(q):
+        attn_backward_preprocess_kernel[launch.preprocess_grid](
+            o, do, delta, z * h * seq, HEAD_DIM=d, BLOCK_M=PREPROCESS_BLOCK_M)
+        attn_backward_dkdv_kernel[launch.dkdv_grid](
+            q, k, v, do, dk, dv, lse2, delta, *strides, h, seq, launch.sm_scale, **launch.dkdv_meta)
+        attn_backward_dq_kernel[launch.dq_grid](
+            q, k, v, do, dq, lse2, delta, *strides, h, seq, launch.sm_scale, **launch.dq_meta)
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    """The eager path: the launches behind a plain autograd.Function."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        o, lse2 = _forward(q, k, v)
+        ctx.save_for_backward(q, k, v, o, lse2)
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        return _backward(do, *ctx.saved_tensors)
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::flash_attention_fwd", mutates_args=())
 def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k, v [Z, H, L, D] -> (O [Z, H, L, D] contiguous, LSE2 [Z·H, L] fp32)."""
-    z, h, seq, d = q.shape
-    q, k, v = _unit_stride_last(q), _unit_stride_last(k), _unit_stride_last(v)
-    o = new_buffer((z, h, seq, d), q.dtype, q.device)
-    lse2 = new_buffer((z * h, seq), torch.float32, q.device)
-    config, _, _ = attention_configs(q.dtype, d)
-    grid = attention_grid(z * h, seq, config.kwargs["BLOCK_M"])
-    with device_guard(q):
-        attn_forward_kernel[grid](q, k, v, o, lse2, *_strides(q), *_strides(k), *_strides(v), h, seq,
-                                  d ** -0.5, **_meta_args(q), **launch_options(config))
-    return o, lse2
+    return _forward(q, k, v)
 
 
 @_attn_fwd_op.register_fake
@@ -110,26 +183,7 @@ def _(q, k, v):
 def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                  lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv), each [Z, H, L, D] contiguous in q's dtype."""
-    z, h, seq, d = q.shape
-    q, k, v = _unit_stride_last(q), _unit_stride_last(k), _unit_stride_last(v)
-    do, o = do.contiguous(), o.contiguous()
-    delta = new_buffer((z * h, seq), torch.float32, q.device)
-    dq = new_buffer((z, h, seq, d), q.dtype, q.device)
-    dk = new_buffer((z, h, seq, d), q.dtype, q.device)
-    dv = new_buffer((z, h, seq, d), q.dtype, q.device)
-    rows = z * h * seq
-    strides = (*_strides(q), *_strides(k), *_strides(v))
-    _, dkdv_config, dq_config = attention_configs(q.dtype, d)
-    with device_guard(q):
-        attn_backward_preprocess_kernel[check_grid("attention", (triton.cdiv(rows, PREPROCESS_BLOCK_M),))](
-            o, do, delta, rows, HEAD_DIM=d, BLOCK_M=PREPROCESS_BLOCK_M)
-        attn_backward_dkdv_kernel[attention_grid(z * h, seq, dkdv_config.kwargs["BLOCK_N"])](
-            q, k, v, do, dk, dv, lse2, delta, *strides, h, seq, d ** -0.5, **_meta_args(q),
-            **launch_options(dkdv_config))
-        attn_backward_dq_kernel[attention_grid(z * h, seq, dq_config.kwargs["BLOCK_M"])](
-            q, k, v, do, dq, lse2, delta, *strides, h, seq, d ** -0.5, **_meta_args(q),
-            **launch_options(dq_config))
-    return dq, dk, dv
+    return _backward(do, q, k, v, o, lse2)
 
 
 @_attn_bwd_op.register_fake
@@ -143,12 +197,29 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, o, lse2)
 
 
-def _backward(ctx, do, _dlse2):
+def _op_backward(ctx, do, _dlse2):
     q, k, v, o, lse2 = ctx.saved_tensors
     return _attn_bwd_op(do, q, k, v, o, lse2)
 
 
-_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_attn_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+def _check_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The entry checks, each a direct comparison; the shared check functions run only when one fails,
+    to raise their message (in the order: dtypes, shapes and agreement, devices, then the head dim)."""
+    if not (q.dtype in SUPPORTED_DTYPES and k.dtype in SUPPORTED_DTYPES and v.dtype in SUPPORTED_DTYPES):
+        check_dtype("attention", q, k, v)
+    shape, device = q.shape, q.device
+    if not (len(shape) == 4 and k.shape == shape and v.shape == shape and k.dtype == q.dtype
+            and v.dtype == q.dtype and k.device == device and v.device == device):
+        check_attention_args(q, k, v)
+    if not runs_here(q):
+        check_device("attention", q, k, v)
+    if shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"attention: head dim d must be one of {SUPPORTED_HEAD_DIMS}, got {shape[-1]}")
+    if q.numel() == 0:
+        raise ValueError(f"attention: q is empty, shape {tuple(shape)}")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -157,12 +228,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     q, k, v: [N x heads x L x d], one dtype (fp32/fp16/bf16), one device, any strides; any L ≥ 1 and
     d in SUPPORTED_HEAD_DIMS.  Returns [N x heads x L x d] (contiguous) in q's dtype.
     """
-    check_dtype("attention", q, k, v)
-    check_attention_args(q, k, v)
-    check_device("attention", q, k, v)
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"attention: head dim d must be one of {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}")
-    if q.numel() == 0:
-        raise ValueError(f"attention: q is empty, shape {tuple(q.shape)}")
-    o, _ = _attn_fwd_op(q, k, v)
-    return o
+    _check_args(q, k, v)
+    if torch.compiler.is_compiling():
+        return _attn_fwd_op(q, k, v)[0]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _FlashAttention.apply(q, k, v)
+    return _forward(q, k, v)[0]

@@ -219,7 +219,29 @@ def test_cpu_tensor_without_interpreter_says_what_is_needed():
 
 
 # --------------------------------------------------------------------------------------------------
-# several tiles per group, and the pinned GPU configurations
+# one tile per group, several tiles per group, and the pinned GPU configurations
+
+
+# Groups that fit one tile, kept in registers between the statistics and the output (and between the
+# sums and dx): the MNIST preset's 7×7 level (2 channels per group) and 4 channels per group at 32×32,
+# which fills a 4,096-element tile exactly, under the interpreter's tile and the GPU configurations.
+ONE_TILE = [pytest.param(2, 64, 7, 7, 32, id="2-per-group-7x7"),
+            pytest.param(1, 128, 32, 32, 32, id="4-per-group-32x32")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gpu_configs", [False, True], ids=["interpreter-tile", "gpu-tile"])
+@pytest.mark.parametrize("n,c,h,w,groups", ONE_TILE)
+def test_groups_in_one_tile(device, gpu_configs, n, c, h, w, groups, monkeypatch):
+    from kernels.triton_common import GPU_CONFIGS_ENV
+
+    if gpu_configs:
+        monkeypatch.setenv(GPU_CONFIGS_ENV, "1")
+    _, block_c, hw_pow2 = gn._block_sizes(c, h * w, groups)
+    assert block_c * hw_pow2 <= gn.group_norm_config(block_c, hw_pow2).kwargs["TILE"], "the case must fit one tile"
+    x, weight, bias, scale, shift = make_inputs(n, c, h, w, "both", torch.float32, device)
+    check_against_float64(x, groups, weight, bias, scale, shift, True, torch.float32)
+
 
 
 # Groups larger than one tile: 8 channels per group at 32×32 (8,192 elements) and 64 at 14×14
