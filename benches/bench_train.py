@@ -1,11 +1,22 @@
-"""Training throughput: one optimisation step of the U-Net (eager vs fused kernels vs torch.compile), and
-the trainer's whole step loop before and after its hot-loop work, in the same run.
+"""Training throughput: one optimisation step of the U-Net (eager vs fused kernels vs torch.compile vs CUDA
+graphs), and the trainer's whole step loop before and after its hot-loop work, in the same run.
 
-A step (test_train_step) is the trainer's step minus data, EMA and logging: shared.training.loss.l_simple
-(q_sample at uniform t, forward, L_simple = mean ‖ε − ε̂‖², Ho et al. 2020, Eq. 14), backward, AdamW
-step. bf16 means torch.autocast(bfloat16) over fp32 master weights, as the trainer's --precision bf16
-does. The zero-initialised layers get small random weights, so the network computes on real numbers (a
-fresh U-Net outputs exactly 0).
+A step (test_train_step) is the trainer's step, shared.training.loop.GradientStep, minus data and
+logging: t and ε drawn, q_sample, forward, L_simple = mean ‖ε − ε̂‖² (Ho et al. 2020, Eq. 14), backward,
+the gradient clip, fused AdamW, the EMA and the skip counters, on one fixed batch of an unconditional
+U-Net. Each variant builds it as train.py does: eager, fused (--fused-kernels), compile (--compile, the
+forwards through torch.compile) draw t and ε from a torch.Generator; graphs (--cuda-graphs) and
+fused+graphs draw them from graphed.CounterDraws, step a capturable fused AdamW whose lr is a device
+tensor, and replay the whole step as one CUDA graph (graphed.GraphedStep, timed after its eager warm-up
+and capture). bf16 means torch.autocast(bfloat16) over fp32 master weights, as the trainer's --precision
+bf16 does. The zero-initialised layers get small random weights, so the network computes on real numbers
+(a fresh U-Net outputs exactly 0).
+
+Launches per step (CUDA): torch.profiler (CPU and CUDA activities) over PROFILED_STEPS steps after the
+timing, the queue drained first; `launches_per_step` counts the host's launch calls (cudaLaunchKernel,
+cuLaunchKernel, cudaGraphLaunch and their variants: a replayed graph is one), `kernels_per_step` the
+kernels the GPU ran (a graph's kernels counted one by one). launch_counts is also what
+scripts/gpu_phases/train_compare.py counts the trainer's loop with.
 
 The loop (test_train_loop) times STEPS_PER_CALL consecutive training steps including the data, the EMA
 and the skip logic, both ways:
@@ -16,22 +27,27 @@ and the skip logic, both ways:
           loop.GradientStep (no host sync: fused AdamW masked by found_inf, device-masked EMA).
 Both draw from the same data and settings; the `after` row records images/s and its ratio to `before`.
 
-Peak VRAM: torch.cuda.max_memory_allocated over one step after warm-up (optimizer state exists),
-measured after torch.cuda.reset_peak_memory_stats(), less what was allocated before this benchmark built
-its model (memory other benchmarks of the session still hold is not this step's).
+Peak VRAM: torch.cuda.max_memory_allocated over one step after warm-up (optimizer state exists; a CUDA
+graph's memory pool exists), measured after torch.cuda.reset_peak_memory_stats(), less what was
+allocated before this benchmark built its model (memory other benchmarks of the session still hold is
+not this step's).
 
-CUDA: the mnist and cifar10 presets × {eager, fused, compile, fused+compile} × {fp32, bf16} × {128 (the
-seeds' batch), a throughput batch}. CPU: the tiny preset, eager fp32 (fused kernels need a GPU there).
+CUDA: the mnist and cifar10 presets × {eager, fused, graphs, fused+graphs, compile, fused+compile} ×
+{fp32, bf16} × {128 (the seeds' batch), a throughput batch}. CPU: the tiny preset, eager fp32 (fused
+kernels need a GPU there); the graphs variants are listed and skip (CUDA graphs need CUDA).
 """
 from __future__ import annotations
 
 import gc
 import math
+import re
 from contextlib import nullcontext
 
 import pytest
 import torch
+from torch.autograd import DeviceType
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 
 import kernels
@@ -39,22 +55,46 @@ from benches.measure import budget_skip_reason, on_cuda, randomise_zero_init, re
 from shared import NoiseSchedule, UNet
 from shared.data.datasets import DatasetInfo, TensorImageDataset
 from shared.model.ema import make_ema
+from shared.model.precision import autocast as autocast_for
 from shared.training.batches import Batches, ResumableSampler
+from shared.training.graphed import CounterDraws, GraphedStep
 from shared.training.loop import GradientStep
 from shared.training.loss import drop_labels, l_simple
 from shared.training.state import TrainState
 
 NUM_TIMESTEPS = 1000
 LEARNING_RATE = 2e-4
+MAX_GRAD_NORM = 1.0
 SEEDS_BATCH = 128
 THROUGHPUT_BATCH = {"mnist": 512, "cifar10": 256, "tiny": 64}
 # A cold torch.compile of the U-Net's forward and backward (inductor, 16 cores), to stay in budget.
 COMPILE_ESTIMATE_S = {"mnist": 70, "cifar10": 90}
-VARIANTS = ["eager", "fused", "compile", "fused+compile"]
-DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+VARIANTS = ["eager", "fused", "graphs", "fused+graphs", "compile", "fused+compile"]
+PROFILED_STEPS = 3   # steps inside torch.profiler for the launch counts, after the timing
+# The CUDA runtime and driver calls that launch work: kernels (cudaLaunchKernel, cudaLaunchKernelExC,
+# cuLaunchKernel, cuLaunchKernelEx, cooperative launches) and whole graphs (cudaGraphLaunch).
+LAUNCH_CALL = re.compile(r"^cu(da)?(LaunchKernel|LaunchCooperativeKernel|GraphLaunch)")
 
 
-def _make_step(preset: str, variant: str, precision: str, batch: int, device: torch.device):
+def launch_counts(events, steps: int) -> dict:
+    """Per step, from torch.profiler's events (CPU and CUDA activities) of `steps` steps: the launch calls
+    the host made (LAUNCH_CALL) and the kernels the GPU ran (device events other than copies and fills)."""
+    launches = sum(1 for e in events if LAUNCH_CALL.match(e.name))
+    kernels = sum(1 for e in events if e.device_type == DeviceType.CUDA and e.activity_type in (None, "kernel")
+                  and not e.name.startswith(("Memcpy", "Memset")))
+    return {"launches_per_step": launches / steps, "kernels_per_step": kernels / steps}
+
+
+def profiled_launches(fn, steps: int = PROFILED_STEPS) -> dict:
+    """launch_counts of `steps` calls of fn on CUDA, the queue drained before them."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+    return launch_counts(prof.events(), steps)
+
+
+def _model(preset: str, variant: str, device: torch.device) -> UNet:
     torch.manual_seed(0)
     model = randomise_zero_init(UNet.from_preset(preset)).to(device).train()
     if "fused" in variant:
@@ -62,25 +102,39 @@ def _make_step(preset: str, variant: str, precision: str, batch: int, device: to
             model.set_fused_kernels(True)
         except kernels.FusedKernelsUnavailable as err:
             pytest.skip(f"fused kernels unavailable: {err}")
-    forward = torch.compile(model) if "compile" in variant else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
-    schedule = NoiseSchedule("linear", NUM_TIMESTEPS)
+    return model
+
+
+def _make_step(preset: str, variant: str, precision: str, batch: int, device: torch.device):
+    """The trainer's step (loop.GradientStep) for the variant, and a call that runs it on one fixed batch.
+
+    graphs: as train.py --cuda-graphs builds it: t, ε from CounterDraws, fused AdamW capturable with a
+    device-tensor lr, the whole step replayed by a GraphedStep after its warm-up and capture."""
+    model = _model(preset, variant, device)
+    graphed = "graphs" in variant
+    lr = torch.tensor(LEARNING_RATE, device=device) if graphed else LEARNING_RATE
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True, capturable=graphed)
+    state = TrainState(model, make_ema(model), optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                       torch.amp.GradScaler(device.type, enabled=False), torch.Generator(device).manual_seed(0),
+                       torch.Generator().manual_seed(0), device)
+    shape = (model.in_channels, model.image_size, model.image_size)
+    draws = CounterDraws(0, batch, shape, NUM_TIMESTEPS, 1, device) if graphed else None
+    step = GradientStep(state, torch.compile(model) if "compile" in variant else model,
+                        NoiseSchedule("linear", NUM_TIMESTEPS).to(device), autocast_for(device, precision),
+                        MAX_GRAD_NORM, draws=draws)
+    step = GraphedStep(step) if graphed else step
     gen = torch.Generator(device=device).manual_seed(0)
-    x0 = torch.rand(batch, model.in_channels, model.image_size, model.image_size, device=device,
-                    generator=gen) * 2 - 1
-    noise = torch.randn(x0.shape, device=device, generator=gen)
-    t = torch.randint(0, NUM_TIMESTEPS, (batch,), device=device, generator=gen)
-    autocast_dtype = DTYPES[precision]
-    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
+    micro_batches = [(torch.rand(batch, *shape, device=device, generator=gen) * 2 - 1,
+                      torch.zeros(batch, dtype=torch.long, device=device))]
+    return lambda: step(micro_batches)
 
-    def step():
-        loss = l_simple(forward, schedule, x0, None, t, noise, autocast=autocast()).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
 
-    return step
+def _warmup_calls(variant: str) -> int:
+    """Calls before any measurement: torch.compile compiles in the first; a GraphedStep runs its eager
+    warm-up, then captures."""
+    if "graphs" in variant:
+        return GraphedStep.WARMUP_STEPS + 2
+    return 3 if "compile" in variant else 2
 
 
 def _gpu_cases():
@@ -88,7 +142,8 @@ def _gpu_cases():
         for batch in (SEEDS_BATCH, THROUGHPUT_BATCH[preset]):
             for precision in ("bf16", "fp32"):
                 for variant in VARIANTS:
-                    # The bar (mnist, fused bf16 vs eager bf16) first; compile variants last, bf16 first.
+                    # The bar (mnist, fused bf16 vs eager bf16) and the graphs first; compile variants last,
+                    # bf16 first.
                     prio = 20 if "compile" not in variant else (80 if precision == "bf16" else 90)
                     if "compile" in variant and batch != SEEDS_BATCH:
                         prio += 5
@@ -100,6 +155,18 @@ def _cpu_cases():
     for batch in (32, THROUGHPUT_BATCH["tiny"]):
         yield pytest.param("tiny", "eager", "fp32", batch, marks=[pytest.mark.priority(20)],
                            id=f"tiny-b{batch}-fp32-eager")
+    for variant in ("graphs", "fused+graphs"):
+        yield pytest.param("tiny", variant, "fp32", 32, id=f"tiny-b32-fp32-{variant}",
+                           marks=[pytest.mark.priority(20), pytest.mark.skip(reason="CUDA graphs need CUDA")])
+
+
+def _peak_vram_mib(step, baseline: int) -> float:
+    """Peak memory of one more step (optimizer state exists), less `baseline`, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - baseline) / 2 ** 20
 
 
 @pytest.mark.parametrize("preset,variant,precision,batch", list(_gpu_cases() if on_cuda() else _cpu_cases()))
@@ -114,16 +181,9 @@ def test_train_step(benchmark, device, preset, variant, precision, batch):
         torch.cuda.empty_cache()
         baseline = torch.cuda.memory_allocated()
     step = _make_step(preset, variant, precision, batch, device)
-    warmup = 3 if "compile" in variant else 2  # compile happens in the first call, outside the timing
-    for _ in range(warmup):
+    for _ in range(_warmup_calls(variant)):
         step()
-    peak_mib = None
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2 ** 20
+    peak_mib = _peak_vram_mib(step, baseline) if device.type == "cuda" else None
     rounds = 10 if device.type == "cuda" else 3
     seconds = time_call(benchmark, step, device, rounds=rounds, warmup_rounds=1)
     record(benchmark, family="train", case=f"train step {preset} {precision} batch {batch}", impl=variant,
@@ -131,7 +191,8 @@ def test_train_step(benchmark, device, preset, variant, precision, batch):
     if seconds:
         benchmark.extra_info["images_per_s"] = batch / seconds
     if peak_mib is not None:
-        benchmark.extra_info.update(peak_vram_mib=peak_mib, vram_baseline_mib=baseline / 2 ** 20)
+        benchmark.extra_info.update(peak_vram_mib=peak_mib, vram_baseline_mib=baseline / 2 ** 20,
+                                    **profiled_launches(step))
     if device.type == "cuda":
         del step
         torch.cuda.empty_cache()

@@ -6,7 +6,9 @@
 Per table row (one `case`), the median time of each implementation, then ratios measured in the same run:
     speed-up fused vs X = time(X) / time(fused) = throughput(fused) / throughput(X)   (> 1: fused faster)
 and the fused version's GB/s or TFLOP/s as a % of the ceiling measured in the same run (copy bandwidth,
-bf16 matmul). The project's performance bars (BARS below: kernels, sampling step, loops) are checked
+bf16 matmul). The training table also gives each implementation's kernel launch calls and the kernels the
+GPU ran, per step (`launches_per_step` / `kernels_per_step`: a CUDA graph is one launch of many kernels).
+The project's performance bars (BARS below: kernels, sampling step, loops) are checked
 where they apply: MET or MISSED next to the figure, and again in a summary; a bar with no figure reads
 NOT MEASURED. Thresholds are fixed here; nothing about a measurement is adjusted to meet them.
 """
@@ -29,13 +31,13 @@ from shared.flags import run_main  # noqa: E402
 from shared.records.plots import plt  # noqa: E402  (pyplot on the Agg backend)
 
 KERNEL_IMPLS = ["eager", "compile", "sdpa", "fused"]
-TRAIN_IMPLS = ["eager", "fused", "compile", "fused+compile"]
+TRAIN_IMPLS = ["eager", "fused", "graphs", "fused+graphs", "compile", "fused+compile"]
 SAMPLING_IMPLS = ["eager", "fused step", "fused", "fused+graphs", "sample() eager", "sample() fused step",
                   "sample() fused"]
 NOISE_BASE = "torch.randn"  # what per-sample noise is compared with (benches/bench_noise.py)
 LOOP_IMPLS = ["before", "after"]  # the training loop before and after the sync-free step (bench_train.py)
 FAMILY_TITLES = {"kernel": "Kernels (Triton)", "step": "Fused sampling step (C++/CUDA)",
-                 "train": "Training step (images/s, peak VRAM)", "sampling": "Sampling (images/s)",
+                 "train": "Training step (images/s, peak VRAM, launches per step)", "sampling": "Sampling (images/s)",
                  "noise": "Per-sample noise (Philox) and in-kernel noise",
                  "train_loop": "Training loop (images/s, consecutive steps with data and EMA)"}
 
@@ -238,16 +240,25 @@ def kernel_table(rows: list[Row]) -> list[str]:
     return _table(header, lines)
 
 
+def _launches(row: Row, impls: list[str]) -> str:
+    """Kernel launch calls per step and kernels the GPU ran per step, of each implementation measured."""
+    cells = [f"{i}: {_f(row.get(i, 'launches_per_step'), '{:.0f}')} / {_f(row.get(i, 'kernels_per_step'), '{:.0f}')}"
+             for i in impls if row.get(i, "launches_per_step") is not None]
+    return "<br>".join(cells) or "—"
+
+
 def train_table(rows: list[Row]) -> list[str]:
     impls = [i for i in TRAIN_IMPLS if any(i in r.impls for r in rows)]
+    ratios = [("fused", "eager"), ("graphs", "eager"), ("fused+graphs", "eager"), ("fused", "compile")]
+    ratios = [(a, b) for a, b in ratios if a in impls and b in impls] or [("fused", "eager")]
     header = (["case"] + [f"{i} img/s" for i in impls] + [f"{i} peak MiB" for i in impls]
-              + ["fused vs eager", "fused vs compile", "VRAM fused / eager", "bars"])
+              + [f"{a} vs {b}" for a, b in ratios] + ["VRAM fused / eager", "launches / kernels per step", "bars"])
     lines = []
     for r in rows:
         lines.append([r.case] + [_f(r.get(i, "images_per_s"), "{:.0f}") for i in impls]
                      + [_f(r.get(i, "peak_vram_mib"), "{:.0f}") for i in impls]
-                     + [_x(throughput_ratio(r, "fused", "eager")), _x(throughput_ratio(r, "fused", "compile")),
-                        _x(throughput_ratio(r, "fused", "eager", "peak_vram_mib")),
+                     + [_x(throughput_ratio(r, a, b)) for a, b in ratios]
+                     + [_x(throughput_ratio(r, "fused", "eager", "peak_vram_mib")), _launches(r, impls),
                         "<br>".join(verdict(b, r) for b in bars_for(r))])
     return _table(header, lines)
 
@@ -373,7 +384,7 @@ def render_png(run: dict, path: Path) -> None:
         panels.append(("training and sampling: images/s vs eager", loops,
                        [(f"{i} vs {_sampling_base(i)}",
                          (lambda i: lambda r: throughput_ratio(r, i, _sampling_base(i)))(i))
-                        for i in ["fused", "fused step", "fused+graphs", "compile", "fused+compile",
+                        for i in ["fused", "fused step", "graphs", "fused+graphs", "compile", "fused+compile",
                                   "sample() fused", "sample() fused step"]]))
     if not panels:
         panels.append(("no comparable figures in this run", [], []))

@@ -155,7 +155,7 @@ def measure_in_subprocess(calls: int = CALLS, repeats: int = REPEATS, impls=IMPL
     """`measure` in a fresh Python (`python -m kernels.host_cost --json`), without NaN-poisoned buffers
     (a test setting) and, without a GPU, through the interpreter: the production configuration,
     whatever the calling process set."""
-    env = {k: v for k, v in os.environ.items() if k not in ("KERNELS_POISON_OUTPUTS", "KERNELS_GPU_CONFIGS")}
+    env = {k: v for k, v in os.environ.items() if k != "KERNELS_POISON_OUTPUTS"}
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
     out = subprocess.run([sys.executable, "-m", "kernels.host_cost", "--json", "--calls", str(calls),

@@ -36,14 +36,16 @@ POISON_OUTPUTS: bool = os.environ.get(POISON_ENV) == "1"
 # CUDA's launch-grid limits: 2^31 − 1 programs along axis 0, 65,535 along axes 1 and 2.
 MAX_GRID = (2 ** 31 - 1, 65_535, 65_535)
 
-# Tests set this to "1" so that, under the interpreter, the ops use the tile sizes they use on a GPU
-# (the interpreter otherwise uses small fixed tiles that keep it fast).
-GPU_CONFIGS_ENV = "KERNELS_GPU_CONFIGS"
+# Tests set this to True (monkeypatch.setattr) so that, under the interpreter, the ops use the tile
+# sizes they use on a GPU (the interpreter otherwise uses fixed tiles that keep it fast). A module
+# attribute rather than an environment variable: it is read at every launch, and an attribute costs the
+# host far less to read.
+INTERPRET_WITH_GPU_CONFIGS = False
 
 
 def use_gpu_configs() -> bool:
-    """True on a GPU, and under the interpreter when GPU_CONFIGS_ENV=1 (read at each launch)."""
-    return not INTERPRET or os.environ.get(GPU_CONFIGS_ENV) == "1"
+    """True on a GPU, and under the interpreter when INTERPRET_WITH_GPU_CONFIGS is set (read at each launch)."""
+    return not INTERPRET or INTERPRET_WITH_GPU_CONFIGS
 
 
 def check_grid(name: str, grid: tuple[int, ...]) -> tuple[int, ...]:

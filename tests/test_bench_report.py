@@ -25,9 +25,13 @@ def _run() -> dict:
                ceiling="copy GB/s", **gn),
         # Training, mnist bf16: 1.2× images/s (MISSED ≥ 1.3), VRAM 0.5 (MET ≤ 0.8).
         _bench("tr-eager", "train", "train mnist bf16 b128", "eager", 10.0, preset="mnist", dtype="bf16",
-               batch=128, images_per_s=1000.0, peak_vram_mib=2000.0),
+               batch=128, images_per_s=1000.0, peak_vram_mib=2000.0, launches_per_step=1210.0,
+               kernels_per_step=1200.0),
         _bench("tr-fused", "train", "train mnist bf16 b128", "fused", 8.0, preset="mnist", dtype="bf16",
                batch=128, images_per_s=1200.0, peak_vram_mib=1000.0),
+        # CUDA graphs: 2.5× eager's images/s, one launch for the step's kernels.
+        _bench("tr-graphs", "train", "train mnist bf16 b128", "graphs", 4.0, preset="mnist", dtype="bf16",
+               batch=128, images_per_s=2500.0, peak_vram_mib=2100.0, launches_per_step=1.0, kernels_per_step=1190.0),
         # A CPU row: checked inline against the sampling step's CPU bar (the row's device decides), but that bar
         # is not in the summary of a CUDA report.
         _bench("st-eager", "step", "ddim b256", "eager", 2.0, device="cpu", size="MNIST b256"),
@@ -61,6 +65,7 @@ def test_ratios_are_time_of_other_over_time_of_fused():
     train = rows["train mnist bf16 b128"]
     assert report.throughput_ratio(train, "fused", "eager") == pytest.approx(1.2)
     assert report.throughput_ratio(train, "fused", "eager", "peak_vram_mib") == pytest.approx(0.5)
+    assert report.throughput_ratio(train, "graphs", "eager") == pytest.approx(2.5)
     assert "unlabelled" not in rows
 
 
@@ -74,6 +79,10 @@ def test_bars_show_met_and_missed_next_to_figures():
     train_line = next(line for line in text.splitlines() if line.startswith("| train mnist bf16 b128"))
     assert "≥ 1.3×: 1.20× MISSED" in train_line
     assert "≤ 0.8×: 0.50× MET" in train_line
+    train_header = text.split("## Training step")[1].splitlines()[2]
+    assert "graphs img/s" in train_header and "graphs vs eager" in train_header and "compile" not in train_header
+    assert "| 2.50× |" in train_line  # graphs vs eager
+    assert "eager: 1210 / 1200<br>graphs: 1 / 1190" in train_line  # launches / kernels per step; fused unmeasured
     summary = text.split("## Bars")[1].split("##")[0]
     assert "MISSED: loops: mnist training, fused kernels + bf16 vs eager bf16 (images/s) ≥ 1.3×: **1.20×**" in summary
     assert "MET: loops: DDIM-50 at batch 64, fused (kernels + step) vs eager (images/s) ≥ 2×: **2.50×**" in summary

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from shared.data.datasets import load_dataset
+from tests.idx_files import make_mnist_dir
 from tests.test_cifar import make_cifar_zip
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_bench.py"
@@ -164,3 +165,108 @@ def test_the_dry_run_judges_a_small_copy_of_the_zips(gpu_bench, tmp_path, monkey
     full = load_dataset("cifar10", str(tmp_path / "full"))
     assert len(train) == 20 and len(test) == 10 and torch.bincount(train.labels).tolist() == [2] * 10
     assert torch.equal(train.images[:2], full.images[:2])  # the first files of each class, bytes as they were
+
+
+def fake_workers(commands: list, plans: list):
+    """A Recorder.run for train-compare's worker: call i reports the first plans[i][0] variants it was given
+    (each ok, with a log.csv in its run directory), then ends with exit code plans[i][1]."""
+    def run(self, cmd, limit_s, **kwargs):
+        spec = json.loads(cmd[-1])
+        commands.append(spec)
+        reports, rc = plans[len(commands) - 1]
+        for variant in spec["variants"][:reports]:
+            argv = variant["argv"]
+            out = Path(argv[argv.index("--out") + 1]) / "00000-run"
+            out.mkdir(parents=True)
+            (out / "log.csv").write_text("step,loss,images_per_s\n20,0.2,1000\n30,0.1,2000.5\n")
+            figures = {"name": variant["name"], "status": "ok", "peak_memory_gib": 1.5}
+            self.log(f"train: 100%\rRESULT {json.dumps(figures)}")
+        return rc
+    return run
+
+
+def compare_settings(gpu_bench, tmp_path, dry_run=False):
+    return gpu_bench.Settings(dry_run=dry_run, out=tmp_path, work=tmp_path / "work", mnist=tmp_path / "mnist",
+                              python=sys.executable)
+
+
+def test_train_compare_runs_eager_and_graphs_first_at_both_batches(gpu_bench, tmp_path):
+    compare = gpu_bench.train_compare
+    variants = compare.worker_variants(compare_settings(gpu_bench, tmp_path))
+    first = {(n, b) for n in ("eager", "graphs") for b in (128, 512)}
+    assert {(v["variant"], v["batch"]) for v in variants[:4]} == first
+    assert {(v["variant"], v["batch"]) for v in variants} == {(n, b) for n in compare.FLAGS for b in (128, 512)}
+    assert [v["variant"] for v in variants[-2:]] == ["compile", "compile"]
+    for v in variants:
+        argv = v["argv"]
+        assert argv[0] == "--dataset" and argv[argv.index("--batch-size") + 1] == str(v["batch"])
+        assert argv[argv.index("--max-steps") + 1] == str(compare.COMPARE_STEPS)
+        assert argv[-len(compare.FLAGS[v["variant"]]):] == compare.FLAGS[v["variant"]]
+        assert ("--cuda-graphs" in argv) == ("graphs" in v["variant"])
+        assert ("--no-cuda-graphs" in argv) != ("--cuda-graphs" in argv)  # one or the other, never auto
+    assert variants[-1]["needs_s"] == compare.NEEDS_S["compile"] > variants[0]["needs_s"]
+
+
+def test_train_compare_profiles_steady_steps_outside_the_last_log_row(gpu_bench):
+    """The profiled iterations come after a CUDA graph's warm-up and capture, hold no log row, and leave
+    the window of the last row (the figure) unprofiled."""
+    from shared.training.graphed import GraphedStep
+    compare = gpu_bench.train_compare
+    first, count = compare.PROFILED
+    profiled = range(first, first + count)
+    assert first > GraphedStep.WARMUP_STEPS + 1
+    assert not any(step % compare.LOG_EVERY == 0 for step in profiled)
+    assert profiled[-1] <= compare.COMPARE_STEPS - compare.LOG_EVERY and compare.COMPARE_STEPS % compare.LOG_EVERY == 0
+
+
+def test_a_dying_worker_costs_only_its_variant(gpu_bench, tmp_path, monkeypatch):
+    compare = gpu_bench.train_compare
+    commands = []
+    monkeypatch.setattr(gpu_bench.Recorder, "run", fake_workers(commands, [(2, -11), (99, 0)]))
+    results = {}
+    with pytest.raises(gpu_bench.PhaseFailed, match=r"^train-compare: eager b512 failed$"):
+        compare.run(compare_settings(gpu_bench, tmp_path), gpu_bench.Recorder(tmp_path), time.monotonic() + 60, results)
+    first, second = commands
+    names = [v["name"] for v in first["variants"]]
+    assert names[:3] == ["eager b128", "graphs b128", "eager b512"]
+    assert [v["name"] for v in second["variants"]] == names[3:]  # a fresh worker for the rest
+    figures = results["train_compare"]["variants"]
+    assert list(figures) == names
+    assert figures["eager b512"] == {"variant": "eager", "batch": 512, "status": "failed",
+                                     "detail": "worker: killed by signal 11"}
+    assert figures["graphs b128"] == {"variant": "graphs", "batch": 128, "status": "ok", "peak_memory_gib": 1.5,
+                                      "steps": 30, "images_per_s": 2000.5}
+    assert all(f["status"] == "ok" for name, f in figures.items() if name != "eager b512")
+
+
+def test_the_end_of_the_share_is_recorded_for_every_variant_left(gpu_bench, tmp_path, monkeypatch):
+    """A worker stopped at the limit: the variant it ran is out of time, the rest were not started; a
+    variant the worker skipped for lack of time does not fail the phase by itself."""
+    compare = gpu_bench.train_compare
+    commands, clock = [], {"left": 60.0}
+    fake = fake_workers(commands, [(1, 124)])
+
+    def run_then_spend(self, cmd, limit_s, **kwargs):
+        clock["left"] = 0.0
+        return fake(self, cmd, limit_s, **kwargs)
+
+    monkeypatch.setattr(gpu_bench.Recorder, "run", run_then_spend)
+    monkeypatch.setattr(compare, "left", lambda deadline: clock["left"])
+    results = {}
+    with pytest.raises(gpu_bench.PhaseFailed, match=r"^train-compare: graphs b128 out of time$"):
+        compare.run(compare_settings(gpu_bench, tmp_path), gpu_bench.Recorder(tmp_path), 0.0, results)
+    figures = results["train_compare"]["variants"]
+    assert len(commands) == 1 and figures["eager b128"]["status"] == "ok"
+    assert [f["status"] for f in figures.values()][2:] == ["skipped"] * (len(figures) - 2)
+    assert "share was spent" in figures["compile b512"]["detail"]
+
+
+def test_the_train_compare_dry_run_runs_the_worker(gpu_bench, tmp_path):
+    """The real worker (train.py's main in-process, with the profiler hook) on the CPU: eager, 3 steps."""
+    make_mnist_dir(tmp_path / "mnist", num=100, split="train")
+    results = {}
+    gpu_bench.train_compare.run(compare_settings(gpu_bench, tmp_path, dry_run=True), gpu_bench.Recorder(tmp_path),
+                                time.monotonic() + 120, results)
+    (name, figures), = results["train_compare"]["variants"].items()
+    assert name == "eager b8" and figures["status"] == "ok" and figures["steps"] == 3
+    assert figures["images_per_s"] > 0 and "launches_per_step" not in figures  # nothing is counted on a CPU

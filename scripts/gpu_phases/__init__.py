@@ -6,7 +6,8 @@
     evaluate.py       judge accuracy, FD and its floor at w = 1 and w = 3, and the digit grid
     sampling.py       DDIM-50 and DDPM-1000 images/s
     cifar.py          CIFAR-10 end to end: train, judge test accuracy, accuracy and FD/floor at w = 1 and 3
-    train_compare.py  the same training eager and with --fused-kernels: images/s, peak GPU memory
+    train_compare.py  the same training eager, with CUDA graphs, --fused-kernels, both and --compile, at
+                      batches 128 and 512: images/s, peak GPU memory, launches and kernels per step
     benches.py        pytest benches within the phase's time (BENCH_DEADLINE)
     report.py         quality.json and the benchmark report <gpu>.md/.json/.png
 

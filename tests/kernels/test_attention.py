@@ -168,9 +168,9 @@ def test_launch_grid_stays_within_cuda_limits_at_any_batch():
 def test_pinned_configs_are_compiled_ones(monkeypatch):
     """Every (dtype, head dim) pins one forward, dK/dV and dQ config from the lists compile_check
     builds; the choice is a pure function (no timing), so every process runs the same tiles."""
-    from kernels.triton_common import GPU_CONFIGS_ENV
+    from kernels import triton_common
 
-    monkeypatch.setenv(GPU_CONFIGS_ENV, "1")
+    monkeypatch.setattr(triton_common, "INTERPRET_WITH_GPU_CONFIGS", True)
     for dtype in DTYPES:
         half = dtype != torch.float32
         lists = ((ta.ATTN_FWD_GPU_CONFIGS, ta.ATTN_DKDV_GPU_CONFIGS, ta.ATTN_DQ_GPU_CONFIGS) if half else
@@ -188,9 +188,9 @@ def test_pinned_configs_are_compiled_ones(monkeypatch):
 def test_gpu_block_sizes(device, dtype, seq, d, monkeypatch):
     """The GPU tiles (64 x 64 and 128 x 64 forward, 32 x 64 dK/dV, 64 x 32 dQ), run by the interpreter
     when forced: a partial last block at each of them, forward and backward."""
-    from kernels.triton_common import GPU_CONFIGS_ENV
+    from kernels import triton_common
 
-    monkeypatch.setenv(GPU_CONFIGS_ENV, "1")
+    monkeypatch.setattr(triton_common, "INTERPRET_WITH_GPU_CONFIGS", True)
     forward = ta.attention_configs(dtype, d)[0]
     assert forward.kwargs["BLOCK_M"] >= 64 and seq % forward.kwargs["BLOCK_M"] != 0
     check_against_float64(*qkv(1, 2, seq, d, dtype, device), dtype)

@@ -233,10 +233,10 @@ ONE_TILE = [pytest.param(2, 64, 7, 7, 32, id="2-per-group-7x7"),
 @pytest.mark.parametrize("gpu_configs", [False, True], ids=["interpreter-tile", "gpu-tile"])
 @pytest.mark.parametrize("n,c,h,w,groups", ONE_TILE)
 def test_groups_in_one_tile(device, gpu_configs, n, c, h, w, groups, monkeypatch):
-    from kernels.triton_common import GPU_CONFIGS_ENV
+    from kernels import triton_common
 
     if gpu_configs:
-        monkeypatch.setenv(GPU_CONFIGS_ENV, "1")
+        monkeypatch.setattr(triton_common, "INTERPRET_WITH_GPU_CONFIGS", True)
     _, block_c, hw_pow2 = gn._block_sizes(c, h * w, groups)
     assert block_c * hw_pow2 <= gn.group_norm_config(block_c, hw_pow2).kwargs["TILE"], "the case must fit one tile"
     x, weight, bias, scale, shift = make_inputs(n, c, h, w, "both", torch.float32, device)
@@ -255,10 +255,10 @@ MULTI_TILE = [pytest.param(1, 16, 32, 32, 2, id="8-per-group-32x32"),
 @pytest.mark.parametrize("gpu_configs", [False, True], ids=["interpreter-tile", "gpu-tile"])
 @pytest.mark.parametrize("n,c,h,w,groups", MULTI_TILE)
 def test_groups_spanning_several_tiles(device, gpu_configs, n, c, h, w, groups, monkeypatch):
-    from kernels.triton_common import GPU_CONFIGS_ENV
+    from kernels import triton_common
 
     if gpu_configs:
-        monkeypatch.setenv(GPU_CONFIGS_ENV, "1")
+        monkeypatch.setattr(triton_common, "INTERPRET_WITH_GPU_CONFIGS", True)
     _, block_c, hw_pow2 = gn._block_sizes(c, h * w, groups)
     tile = gn.group_norm_config(block_c, hw_pow2).kwargs["TILE"]
     assert block_c * hw_pow2 > tile, "the case must not fit one tile"
@@ -269,9 +269,9 @@ def test_groups_spanning_several_tiles(device, gpu_configs, n, c, h, w, groups, 
 def test_pinned_config_is_a_compiled_one_and_fits(monkeypatch):
     """The launch configuration is a fixed function of the group's shape (no timing, so every process
     picks the same), one of the GPU configurations compile_check builds, and holds a group's channels."""
-    from kernels.triton_common import GPU_CONFIGS_ENV
+    from kernels import triton_common
 
-    monkeypatch.setenv(GPU_CONFIGS_ENV, "1")
+    monkeypatch.setattr(triton_common, "INTERPRET_WITH_GPU_CONFIGS", True)
     for block_c in (1, 2, 4, 8, 16, 64, 256, 1024):
         for hw_pow2 in (16, 64, 256, 1024, 4096):
             cfg = gn.group_norm_config(block_c, hw_pow2)
@@ -280,7 +280,7 @@ def test_pinned_config_is_a_compiled_one_and_fits(monkeypatch):
             assert cfg.kwargs["TILE"] >= block_c
     assert gn.group_norm_config(4, 256).kwargs["TILE"] == 1024   # a small group: one 1,024 tile
     assert gn.group_norm_config(8, 1024).kwargs["TILE"] == 4096  # 8,192 elements: two 4,096 tiles
-    monkeypatch.delenv(GPU_CONFIGS_ENV)
+    monkeypatch.setattr(triton_common, "INTERPRET_WITH_GPU_CONFIGS", False)
     from kernels.triton_common import INTERPRET
     if INTERPRET:
         assert gn.group_norm_config(8, 1024) is gn.GN_INTERPRET_CONFIG
