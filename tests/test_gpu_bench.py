@@ -90,16 +90,48 @@ def test_a_crash_in_the_bad_tensors_test_costs_no_other_kernel_test(gpu_bench, t
 
     def fake_run(self, cmd, limit_s, **kwargs):
         commands.append(cmd)
-        return 0 if len(commands) == 1 else -11
+        return 0 if len(commands) <= 2 else -11
 
     monkeypatch.setattr(gpu_bench.Recorder, "run", fake_run)
     settings = gpu_bench.Settings(dry_run=True, out=tmp_path, work=tmp_path, mnist=tmp_path, python=sys.executable)
     with pytest.raises(gpu_bench.PhaseFailed, match=r"^bad-tensors test: killed by signal 11$"):
         kernel_tests.run(settings, gpu_bench.Recorder(tmp_path), time.monotonic() + 60, {})
-    main, alone = commands
+    graphs, main, alone = commands
+    assert graphs[-1] == kernel_tests.GRAPH_TESTS
     assert ["--deselect", kernel_tests.BAD_TENSORS_TEST + "[cuda]"] == main[main.index("--deselect"):][:2]
     assert alone[-1] == kernel_tests.BAD_TENSORS_TEST and kernel_tests.BAD_TENSORS_TEST not in main
     assert "tests/test_cuda_parity.py" in main
+
+
+def test_failing_graph_tests_send_the_training_phases_eager(gpu_bench, tmp_path, monkeypatch):
+    """The graphed-step tests run first and alone; when they fail, the phase says so, and the main job
+    and the CIFAR-10 run train with --no-cuda-graphs (the log names the failure)."""
+    commands = []
+
+    def fake_run(self, cmd, limit_s, **kwargs):
+        commands.append(cmd)
+        return 1 if cmd[-1] == gpu_bench.kernel_tests.GRAPH_TESTS else 0
+
+    monkeypatch.setattr(gpu_bench.Recorder, "run", fake_run)
+    settings = gpu_bench.Settings(dry_run=False, out=tmp_path, work=tmp_path / "work", mnist=tmp_path,
+                                  python=sys.executable, cifar=tmp_path / "cifar")
+    results = {}
+    with pytest.raises(gpu_bench.PhaseFailed, match="graphed-step tests"):
+        gpu_bench.kernel_tests.run(settings, gpu_bench.Recorder(tmp_path), time.monotonic() + 60, results)
+    assert results["cuda_graph_tests"]["ok"] is False
+    train_commands = []
+    monkeypatch.setattr(gpu_bench.Recorder, "run", fake_outputs(train_commands))
+    gpu_bench.train.run(settings, gpu_bench.Recorder(tmp_path), time.monotonic() + 60, results)
+    (tmp_path / "cifar").mkdir()
+    gpu_bench.cifar.run(settings, gpu_bench.Recorder(tmp_path), time.monotonic() + 60, results)
+    main_job, cifar_job = train_commands[0][0], train_commands[1][0]
+    assert "--no-cuda-graphs" in main_job and "--no-cuda-graphs" in cifar_job
+    assert "graphed-step tests" in (tmp_path / "gpu_bench.log").read_text()
+    passing = []
+    monkeypatch.setattr(gpu_bench.Recorder, "run", fake_outputs(passing))
+    gpu_bench.train.run(settings, gpu_bench.Recorder(tmp_path), time.monotonic() + 60,
+                        {"cuda_graph_tests": {"ok": True, "detail": None}})
+    assert "--no-cuda-graphs" not in passing[0][0]
 
 
 def fake_outputs(commands: list, rc: int = 0):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gpu_phases.common import (PhaseSkipped, Recorder, Settings, check, last_images_per_s, left, only_run_dir,
                                read_log_rows)
-from gpu_phases.train import STOPPED_OK, TRAIN_STOP_GRACE_S
+from gpu_phases.train import STOPPED_OK, TRAIN_STOP_GRACE_S, graph_flags
 
 #: The CIFAR-10 GPU recipe (stage3_train/README.md): the mnist preset's U-Net at 32×32×3 (7 M parameters;
 #: the cifar10 preset's 36 M learn less in a minute), batch 256, a high lr and min-SNR-γ weights for a
@@ -88,8 +88,8 @@ def run(s: Settings, rec: Recorder, deadline: float, results: dict) -> None:
     data = dry_run_copy(s.cifar, s.work) if s.dry_run else s.cifar
     out = s.work / "cifar-train"
     train_s = TRAIN_FRACTION * left(deadline)
-    rc = rec.run(train_cmd(s, data, out, train_s - START_UP_S - TRAIN_STOP_GRACE_S), train_s - TRAIN_STOP_GRACE_S,
-                 stop_signal=signal.SIGINT, grace_s=TRAIN_STOP_GRACE_S)
+    cmd = train_cmd(s, data, out, train_s - START_UP_S - TRAIN_STOP_GRACE_S) + graph_flags(rec, results)
+    rc = rec.run(cmd, train_s - TRAIN_STOP_GRACE_S, stop_signal=signal.SIGINT, grace_s=TRAIN_STOP_GRACE_S)
     if rc not in STOPPED_OK:
         check(rc, "cifar10 train")
     run_dir = only_run_dir(out)

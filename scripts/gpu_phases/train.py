@@ -7,6 +7,7 @@ quality.json) and results["run_dir"], the run the evaluate and sampling phases u
 """
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -32,18 +33,31 @@ def train_cmd(s: Settings, out: Path, extra: list[str]) -> list[str]:
     return cmd + extra
 
 
+def graph_flags(rec: Recorder, results: dict) -> list[str]:
+    """[] (train.py's default: the step as a CUDA graph), or --no-cuda-graphs when the kernel-tests phase
+    found the graphed step failing its tests, so the main job still trains (and the log says why)."""
+    if results.get("cuda_graph_tests", {}).get("ok", True):
+        return []
+    rec.log("train: --no-cuda-graphs, since the graphed-step tests failed: "
+            + str(results["cuda_graph_tests"]["detail"]))
+    return ["--no-cuda-graphs"]
+
+
 def run(s: Settings, rec: Recorder, deadline: float, results: dict) -> None:
     """Trains until the share is spent (GPU) or for 4 steps (--dry-run), then reads the run's log.csv."""
     out = s.work / "train"
     if s.dry_run:
         check(rec.run(train_cmd(s, out, ["--max-steps", "4"]), left(deadline)), "train")
     else:
-        rc = rec.run(train_cmd(s, out, UNTIL_STOPPED), left(deadline) - TRAIN_STOP_GRACE_S,
+        rc = rec.run(train_cmd(s, out, UNTIL_STOPPED + graph_flags(rec, results)), left(deadline) - TRAIN_STOP_GRACE_S,
                      stop_signal=signal.SIGINT, grace_s=TRAIN_STOP_GRACE_S)
         if rc not in STOPPED_OK:
             check(rc, "train")
     run_dir = only_run_dir(out)
     last_row = read_log_rows(run_dir)[-1]
+    options_file = run_dir / "options.json"
+    options = json.loads(options_file.read_text())["options"] if options_file.is_file() else {}
     results["train"] = {"run_dir": run_dir.name, "steps": int(last_row["step"]),
+                        "cuda_graphs": options.get("cuda_graphs_used"),
                         "images_per_s": last_images_per_s(run_dir), "final_loss": last_row.get("loss")}
     results["run_dir"] = str(run_dir)

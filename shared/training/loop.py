@@ -616,6 +616,9 @@ def _build_state(cfg: TrainConfig, info, device: torch.device, ctx: DistContext,
         group["initial_lr"] = cfg.lr
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.cosine))
+    for group in optimizer.param_groups if graphed else ():
+        if not torch.is_tensor(group["lr"]):  # a scheduler that writes floats replaced it: the tensor back
+            group["lr"] = torch.tensor(group["lr"], device=device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     seed_everything(rank_seed(cfg.seed, ctx.rank))  # then per-rank streams
     train_noise = torch.Generator(device).manual_seed(rank_seed(cfg.seed, ctx.rank))
