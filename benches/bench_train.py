@@ -27,10 +27,11 @@ and the skip logic, both ways:
           loop.GradientStep (no host sync: fused AdamW masked by found_inf, device-masked EMA).
 Both draw from the same data and settings; the `after` row records images/s and its ratio to `before`.
 
-Peak VRAM: torch.cuda.max_memory_allocated over one step after warm-up (optimizer state exists; a CUDA
-graph's memory pool exists), measured after torch.cuda.reset_peak_memory_stats(), less what was
-allocated before this benchmark built its model (memory other benchmarks of the session still hold is
-not this step's).
+Peak VRAM: torch.cuda.max_memory_allocated over the warm-up calls and one more step (the optimizer's
+state is made in the first; a CUDA graph's capture allocates its activations once, and a replay
+allocates nothing, so one step after the capture alone would miss them), measured after
+torch.cuda.reset_peak_memory_stats(), less what was allocated before this benchmark built its model
+(memory other benchmarks of the session still hold is not this step's).
 
 CUDA: the mnist and cifar10 presets × {eager, fused, graphs, fused+graphs, compile, fused+compile} ×
 {fp32, bf16} × {128 (the seeds' batch), a throughput batch}. CPU: the tiny preset, eager fp32 (fused
@@ -161,9 +162,9 @@ def _cpu_cases():
 
 
 def _peak_vram_mib(step, baseline: int) -> float:
-    """Peak memory of one more step (optimizer state exists), less `baseline`, in MiB."""
+    """Peak memory since the last reset (the warm-up: a replayed CUDA graph allocates nothing, its
+    activations live in the pool its capture made) and over one more step, less `baseline`, in MiB."""
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     step()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - baseline) / 2 ** 20
@@ -181,6 +182,8 @@ def test_train_step(benchmark, device, preset, variant, precision, batch):
         torch.cuda.empty_cache()
         baseline = torch.cuda.memory_allocated()
     step = _make_step(preset, variant, precision, batch, device)
+    if device.type == "cuda":  # the peak over the warm-up (a CUDA graph's capture included) and one step
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(_warmup_calls(variant)):
         step()
     peak_mib = _peak_vram_mib(step, baseline) if device.type == "cuda" else None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -19,7 +19,7 @@ from shared.model.ema import make_ema
 from shared.model.unet import UNet
 from shared.records.runs import read_log
 from shared.training import loop
-from shared.training.config import TrainConfig, resolve_cuda_graphs
+from shared.training.config import TrainConfig, merge_resume_options, resolve_cuda_graphs
 from shared.training.graphed import CounterDraws, GraphedStep, normal_cdf
 from shared.training.loop import GradientStep, lr_factor, train
 from shared.training.loss import l_simple
@@ -185,6 +185,21 @@ def test_graphed_run_resumes_exactly_and_follows_its_lr_schedule(tmp_path, graph
     assert isinstance(saved["optimizer"]["param_groups"][0]["lr"], float)
 
 
+def test_resume_keeps_the_way_a_run_drew(tmp_path):
+    """A run whose graphs resolved on (or off) resumes with them on (or off), unless the command says
+    otherwise: on a CPU, a graphed run's resume is then one error line naming --no-cuda-graphs."""
+    saved = {**asdict(TrainConfig()), "cuda_graphs_used": True}
+    resumed = merge_resume_options(TrainConfig(resume="x"), saved, "x", given={"resume"})
+    assert resumed.cuda_graphs is True
+    with pytest.raises(UserError, match="--no-cuda-graphs"):
+        resolve_cuda_graphs(resumed, "fp32", torch.device("cpu"), 1)
+    overridden = merge_resume_options(TrainConfig(resume="x", cuda_graphs=False), saved, "x",
+                                      given={"resume", "cuda_graphs"})
+    assert overridden.cuda_graphs is False
+    eager = merge_resume_options(TrainConfig(resume="x"), {**saved, "cuda_graphs_used": False}, "x", given={"resume"})
+    assert eager.cuda_graphs is False
+
+
 def test_graph_option_resolution():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     auto = TrainConfig()
@@ -237,12 +252,16 @@ def _cuda_state(precision):
 @needs_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_cuda_graph_replays_the_uncaptured_step_bit_for_bit(precision):
+def test_cuda_graph_replays_the_uncaptured_step_bit_for_bit(precision, monkeypatch):
     """8 steps (3 warm-up, a capture, replays) with new batches and a changing LR: the same weights, EMA,
-    Adam moments and losses as the same steps run uncaptured; the replays make no host sync."""
+    Adam moments and losses as the same steps run uncaptured; the replays make no host sync (compared
+    after the steps: comparing reads the device)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # the same convolution algorithms
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     batches = [[(x.cuda(), y.cuda()) for x, y in b] for b in _batches(8)]
     (a, step_a), (b, step_b) = _cuda_state(precision), _cuda_state(precision)
     graphed, plain = GraphedStep(step_a, capture=True), GraphedStep(step_b, capture=False)
+    losses = []
     for i, batch in enumerate(batches):
         if i == GraphedStep.WARMUP_STEPS + 1:
             torch.cuda.synchronize()
@@ -250,13 +269,15 @@ def test_cuda_graph_replays_the_uncaptured_step_bit_for_bit(precision):
         try:
             loss_a, _, _ = graphed(batch)
             loss_b, _, _ = plain(batch)
-            assert torch.equal(loss_a, loss_b), i
+            losses.append((loss_a.clone(), loss_b.clone()))
             for state, g in ((a, graphed), (b, plain)):
                 state.lr_scheduler.step()
                 g.sync_lr()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert graphed.graph is not None
+    for i, (loss_a, loss_b) in enumerate(losses):
+        assert torch.equal(loss_a, loss_b), i
     for p, q in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(p, q)
     for p, q in zip(a.ema.parameters(), b.ema.parameters()):

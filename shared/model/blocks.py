@@ -25,8 +25,8 @@ from kernels import reference
 # (kernels.attention) rather than torch's scaled_dot_product_attention: those where the Triton kernel's
 # forward+backward beat SDPA on a GPU. On the H200 (benches/results/h200.md, the attention rows) SDPA won
 # at every size measured, L = 49 … 1,024 with d = 64 (the Triton kernel ran at 0.14–0.29× its speed), so
-# the set is empty; `python scripts/gpu_bench.py` measures both again, and a size it shows the Triton
-# kernel winning belongs here.
+# the set is empty (SDPA given contiguous q, k, v, as `attend` gives it); `python scripts/gpu_bench.py`
+# measures both again, and a size it shows the Triton kernel winning belongs here.
 TRITON_ATTENTION_FASTER: frozenset[tuple[int, int]] = frozenset()
 
 # Transformer-style sinusoidal embedding (Vaswani et al. 2017, Sec. 3.5): frequencies span
@@ -153,15 +153,16 @@ class SelfAttention(nn.Module):
         out = out.transpose(-1, -2).reshape(n, c, height, width)
         return x + self.proj_out(out)
 
-
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """softmax(q kᵀ/√d) v for q, k, v [N x heads x L x d]: the eager reference, or with fused kernels
         the faster of the Triton kernel and SDPA at this (L, d) (TRITON_ATTENTION_FASTER)."""
         if not self.fused:
             return reference.attention(q, k, v)
         if (q.shape[-2], q.shape[-1]) in TRITON_ATTENTION_FASTER:
-            return kernels.attention(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v)
+            return kernels.attention(q, k, v)  # (reads the strided views in place)
+        # SDPA's flash and memory-efficient kernels need unit stride along d; the views from the qkv
+        # projection have stride L there, and would send it to its slow math path
+        return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
 
 
 class Downsample(nn.Module):

@@ -300,6 +300,9 @@ def merge_resume_options(cfg: TrainConfig, saved: dict, path: str,
     """
     defaults, merged = asdict(TrainConfig()), asdict(cfg)
     saved = {**ABSENT_IN_OLD_CHECKPOINTS, **saved}
+    if saved.get("cuda_graphs") is None and saved.get("cuda_graphs_used") is not None:
+        # how the run drew t and ε is what it resolved, not "auto": a resumed run keeps drawing that way
+        saved["cuda_graphs"] = saved["cuda_graphs_used"]
     for key, saved_value in saved.items():
         if key not in merged or key in NOT_INHERITED:
             continue

@@ -108,9 +108,11 @@ class GraphedStep:
         self.lr = [group["lr"] for group in step.state.optimizer.param_groups]
         if capture and not all(torch.is_tensor(lr) for lr in self.lr):
             raise ValueError("a captured step needs the optimizer's lr as a device tensor (AdamW capturable=True)")
+        # the warm-up steps are meant to run uncaptured: no warning that a capturable optimizer does so
+        step.state.optimizer._warned_capturable_if_run_uncaptured = True
         self.inputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.outputs: tuple | None = None
-        self.graph, self.calls = None, 0
+        self.graph, self.side, self.calls = None, None, 0
 
     def sync_lr(self) -> None:
         """Puts the LR schedule's new value into the tensor the graph reads (a scheduler that writes a
@@ -130,21 +132,26 @@ class GraphedStep:
         self.calls += 1
         if not self.capture:
             return self.step(self.inputs)
-        if self.calls <= self.WARMUP_STEPS:
-            return self._on_side_stream()
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.outputs = self.step(self.inputs)
-        self.graph.replay()
+        # on the data's GPU: capture and replay use the current device's streams (--device cuda:N)
+        with torch.cuda.device(self.inputs[0][0].device):
+            if self.calls <= self.WARMUP_STEPS:
+                return self._on_side_stream()
+            if self.graph is None:
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: another thread's CUDA calls (a DataLoader's pin-memory thread) stay legal
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self.outputs = self.step(self.inputs)
+                self.graph = graph
+            self.graph.replay()
         return self.outputs
 
     def _on_side_stream(self) -> tuple:
-        """One eager step on a side stream, as CUDA graph capture wants its warm-up."""
+        """One eager step on a side stream (the same one each time), as CUDA graph capture wants its warm-up."""
         device = self.inputs[0][0].device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
+        if self.side is None:
+            self.side = torch.cuda.Stream(device)
+        self.side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self.side):
             out = self.step(self.inputs)
-        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(self.side)
         return out
