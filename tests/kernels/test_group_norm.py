@@ -224,44 +224,26 @@ def test_cpu_tensor_without_interpreter_says_what_is_needed():
 
 # Groups that fit one tile, kept in registers between the statistics and the output (and between the
 # sums and dx): the MNIST preset's 7×7 level (2 channels per group) and 4 channels per group at 32×32,
-# which fills a 4,096-element tile exactly, under the interpreter's tile and the GPU configurations.
-ONE_TILE = [pytest.param(2, 64, 7, 7, 32, id="2-per-group-7x7"),
-            pytest.param(1, 128, 32, 32, 32, id="4-per-group-32x32")]
+# which fills a 4,096-element tile exactly. Groups larger than one tile: 8 channels per group at 32×32
+# (8,192 elements) and 64 at 14×14 (12,544): the statistics merge tiles (Chan's update) and both passes
+# loop, over 2 and 4 tiles under the interpreter's 4,096-element tile and with the GPU configurations.
+TILE_CASES = [pytest.param(2, 64, 7, 7, 32, True, id="one-tile-2-per-group-7x7"),
+              pytest.param(1, 128, 32, 32, 32, True, id="one-tile-4-per-group-32x32"),
+              pytest.param(1, 16, 32, 32, 2, False, id="several-tiles-8-per-group-32x32"),
+              pytest.param(1, 64, 14, 14, 1, False, id="several-tiles-64-per-group-14x14")]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("gpu_configs", [False, True], ids=["interpreter-tile", "gpu-tile"])
-@pytest.mark.parametrize("n,c,h,w,groups", ONE_TILE)
-def test_groups_in_one_tile(device, gpu_configs, n, c, h, w, groups, monkeypatch):
+@pytest.mark.parametrize("n,c,h,w,groups,one_tile", TILE_CASES)
+def test_groups_in_one_tile_and_in_several(device, gpu_configs, n, c, h, w, groups, one_tile, monkeypatch):
     from kernels import triton_common
 
     if gpu_configs:
         monkeypatch.setattr(triton_common, "INTERPRET_WITH_GPU_CONFIGS", True)
     _, block_c, hw_pow2 = gn._block_sizes(c, h * w, groups)
-    assert block_c * hw_pow2 <= gn.group_norm_config(block_c, hw_pow2).kwargs["TILE"], "the case must fit one tile"
-    x, weight, bias, scale, shift = make_inputs(n, c, h, w, "both", torch.float32, device)
-    check_against_float64(x, groups, weight, bias, scale, shift, True, torch.float32)
-
-
-
-# Groups larger than one tile: 8 channels per group at 32×32 (8,192 elements) and 64 at 14×14
-# (12,544): the statistics merge tiles (Chan's update) and both passes loop. Under the interpreter's
-# 4,096-element tile that is 2 and 4 tiles; with the GPU configurations (forced below), 2 and 4 too.
-MULTI_TILE = [pytest.param(1, 16, 32, 32, 2, id="8-per-group-32x32"),
-              pytest.param(1, 64, 14, 14, 1, id="64-per-group-14x14")]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("gpu_configs", [False, True], ids=["interpreter-tile", "gpu-tile"])
-@pytest.mark.parametrize("n,c,h,w,groups", MULTI_TILE)
-def test_groups_spanning_several_tiles(device, gpu_configs, n, c, h, w, groups, monkeypatch):
-    from kernels import triton_common
-
-    if gpu_configs:
-        monkeypatch.setattr(triton_common, "INTERPRET_WITH_GPU_CONFIGS", True)
-    _, block_c, hw_pow2 = gn._block_sizes(c, h * w, groups)
-    tile = gn.group_norm_config(block_c, hw_pow2).kwargs["TILE"]
-    assert block_c * hw_pow2 > tile, "the case must not fit one tile"
+    fits = block_c * hw_pow2 <= gn.group_norm_config(block_c, hw_pow2).kwargs["TILE"]
+    assert fits == one_tile, "the case must take the path it is named for"
     x, weight, bias, scale, shift = make_inputs(n, c, h, w, "both", torch.float32, device)
     check_against_float64(x, groups, weight, bias, scale, shift, True, torch.float32)
 
