@@ -12,6 +12,8 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 from scipy import stats
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from shared.diffusion.schedule import NoiseSchedule
 from shared.errors import UserError
@@ -129,6 +131,52 @@ def test_graph_step_body_makes_no_host_sync():
             state.lr_scheduler.step()
             step.sync_lr()
     assert counter.seen == []
+
+
+class HostMemoryReads(TorchDispatchMode):
+    """Records every op that takes a host (CPU) tensor of one or more dimensions into meta-device work: a
+    copy from host memory, which on a GPU waits for the device and cannot be captured in a graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_leaves((args, kwargs or {}, out)) if isinstance(t, torch.Tensor)]
+        if any(t.is_meta for t in tensors) and any(t.device.type == "cpu" and t.dim() > 0 for t in tensors):
+            self.seen.append(str(func))
+        return out
+
+
+def _meta_step_work(schedule_device: str) -> list[str]:
+    """The graphed step's work but the optimizer (fused AdamW has no meta kernel) on the meta device, where
+    reading a value on the host raises: the draws, forward, loss, backward, clip, EMA and counters."""
+    meta = torch.device("meta")
+    model = UNet.from_preset("tiny", image_size=SIZE, num_classes=NUM_CLASSES).to(meta)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    state = TrainState(model, make_ema(model, 0.9, 0), optimizer, sched, torch.amp.GradScaler("cpu", enabled=False),
+                       torch.Generator(), torch.Generator(), meta)
+    draws = _draws(device="meta")
+    step = GradientStep(state, model, NoiseSchedule("linear", T).to(schedule_device), nullcontext(), max_grad_norm=1.0,
+                        p_uncond=0.25, min_snr_gamma=2.0, draws=draws)
+    x0, y = torch.zeros(8, 1, SIZE, SIZE, device=meta), torch.zeros(8, dtype=torch.long, device=meta)
+    with HostMemoryReads() as reads:
+        loss = step.backward([(x0, y)])
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        skip = ~(torch.isfinite(loss) & torch.isfinite(norm))
+        state.ema.update_parameters(model, skip=skip)
+        state.count_step(skip)
+        draws.advance()
+    return reads.seen
+
+
+def test_graph_step_work_reads_no_host_memory():
+    """On the meta device the step's work runs without one copy from host memory (and without a host read,
+    which raises there); the same work with the schedule left on the CPU is caught copying it."""
+    assert _meta_step_work("meta") == []
+    assert _meta_step_work("cpu") and set(_meta_step_work("cpu")) == {"aten._to_copy.default"}
 
 
 def test_sync_lr_keeps_the_tensor_the_graph_reads():
