@@ -6,9 +6,9 @@ logging: t and ε drawn, q_sample, forward, L_simple = mean ‖ε − ε̂‖² 
 the gradient clip, fused AdamW, the EMA and the skip counters, on one fixed batch of an unconditional
 U-Net. Each variant builds it as train.py does: eager, fused (--fused-kernels), compile (--compile, the
 forwards through torch.compile) draw t and ε from a torch.Generator; graphs (--cuda-graphs) and
-fused+graphs draw them from graphed.CounterDraws, step a capturable fused AdamW whose lr is a device
-tensor, and replay the whole step as one CUDA graph (graphed.GraphedStep, timed after its eager warm-up
-and capture). bf16 means torch.autocast(bfloat16) over fp32 master weights, as the trainer's --precision
+fused+graphs draw them from graphed.CounterDraws, step a capturable fused AdamW whose lr GraphedStep
+makes a device tensor, and replay the whole step as one CUDA graph (graphed.GraphedStep, timed after its
+eager warm-up and capture). bf16 means torch.autocast(bfloat16) over fp32 master weights, as the trainer's --precision
 bf16 does. The zero-initialised layers get small random weights, so the network computes on real numbers
 (a fresh U-Net outputs exactly 0).
 
@@ -109,12 +109,11 @@ def _model(preset: str, variant: str, device: torch.device) -> UNet:
 def _make_step(preset: str, variant: str, precision: str, batch: int, device: torch.device):
     """The trainer's step (loop.GradientStep) for the variant, and a call that runs it on one fixed batch.
 
-    graphs: as train.py --cuda-graphs builds it: t, ε from CounterDraws, fused AdamW capturable with a
-    device-tensor lr, the whole step replayed by a GraphedStep after its warm-up and capture."""
+    graphs: as train.py --cuda-graphs builds it: t, ε from CounterDraws, fused AdamW capturable (the
+    GraphedStep gives it a device-tensor lr), the whole step replayed after its warm-up and capture."""
     model = _model(preset, variant, device)
     graphed = "graphs" in variant
-    lr = torch.tensor(LEARNING_RATE, device=device) if graphed else LEARNING_RATE
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True, capturable=graphed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, fused=True, capturable=graphed)
     state = TrainState(model, make_ema(model), optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
                        torch.amp.GradScaler(device.type, enabled=False), torch.Generator(device).manual_seed(0),
                        torch.Generator().manual_seed(0), device)

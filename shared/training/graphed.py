@@ -8,8 +8,9 @@ Whatever changes from step to step must then live in device memory the graph rea
 
     what                          where the graph reads it
     x0, y of each micro-batch     static input buffers, filled by copy_ before each replay
-    the learning rate             the optimizer's 0-dim device tensor lr (AdamW capturable=True),
-                                  filled from the LR schedule's float after each step (`sync_lr`)
+    the learning rate             a 0-dim device tensor GraphedStep puts in the optimizer's groups
+                                  (AdamW capturable=True), filled with the schedule's value before
+                                  each step (`sync_lr`)
     t, ε, the label dropout       `CounterDraws`: Philox noise keyed by (seed, row) at the counter
                                   stream step·K + k, the counter a device tensor the graph increments
     the skip flag, counters, EMA  device tensors updated in place (loop.GradientStep.update)
@@ -61,6 +62,7 @@ class CounterDraws:
         keys = [(seed * ROW_KEY_STRIDE + i) % KEY_MODULUS for i in range(rows)]
         self.keys = torch.tensor(keys, dtype=torch.int64, device=device)
         self.image_shape = tuple(int(d) for d in image_shape)
+        self.row_shape = (UNIFORMS + math.prod(self.image_shape),)  # one Philox row: u₁, u₂, then ε
         self.num_timesteps, self.grad_accum = num_timesteps, grad_accum
         self.step = torch.zeros(1, dtype=torch.int64, device=device)
 
@@ -76,8 +78,7 @@ class CounterDraws:
         of the current step. y: [N] labels (None for an unconditional model), each replaced by
         null_class with probability p_uncond."""
         stream = self.step * self.grad_accum + micro
-        z = per_sample_noise(self.keys, (UNIFORMS + math.prod(self.image_shape),), self.keys.device,
-                             torch.float32, stream)
+        z = per_sample_noise(self.keys, self.row_shape, self.keys.device, torch.float32, stream)
         u = normal_cdf(z[:, :UNIFORMS])
         t = (u[:, 0] * self.num_timesteps).long().clamp_(max=self.num_timesteps - 1)
         if y is not None and null_class is not None:
@@ -94,8 +95,9 @@ class GraphedStep:
     GradientStep: micro_batches [(x0 [N x C x H x W], y [N]), …] → (loss, gradient norm, skipped), device
     tensors that the next call overwrites (read them, or add them up, before calling again).
 
-    step: a GradientStep with `draws` set, whose optimizer is fused AdamW with capturable=True and a
-    device-tensor lr. capture=False: the same work uncaptured, every call.
+    step: a GradientStep with `draws` set, whose optimizer is fused AdamW with capturable=True; its
+    groups' lr become device tensors here (the one the graph reads). capture=False: the same work
+    uncaptured, every call.
     """
 
     WARMUP_STEPS = 3
@@ -105,9 +107,12 @@ class GraphedStep:
             raise ValueError("a graphed step draws t, ε and the label dropout from CounterDraws; "
                              "build its GradientStep with draws=CounterDraws(...)")
         self.step, self.capture = step, capture
-        self.lr = [group["lr"] for group in step.state.optimizer.param_groups]
-        if capture and not all(torch.is_tensor(lr) for lr in self.lr):
-            raise ValueError("a captured step needs the optimizer's lr as a device tensor (AdamW capturable=True)")
+        groups = step.state.optimizer.param_groups
+        device = step.draws.keys.device
+        self.lr = [g["lr"] if torch.is_tensor(g["lr"]) else torch.tensor(float(g["lr"]), device=device)
+                   for g in groups]
+        for group, lr in zip(groups, self.lr):
+            group["lr"] = lr
         # the warm-up steps are meant to run uncaptured: no warning that a capturable optimizer does so
         step.state.optimizer._warned_capturable_if_run_uncaptured = True
         self.inputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -115,14 +120,16 @@ class GraphedStep:
         self.graph, self.side, self.calls = None, None, 0
 
     def sync_lr(self) -> None:
-        """Puts the LR schedule's new value into the tensor the graph reads (a scheduler that writes a
-        float into the group replaces the tensor; one that fills it leaves it in place)."""
+        """Puts the LR schedule's value into the tensor the graph reads (a scheduler, or a checkpoint's
+        load, that writes a float into the group replaces the tensor; one that fills it leaves it in
+        place). Every call runs it first."""
         for group, lr in zip(self.step.state.optimizer.param_groups, self.lr):
-            if group["lr"] is not lr and torch.is_tensor(lr):
+            if group["lr"] is not lr:
                 lr.fill_(float(group["lr"]))
                 group["lr"] = lr
 
     def __call__(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple:
+        self.sync_lr()
         if self.inputs is None:
             self.inputs = [(x0.clone(), y.clone()) for x0, y in micro_batches]
         else:

@@ -293,8 +293,6 @@ class Trainer:
         advanced. No host sync: returns the device tensors (loss, gradient norm, skipped)."""
         loss, grad_norm, skip = self.gradient_step(micro_batches)
         self.state.lr_scheduler.step()
-        if self.graphed:
-            self.gradient_step.sync_lr()
         progress = self.progress
         progress.step += 1
         progress.batch_in_epoch += self.cfg.grad_accum
@@ -599,7 +597,7 @@ def _build_state(cfg: TrainConfig, info, device: torch.device, ctx: DistContext,
     """Model, EMA, optimizer, LR schedule, scaler: identical initial weights on every rank.
 
     cfg.precision: the resolved one (fp16 turns the GradScaler on). graphed: the optimizer for a CUDA
-    graph (capturable, its lr a device tensor; the schedule's base LR stays a float)."""
+    graph (capturable; graphed.GraphedStep gives it the device-tensor lr the graph reads)."""
     seed_everything(cfg.seed)
     raw_model = build_model(cfg, tuple(info.image_shape), info.num_classes).to(device)
     set_prediction(raw_model, cfg.prediction)  # what its output means; the EMA copy below inherits it
@@ -609,16 +607,10 @@ def _build_state(cfg: TrainConfig, info, device: torch.device, ctx: DistContext,
         raw_model.set_fused_kernels(True)  # raises kernels.FusedKernelsUnavailable; never falls back
     ema = make_ema(raw_model, cfg.ema_decay, cfg.ema_warmup)
     # fused: one kernel per step on CPU and CUDA, and its found_inf masks a skipped step on the device
-    lr = torch.tensor(cfg.lr, device=device) if graphed else cfg.lr
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True,
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True,
                                   capturable=graphed)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = cfg.lr
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.cosine))
-    for group in optimizer.param_groups if graphed else ():
-        if not torch.is_tensor(group["lr"]):  # a scheduler that writes floats replaced it: the tensor back
-            group["lr"] = torch.tensor(group["lr"], device=device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     seed_everything(rank_seed(cfg.seed, ctx.rank))  # then per-rank streams
     train_noise = torch.Generator(device).manual_seed(rank_seed(cfg.seed, ctx.rank))

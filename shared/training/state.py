@@ -144,14 +144,10 @@ class TrainState:
         self.ema.load_state_dict(ckpt["ema"])
         # the implementation flags are this run's choice, not the file's (an older file says fused=None,
         # and only fused AdamW can mask a skipped step on the device)
-        # (and so is the lr's type: a graphed step's device tensor is filled with the file's value)
         flags = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in self.optimizer.param_groups]
-        own_lr = [g["lr"] for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        for group, own, lr in zip(self.optimizer.param_groups, flags, own_lr):
+        for group, own in zip(self.optimizer.param_groups, flags):
             group.update(own)
-            if torch.is_tensor(lr):
-                group["lr"] = lr.fill_(float(group["lr"]))
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress.from_dict(ckpt["progress"])
