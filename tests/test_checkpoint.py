@@ -142,3 +142,19 @@ def test_other_architecture_is_named(tmp_path):
     wider = UNet.from_preset("tiny", image_size=8, base_channels=32).config
     with pytest.raises(UserError, match="base_channels: checkpoint 16 vs this run 32"):
         check_same_model(ckpt, wider, "tiny", "ck.pt")
+
+
+def test_a_config_written_before_a_field_existed_is_that_fields_default(tmp_path):
+    """Checkpoints written before conv_resample existed hold no such key; their models have the convs."""
+    schedule = NoiseSchedule("linear", 50)
+    model = UNet.from_preset("tiny", image_size=8)
+    record = _ema_record(model, schedule)
+    record["model_config"] = {k: v for k, v in record["model_config"].items() if k != "conv_resample"}
+    atomic_save(record, tmp_path / EMA_NAME)
+    loaded, _, _ = load_for_sampling(tmp_path, "cpu")
+    assert loaded.config == model.config
+    old = {"model_config": record["model_config"], "meta": {"preset": "tiny"}}
+    check_same_model(old, model.config, "tiny", "ck.pt")  # the same network: no error
+    without = UNet.from_preset("tiny", image_size=8, conv_resample=False).config
+    with pytest.raises(UserError, match="conv_resample: checkpoint True vs this run False"):
+        check_same_model(old, without, "tiny", "ck.pt")

@@ -11,6 +11,7 @@ import torch
 from shared import UNet, UserError
 from shared.diffusion.schedule import NoiseSchedule
 from shared.diffusion.steps import ddpm_step
+from shared.model.blocks import Downsample, Upsample
 from shared.model.export_diffusers import export_diffusers, unet2d_config, unet2d_state_dict
 from shared.model.unet import PRESETS
 from shared.records.checkpoint import EMA_NAME, atomic_save, ema_file, load_for_sampling
@@ -32,10 +33,14 @@ def randomized(model, std=0.05):
 
 
 @pytest.mark.parametrize("num_classes", [0, 10])
-@pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_unet2dmodel_matches_our_unet(preset, num_classes):
-    """The config and weights the export writes (the file round trip is tested on the tiny model below)."""
-    model = randomized(UNet.from_preset(preset, num_classes=num_classes))
+@pytest.mark.parametrize("preset, conv_resample", [(name, True) for name in sorted(PRESETS)] + [("tiny", False),
+                                                                                              ("mnist", False)])
+def test_unet2dmodel_matches_our_unet(preset, conv_resample, num_classes):
+    """The config and weights the export writes (the file round trip is tested on the tiny model below).
+
+    Without resampling convs, diffusers' resampler convs get fixed weights computing our 2×2 average and
+    nearest-neighbour doubling; they are the only parameters diffusers has and we do not."""
+    model = randomized(UNet.from_preset(preset, num_classes=num_classes, conv_resample=conv_resample))
     theirs = diffusers.UNet2DModel(**unet2d_config(model)).eval()
     theirs.load_state_dict(unet2d_state_dict(model), strict=True)
     c, size = model.in_channels, model.image_size
@@ -47,7 +52,10 @@ def test_unet2dmodel_matches_our_unet(preset, num_classes):
         ours, out = model(x, t, y), theirs(x, t, class_labels=y).sample
     assert ours.abs().max() > 0.01  # a real signal, not two zero outputs
     torch.testing.assert_close(out, ours, atol=1e-4, rtol=0)
-    assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in model.parameters())
+    fixed = sum(m.channels * (9 * m.channels + 1) for m in model.modules()
+                if isinstance(m, (Downsample, Upsample)) and m.conv is None)
+    assert (fixed > 0) == (not conv_resample)
+    assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in model.parameters()) + fixed
 
 
 @pytest.mark.parametrize("kind, steps", [("linear", 1000), ("cosine", 200), ("linear", 50)])

@@ -6,7 +6,8 @@ import torch
 
 from shared import UNet, UserError
 from shared.model.unet import UNetConfig
-from shared.model.blocks import EmbeddingBlock, EmbeddingSequential, GroupNormAct, ResBlock, SelfAttention
+from shared.model.blocks import (Downsample, EmbeddingBlock, EmbeddingSequential, GroupNormAct, ResBlock, SelfAttention,
+                                  Upsample)
 from shared.records.diagram import draw_unet, unet_blocks, unet_levels
 from shared.model.summary import block_table
 
@@ -84,6 +85,25 @@ def test_class_conditioning_and_null_class():
     torch.testing.assert_close(null_default, null_explicit)
     with pytest.raises(ValueError, match="unconditional"):
         UNet.from_preset("tiny")(x, t, torch.tensor([1, 2]))
+
+
+def test_resampling_without_convs_is_the_2x2_mean_and_pixel_repeat():
+    """conv_resample=False: Downsample averages each 2×2 window, Upsample repeats each pixel 2×2, and the
+    network has exactly the resampling convs' parameters fewer (float64 references by reshape/repeat)."""
+    x = torch.randn(2, 8, 14, 14, dtype=torch.float64)
+    down, up = Downsample(8, conv=False), Upsample(8, conv=False)
+    assert list(down.parameters()) == [] and list(up.parameters()) == []
+    torch.testing.assert_close(down(x), x.reshape(2, 8, 7, 2, 7, 2).mean(dim=(3, 5)), rtol=0, atol=1e-15)
+    assert torch.equal(up(x), x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
+
+    with_convs, without = UNet.from_preset("cpu"), UNet.from_preset("cpu", conv_resample=False)
+    convs = [m.conv for m in with_convs.modules() if isinstance(m, (Downsample, Upsample))]
+    assert len(convs) == 4 and all(isinstance(c, torch.nn.Conv2d) for c in convs)
+    assert count(with_convs) - count(without) == sum(count(c) for c in convs)
+    with torch.no_grad():
+        assert randomized(without)(torch.randn(3, 1, 28, 28), 5).shape == (3, 1, 28, 28)
+    with pytest.raises(ValueError, match="conv_resample must be true or false"):
+        UNet.from_preset("tiny", conv_resample="no")
 
 
 def test_config_round_trip():

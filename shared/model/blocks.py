@@ -166,22 +166,26 @@ class SelfAttention(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halves H and W with a stride-2 3×3 conv (28 → 14 → 7; odd sizes round up)."""
+    """Halves H and W: a stride-2 3×3 conv (28 → 14 → 7; odd sizes round up), or with conv=False the
+    2×2 average, which has no weights and costs almost nothing (improved-diffusion's conv_resample=False)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, conv: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.channels = channels
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(x) if self.conv is not None else nn.functional.avg_pool2d(x, 2)
 
 
 class Upsample(nn.Module):
-    """Doubles H and W (nearest neighbour), then a 3×3 conv."""
+    """Doubles H and W (nearest neighbour), then a 3×3 conv unless conv=False."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, conv: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.channels = channels
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+        x = nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) if self.conv is not None else x

@@ -17,6 +17,9 @@ The network maps one to one onto UNet2DModel:
     SelfAttention: GN, qkv 1×1, proj_out  Attention: group_norm, to_q/to_k/to_v, to_out.0
     Downsample (3×3 conv, stride 2)       downsamplers.0.conv (downsample_type="conv", padding 1)
     Upsample (nearest ×2, 3×3 conv)       upsamplers.0.conv (upsample_type="conv")
+    without resampling convs:             the same convs with fixed weights that compute exactly
+      2×2 average / nearest ×2 alone        the average (¼ at the 2×2 taps that stride 2 and padding 1
+                                            align with it) or the identity (1 at the centre tap)
     out_norm (GN + SiLU), out_conv        conv_norm_out, conv_act, conv_out
 
 The middle block's attention keeps its GroupNorm only when `attn_norm_num_groups` is given: with a
@@ -100,6 +103,21 @@ def _attention(prefix: str, block: SelfAttention, out: dict) -> None:
     out[f"{prefix}.to_out.0.bias"] = block.proj_out.bias.detach()
 
 
+def _resample_conv(layer: Downsample | Upsample) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 3×3 conv (weight [C x C x 3 x 3], bias [C]) diffusers' resampler runs in place of ours.
+
+    A conv-free Downsample is the 2×2 average: output pixel i of a stride-2, padding-1 conv reads
+    input rows 2i−1, 2i, 2i+1, so taps 1 and 2 of each axis are the 2×2 window; ¼ there, per channel.
+    A conv-free Upsample is the identity after the doubling: 1 at the centre tap."""
+    if layer.conv is not None:
+        return layer.conv.weight.detach(), layer.conv.bias.detach()
+    c = layer.channels
+    weight = torch.zeros(c, c, 3, 3)
+    taps = (slice(1, 3), slice(1, 3)) if isinstance(layer, Downsample) else (1, 1)
+    weight[(range(c), range(c)) + taps] = 0.25 if isinstance(layer, Downsample) else 1.0
+    return weight, torch.zeros(c)
+
+
 def _level_block(prefix: str, layers, counters: dict, out: dict) -> None:
     """Maps one of our blocks (ResBlock [+ attention] [+ resampler]) into diffusers' block `prefix`."""
     for layer in layers:
@@ -110,8 +128,9 @@ def _level_block(prefix: str, layers, counters: dict, out: dict) -> None:
             _attention(f"{prefix}.attentions.{counters['res'] - 1}", layer, out)
         elif isinstance(layer, (Downsample, Upsample)):
             kind = "downsamplers" if isinstance(layer, Downsample) else "upsamplers"
-            out[f"{prefix}.{kind}.0.conv.weight"] = layer.conv.weight.detach()
-            out[f"{prefix}.{kind}.0.conv.bias"] = layer.conv.bias.detach()
+            weight, bias = _resample_conv(layer)
+            out[f"{prefix}.{kind}.0.conv.weight"] = weight
+            out[f"{prefix}.{kind}.0.conv.bias"] = bias
         else:
             raise TypeError(f"no diffusers counterpart for {type(layer).__name__}")
 

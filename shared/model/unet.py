@@ -26,24 +26,29 @@ from shared.model.blocks import (Downsample, EmbeddingSequential, GroupNormAct, 
 PRESETS: dict[str, dict] = {
     # For tests: forward and backward of a small batch on a CPU in a few milliseconds.
     "tiny": dict(in_channels=1, image_size=28, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                 attention_resolutions=(14,), num_heads=1, dropout=0.0, num_classes=0, num_groups=8),
+                 attention_resolutions=(14,), num_heads=1, dropout=0.0, num_classes=0, num_groups=8,
+                 conv_resample=True),
     # MNIST-family digits: 28 → 14 → 7, attention at 7×7 (L = 49, head dim 64).
     "mnist": dict(in_channels=1, image_size=28, base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
-                  attention_resolutions=(7,), num_heads=2, dropout=0.1, num_classes=0, num_groups=32),
+                  attention_resolutions=(7,), num_heads=2, dropout=0.1, num_classes=0, num_groups=32,
+                  conv_resample=True),
     # 2 CPU cores, 15 minutes: 32/64/64 channels, one ResBlock per level, attention only at 7×7 and in the
     # middle (L = 49, cheap); 1.19 M parameters, 380 MFLOP per forward (mnist: 6.9 M, 2,209; tiny: 118).
     "cpu": dict(in_channels=1, image_size=28, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                attention_resolutions=(7,), num_heads=1, dropout=0.0, num_classes=0, num_groups=8),
+                attention_resolutions=(7,), num_heads=1, dropout=0.0, num_classes=0, num_groups=8,
+                conv_resample=True),
     # DDPM's CIFAR-10 model (Ho et al. 2020, App. B): 128 channels, (1, 2, 2, 2), 2 blocks, attention at
     # 16×16, dropout 0.1. DDPM used one 256-wide head; 4 heads of 64 give the same parameters and fit
     # the fused attention kernel's head sizes.
     "cifar10": dict(in_channels=3, image_size=32, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-                    attention_resolutions=(16,), num_heads=4, dropout=0.1, num_classes=0, num_groups=32),
+                    attention_resolutions=(16,), num_heads=4, dropout=0.1, num_classes=0, num_groups=32,
+                    conv_resample=True),
     # 64×64 RGB image folders (--dataset folder --image-size 64): 64/128/256/256 channels at 64 → 32 → 16 → 8,
     # attention at 16×16 and 8×8 (L = 256 and 64, 4 heads of 64); 27.7 M parameters, 18.0 GFLOP per forward
     # (cifar10: 35.7 M, 12.4 GFLOP at 32×32). The widths stay low at 64×64, where activations cost most.
     "64": dict(in_channels=3, image_size=64, base_channels=64, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
-               attention_resolutions=(16, 8), num_heads=4, dropout=0.1, num_classes=0, num_groups=32),
+               attention_resolutions=(16, 8), num_heads=4, dropout=0.1, num_classes=0, num_groups=32,
+               conv_resample=True),
 }
 
 
@@ -64,6 +69,10 @@ class UNetConfig:
         num_classes: 0 for an unconditional model; else labels 0 … num_classes−1 plus a learned null
             class (index num_classes) for classifier-free guidance.
         num_groups: GroupNorm groups; must divide every channel count.
+        conv_resample: True: a learned 3×3 conv in each Downsample (stride 2) and after each Upsample's
+            nearest-neighbour doubling; False: the 2×2 average down and nearest-neighbour up alone, no
+            weights (improved-diffusion's conv_resample). The resampling convs at the finest levels
+            are a U-Net's widest convs at its largest resolution.
     """
 
     in_channels: int = 1
@@ -76,6 +85,7 @@ class UNetConfig:
     dropout: float = 0.1
     num_classes: int = 0
     num_groups: int = 32
+    conv_resample: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
@@ -90,6 +100,8 @@ class UNetConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not self.channel_mult or any(not isinstance(m, int) or m < 1 for m in self.channel_mult):
             raise ValueError(f"channel_mult must be a non-empty list of integers >= 1, got {self.channel_mult!r}")
+        if not isinstance(self.conv_resample, bool):
+            raise ValueError(f"conv_resample must be true or false, got {self.conv_resample!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
@@ -147,7 +159,7 @@ class UNet(nn.Module):
                 self.down.append(EmbeddingSequential(*layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
-                self.down.append(EmbeddingSequential(Downsample(ch)))
+                self.down.append(EmbeddingSequential(Downsample(ch, config.conv_resample)))
                 skip_channels.append(ch)
                 resolution //= 2
 
@@ -161,7 +173,7 @@ class UNet(nn.Module):
                 if resolution in attention_resolutions:
                     layers.append(attn(ch))
                 if level != 0 and block == num_res_blocks:
-                    layers.append(Upsample(ch))
+                    layers.append(Upsample(ch, config.conv_resample))
                     resolution *= 2
                 self.up.append(EmbeddingSequential(*layers))
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -178,15 +179,23 @@ def describe_config_mismatch(found: dict, expected: dict) -> str:
     return "; ".join(parts)
 
 
+def with_defaults(model_config: dict) -> dict:
+    """A stored model config with every UNetConfig field it lacks at its default: a checkpoint written
+    before a field existed was built the way the field's default builds it."""
+    defaults = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields(UNetConfig)}
+    return defaults | dict(model_config)
+
+
 def check_same_model(ckpt: dict, model_config: dict, preset: str | None, path: str | os.PathLike) -> None:
     """Raises UserError naming the differences when a checkpoint was made for another network."""
     found_preset = ckpt["meta"].get("preset")
     if preset is not None and found_preset is not None and found_preset != preset:
         raise UserError(f"checkpoint {str(path)!r} is for preset {found_preset!r}, but this run uses "
                         f"preset {preset!r}")
-    if ckpt["model_config"] != model_config:
+    found = with_defaults(ckpt["model_config"])
+    if found != with_defaults(model_config):
         raise UserError(f"checkpoint {str(path)!r} is for another architecture: "
-                        f"{describe_config_mismatch(ckpt['model_config'], model_config)}")
+                        f"{describe_config_mismatch(found, model_config)}")
 
 
 def load_state_strict(module: torch.nn.Module, state_dict: dict, path: str | os.PathLike) -> None:

@@ -52,9 +52,9 @@ def _layer_label(layer, channels: int, resolution: int) -> tuple[str, int, int]:
     if isinstance(layer, SelfAttention):
         return f"Attn {layer.num_heads}×{layer.head_dim}", channels, resolution
     if isinstance(layer, Downsample):
-        return "Down conv s2", channels, (resolution + 1) // 2
+        return ("Down conv s2" if layer.conv is not None else "Down avg 2×2"), channels, (resolution + 1) // 2
     if isinstance(layer, Upsample):
-        return "Up ×2 + conv", channels, resolution * 2
+        return ("Up ×2 + conv" if layer.conv is not None else "Up ×2"), channels, resolution * 2
     raise TypeError(f"the diagram does not know the layer {type(layer).__name__}")
 
 
