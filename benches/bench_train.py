@@ -58,6 +58,7 @@ from shared.data.datasets import DatasetInfo, TensorImageDataset
 from shared.model.ema import make_ema
 from shared.model.precision import autocast as autocast_for
 from shared.training.batches import Batches, ResumableSampler
+from shared.training.config import CPU_RECIPE, resolve_precision
 from shared.training.graphed import CounterDraws, GraphedStep
 from shared.training.loop import GradientStep
 from shared.training.loss import drop_labels, l_simple
@@ -95,9 +96,9 @@ def profiled_launches(fn, steps: int = PROFILED_STEPS) -> dict:
     return launch_counts(prof.events(), steps)
 
 
-def _model(preset: str, variant: str, device: torch.device) -> UNet:
+def _model(preset: str, variant: str, device: torch.device, **overrides) -> UNet:
     torch.manual_seed(0)
-    model = randomise_zero_init(UNet.from_preset(preset)).to(device).train()
+    model = randomise_zero_init(UNet.from_preset(preset, **overrides)).to(device).train()
     if "fused" in variant:
         try:
             model.set_fused_kernels(True)
@@ -106,12 +107,13 @@ def _model(preset: str, variant: str, device: torch.device) -> UNet:
     return model
 
 
-def _make_step(preset: str, variant: str, precision: str, batch: int, device: torch.device):
+def _make_step(preset: str, variant: str, precision: str, batch: int, device: torch.device, **overrides):
     """The trainer's step (loop.GradientStep) for the variant, and a call that runs it on one fixed batch.
+    overrides: U-Net options that replace the preset's.
 
     graphs: as train.py --cuda-graphs builds it: t, ε from CounterDraws, fused AdamW capturable (the
     GraphedStep gives it a device-tensor lr), the whole step replayed after its warm-up and capture."""
-    model = _model(preset, variant, device)
+    model = _model(preset, variant, device, **overrides)
     graphed = "graphs" in variant
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, fused=True, capturable=graphed)
     state = TrainState(model, make_ema(model), optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
@@ -198,6 +200,28 @@ def test_train_step(benchmark, device, preset, variant, precision, batch):
     if device.type == "cuda":
         del step
         torch.cuda.empty_cache()
+
+
+# The CPU recipe's step as train.py runs it on a CPU (bf16 autocast where the CPU has it, the recipe's
+# batch; unconditional, labels cost nothing here) with the `cpu` preset and with the 32/64/64 network
+# with resampling convs that the recipe used before.
+CPU_RECIPE_LAYOUTS = {"32/64/64 with resampling convs": dict(base_channels=32, channel_mult=(1, 2, 2),
+                                                             conv_resample=True),
+                      "cpu preset": {}}
+
+
+@pytest.mark.parametrize("layout", list(CPU_RECIPE_LAYOUTS))
+def test_cpu_recipe_step(benchmark, device, layout):
+    if device.type != "cpu":
+        pytest.skip("the CPU recipe's network on a CPU")
+    precision, batch = resolve_precision("auto", device), CPU_RECIPE["batch_size"]
+    step = _make_step(CPU_RECIPE["preset"], "eager", precision, batch, device, **CPU_RECIPE_LAYOUTS[layout])
+    step()
+    seconds = time_call(benchmark, step, device, rounds=15, warmup_rounds=2)
+    record(benchmark, family="train", case=f"train step cpu recipe {precision} batch {batch}", impl=layout,
+           preset=CPU_RECIPE["preset"], dtype=precision, batch=batch)
+    if seconds:
+        benchmark.extra_info["images_per_s"] = batch / seconds
 
 
 # --------------------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def test_resampling_without_convs_is_the_2x2_mean_and_pixel_repeat():
     torch.testing.assert_close(down(x), x.reshape(2, 8, 7, 2, 7, 2).mean(dim=(3, 5)), rtol=0, atol=1e-15)
     assert torch.equal(up(x), x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
 
-    with_convs, without = UNet.from_preset("cpu"), UNet.from_preset("cpu", conv_resample=False)
+    with_convs, without = UNet.from_preset("cpu", conv_resample=True), UNet.from_preset("cpu")  # the preset's own
     convs = [m.conv for m in with_convs.modules() if isinstance(m, (Downsample, Upsample))]
     assert len(convs) == 4 and all(isinstance(c, torch.nn.Conv2d) for c in convs)
     assert count(with_convs) - count(without) == sum(count(c) for c in convs)

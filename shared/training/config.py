@@ -34,8 +34,8 @@ MAX_SEED = 2**62
 # Datasets whose images keep their meaning when mirrored (photographs; not digits or letters): trained
 # with --random-flip unless --no-random-flip is given, as DDPM trained CIFAR-10 (Ho et al. 2020, App. B).
 FLIP_BY_DEFAULT = ("cifar10",)
-CPU_RECIPE = {"preset": "cpu", "batch_size": 64, "lr": 2e-3, "cosine": True, "min_snr_gamma": 2.0,
-              "prediction": "v", "max_steps": 1600, "minutes": 10.0, "precision": "auto"}
+CPU_RECIPE = {"preset": "cpu", "batch_size": 32, "lr": 2e-3, "cosine": True, "min_snr_gamma": 2.0,
+              "prediction": "v", "max_steps": 4000, "minutes": 10.0, "precision": "auto"}
 
 
 positive_float = flags.positive_float  # finite: the cli's float parsers refuse NaN, inf and 1e309
