@@ -203,8 +203,8 @@ def test_train_step(benchmark, device, preset, variant, precision, batch):
 
 
 # The CPU recipe's step as train.py runs it on a CPU (bf16 autocast where the CPU has it, the recipe's
-# batch; unconditional, labels cost nothing here) with the `cpu` preset and with the 32/64/64 network
-# with resampling convs that the recipe used before.
+# batch; unconditional, labels cost nothing here) with the `cpu` preset and with the same layout at
+# 32/64/64 channels with resampling convs, the network stage 3's README compares it with.
 CPU_RECIPE_LAYOUTS = {"32/64/64 with resampling convs": dict(base_channels=32, channel_mult=(1, 2, 2),
                                                              conv_resample=True),
                       "cpu preset": {}}

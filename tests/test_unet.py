@@ -216,7 +216,7 @@ def test_block_table_hooks_whole_blocks_in_execution_order():
     assert sum(r["params"] for r in rows) == count(model) == 190_369
 
 
-@pytest.mark.parametrize("preset", ["tiny", "mnist", "cifar10"])
+@pytest.mark.parametrize("preset", ["tiny", "mnist", "cpu", "cifar10"])
 def test_diagram_levels_match_the_config(preset):
     """The levels read off the module tree are those the constructor arguments describe."""
     model = UNet.from_preset(preset)
@@ -235,6 +235,9 @@ def test_diagram_levels_match_the_config(preset):
     ups = [b for b in blocks if b.path == "up"]
     outs = [middle[0].channels_out] + [b.channels_out for b in ups[:-1]]
     assert [b.channels_in for b in ups] == [o + s for o, s in zip(outs, reversed(skips))]
+    labels = " ".join(label for b in blocks for label in b.layers)
+    down, up = ("Down conv s2", "Up ×2 + conv") if cfg["conv_resample"] else ("Down avg 2×2", "Up ×2")
+    assert labels.count(down) == labels.count(up) == len(cfg["channel_mult"]) - 1
 
 
 def test_diagram_draws_every_level_and_block(tmp_path):

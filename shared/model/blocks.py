@@ -167,7 +167,8 @@ class SelfAttention(nn.Module):
 
 class Downsample(nn.Module):
     """Halves H and W: a stride-2 3×3 conv (28 → 14 → 7; odd sizes round up), or with conv=False the
-    2×2 average, which has no weights and costs almost nothing (improved-diffusion's conv_resample=False)."""
+    2×2 average, which has no weights and costs almost nothing (improved-diffusion's conv_resample=False;
+    even sizes only, which UNetConfig's divisibility check guarantees)."""
 
     def __init__(self, channels: int, conv: bool = True):
         super().__init__()

@@ -33,8 +33,8 @@ PRESETS: dict[str, dict] = {
                   attention_resolutions=(7,), num_heads=2, dropout=0.1, num_classes=0, num_groups=32,
                   conv_resample=True),
     # 2 CPU cores, 10 minutes: 16/64/64 channels, one ResBlock per level, attention only at 7×7 and in the
-    # middle (L = 49, cheap), resampling without convs (the finest level's up-sampling conv alone was 15 %
-    # of a 32/64/64 forward); 0.89 M parameters, 196 MFLOP per forward (mnist: 6.9 M, 2,209; tiny: 118).
+    # middle (L = 49, cheap), resampling without convs (with them, at 32/64/64, the up-sampling conv into
+    # 28×28 alone is 15 % of the forward); 0.89 M parameters, 196 MFLOP per forward (mnist: 6.9 M, 2,209).
     "cpu": dict(in_channels=1, image_size=28, base_channels=16, channel_mult=(1, 4, 4), num_res_blocks=1,
                 attention_resolutions=(7,), num_heads=1, dropout=0.0, num_classes=0, num_groups=8,
                 conv_resample=False),
