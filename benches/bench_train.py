@@ -218,7 +218,7 @@ def test_cpu_recipe_step(benchmark, device, layout):
     step = _make_step(CPU_RECIPE["preset"], "eager", precision, batch, device, **CPU_RECIPE_LAYOUTS[layout])
     step()
     seconds = time_call(benchmark, step, device, rounds=15, warmup_rounds=2)
-    record(benchmark, family="train", case=f"train step cpu recipe {precision} batch {batch}", impl=layout,
+    record(benchmark, family="cpu_recipe", case=f"train step cpu recipe {precision} batch {batch}", impl=layout,
            preset=CPU_RECIPE["preset"], dtype=precision, batch=batch)
     if seconds:
         benchmark.extra_info["images_per_s"] = batch / seconds

@@ -36,10 +36,13 @@ SAMPLING_IMPLS = ["eager", "fused step", "fused", "fused+graphs", "sample() eage
                   "sample() fused"]
 NOISE_BASE = "torch.randn"  # what per-sample noise is compared with (benches/bench_noise.py)
 LOOP_IMPLS = ["before", "after"]  # the training loop before and after the sync-free step (bench_train.py)
+# the CPU recipe's step with its `cpu` preset and with the layout it is compared with (bench_train.py)
+CPU_RECIPE_IMPLS = ["32/64/64 with resampling convs", "cpu preset"]
 FAMILY_TITLES = {"kernel": "Kernels (Triton)", "step": "Fused sampling step (C++/CUDA)",
                  "train": "Training step (images/s, peak VRAM, launches per step)", "sampling": "Sampling (images/s)",
                  "noise": "Per-sample noise (Philox) and in-kernel noise",
-                 "train_loop": "Training loop (images/s, consecutive steps with data and EMA)"}
+                 "train_loop": "Training loop (images/s, consecutive steps with data and EMA)",
+                 "cpu_recipe": "The CPU recipe's training step (images/s)"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,6 +307,14 @@ def train_loop_table(rows: list[Row]) -> list[str]:
     return _table(header, lines)
 
 
+def cpu_recipe_table(rows: list[Row]) -> list[str]:
+    impls = [i for i in CPU_RECIPE_IMPLS if any(i in r.impls for r in rows)]
+    header = ["case"] + [f"{i} img/s" for i in impls] + ["cpu preset vs 32/64/64"]
+    lines = [[r.case] + [_f(r.get(i, "images_per_s"), "{:.0f}") for i in impls]
+             + [_x(throughput_ratio(r, "cpu preset", "32/64/64 with resampling convs"))] for r in rows]
+    return _table(header, lines)
+
+
 def bar_summary(families: dict[str, list[Row]], device: str) -> list[str]:
     lines = []
     for bar in BARS:
@@ -349,7 +360,8 @@ def render(run: dict, note: str | None = None) -> str:
                 f"({c['matmul_size']}³).", ""]
     out += ["## Bars", ""] + (bar_summary(families, device) or ["- none apply on this device"]) + [""]
     for family, table in (("kernel", kernel_table), ("step", kernel_table), ("train", train_table),
-                          ("train_loop", train_loop_table), ("sampling", sampling_table), ("noise", noise_table)):
+                          ("train_loop", train_loop_table), ("cpu_recipe", cpu_recipe_table),
+                          ("sampling", sampling_table), ("noise", noise_table)):
         if families.get(family):
             out += [f"## {FAMILY_TITLES[family]}", ""] + table(families[family]) + [""]
     formulas = sorted({(r.info.get("op", r.case.split()[0]), r.info.get("bytes_formula") or r.info.get("flops_formula"))

@@ -145,7 +145,7 @@ def test_other_architecture_is_named(tmp_path):
 
 
 def test_a_config_written_before_a_field_existed_is_that_fields_default(tmp_path):
-    """Checkpoints written before conv_resample existed hold no such key; their models have the convs."""
+    """A stored config without conv_resample is read at the field's default: a network with the convs."""
     schedule = NoiseSchedule("linear", 50)
     model = UNet.from_preset("tiny", image_size=8)
     record = _ema_record(model, schedule)

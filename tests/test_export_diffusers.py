@@ -33,8 +33,8 @@ def randomized(model, std=0.05):
 
 
 @pytest.mark.parametrize("num_classes", [0, 10])
-@pytest.mark.parametrize("preset, conv_resample", [(name, True) for name in sorted(PRESETS)] + [("tiny", False),
-                                                                                              ("mnist", False)])
+@pytest.mark.parametrize("preset, conv_resample", [(name, PRESETS[name]["conv_resample"]) for name in sorted(PRESETS)]
+                         + [("tiny", False), ("cpu", True)])
 def test_unet2dmodel_matches_our_unet(preset, conv_resample, num_classes):
     """The config and weights the export writes (the file round trip is tested on the tiny model below).
 

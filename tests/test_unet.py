@@ -238,6 +238,7 @@ def test_diagram_levels_match_the_config(preset):
     labels = " ".join(label for b in blocks for label in b.layers)
     down, up = ("Down conv s2", "Up ×2 + conv") if cfg["conv_resample"] else ("Down avg 2×2", "Up ×2")
     assert labels.count(down) == labels.count(up) == len(cfg["channel_mult"]) - 1
+    assert ("+ conv" in labels) == ("conv s2" in labels) == cfg["conv_resample"]
 
 
 def test_diagram_draws_every_level_and_block(tmp_path):

@@ -41,7 +41,7 @@ import torch
 
 from shared.errors import UserError
 from shared.model.ema import ema_decay_at
-from shared.records.checkpoint import EMA_FORMAT, ema_file, load_checkpoint
+from shared.records.checkpoint import EMA_FORMAT, ema_file, load_checkpoint, with_defaults
 from shared.training.recorder import SNAPSHOT_PREFIX, snapshot_step
 
 POSTHOC_PREFIX = "ema-posthoc-"  # ema-posthoc-<decay>.pt: loads like ema.pt in sample.py / evaluate.py
@@ -126,7 +126,7 @@ def snapshots(run_dir: str | Path) -> list[tuple[int, dict]]:
     loaded = [(snapshot_step(p), load_checkpoint(p)) for p in files]
     first = loaded[0][1]
     for step, ckpt in loaded:
-        if ckpt["format"] != EMA_FORMAT or ckpt["model_config"] != first["model_config"]:
+        if ckpt["format"] != EMA_FORMAT or with_defaults(ckpt["model_config"]) != with_defaults(first["model_config"]):
             raise UserError(f"{SNAPSHOT_PREFIX}{step:07d}.pt is not an EMA snapshot of the same network")
         if _ema_options(ckpt) != _ema_options(first):
             raise UserError(f"the snapshots were written with different EMA options: {_ema_options(ckpt)} vs "
