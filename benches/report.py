@@ -299,20 +299,21 @@ def noise_table(rows: list[Row]) -> list[str]:
     return _table(header, lines)
 
 
-def train_loop_table(rows: list[Row]) -> list[str]:
-    impls = [i for i in LOOP_IMPLS if any(i in r.impls for r in rows)]
-    header = ["case"] + [f"{i} img/s" for i in impls] + ["after vs before"]
+def _pair_table(rows: list[Row], pair: list[str], ratio_label: str) -> list[str]:
+    """images/s of two implementations, pair = [base, new], and new's throughput against base's."""
+    impls = [i for i in pair if any(i in r.impls for r in rows)]
+    header = ["case"] + [f"{i} img/s" for i in impls] + [ratio_label]
     lines = [[r.case] + [_f(r.get(i, "images_per_s"), "{:.0f}") for i in impls]
-             + [_x(throughput_ratio(r, "after", "before"))] for r in rows]
+             + [_x(throughput_ratio(r, pair[1], pair[0]))] for r in rows]
     return _table(header, lines)
+
+
+def train_loop_table(rows: list[Row]) -> list[str]:
+    return _pair_table(rows, LOOP_IMPLS, "after vs before")
 
 
 def cpu_recipe_table(rows: list[Row]) -> list[str]:
-    impls = [i for i in CPU_RECIPE_IMPLS if any(i in r.impls for r in rows)]
-    header = ["case"] + [f"{i} img/s" for i in impls] + ["cpu preset vs 32/64/64"]
-    lines = [[r.case] + [_f(r.get(i, "images_per_s"), "{:.0f}") for i in impls]
-             + [_x(throughput_ratio(r, "cpu preset", "32/64/64 with resampling convs"))] for r in rows]
-    return _table(header, lines)
+    return _pair_table(rows, CPU_RECIPE_IMPLS, "cpu preset vs 32/64/64")
 
 
 def bar_summary(families: dict[str, list[Row]], device: str) -> list[str]:
