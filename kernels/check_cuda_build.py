@@ -5,9 +5,13 @@
 
 It builds the full extension (C++ and CUDA sources, the same flags as setup.py and the JIT path, from
 kernels/build.py) into --build-dir with nvcc, links it against the toolkit's libcudart, imports it,
-and then checks three things: the module says CUDA was compiled in, the dispatcher holds a CUDA
-kernel for both ops, and the library embeds one cubin per asked arch plus PTX for the newest (read
-from the fat-binary headers, and cross-checked with cuobjdump --list-elf where it exists).
+and then checks four things: the module says CUDA was compiled in, the dispatcher holds a CUDA
+kernel for every op, the library embeds one cubin per asked arch plus PTX for the newest (read
+from the fat-binary headers, and cross-checked with cuobjdump --list-elf where it exists), and each
+CUDA kernel's input checks turn a malformed call into a RuntimeError naming the problem. That last
+one calls the CUDA kernels through the dispatcher's CUDA key with CPU tensors: the checks run before
+anything touches the GPU, so a machine without one runs them (and a well-formed call ends at the
+kernel's own device check).
 Exit status 0 when all hold; otherwise one `error: ...` line and exit 2.
 
 CUDA_HOME: if unset, the toolkit folder holding lib64/libcudart.so is found beside nvcc (see
@@ -99,6 +103,55 @@ def cuobjdump_cubins(library: Path, cuobjdump: str) -> set[str]:
     return set(re.findall(r"\.(sm_\d+)\.cubin", listing.stdout))
 
 
+def _step_args(x_t, eps, eps_uncond=None, noise=None, sigma=0.0, seeds=None, stream=None) -> tuple:
+    """The arguments of ddpm_step/ddim_step (their schema in csrc/sampling_step.cpp), valid coefficients."""
+    return (x_t, eps, eps_uncond, noise, 1.0, 2.0, 1.0, 0.5, 0.5, sigma, False, False, seeds, stream)
+
+
+def malformed_calls(torch) -> list[tuple[str, tuple, str]]:
+    """(op, arguments, what the error must say) for each check of the CUDA entry points."""
+    x = torch.randn(2, 1, 4, 4)
+    seeds, stream = torch.arange(2), torch.tensor(0)
+    calls = []
+    for op in ("ddpm_step", "ddim_step"):
+        calls += [
+            (op, _step_args(x, torch.randn(2, 1, 4, 3)), "eps has shape [2, 1, 4, 3] but x_t has shape [2, 1, 4, 4]"),
+            (op, _step_args(x, x.half()), "eps has dtype Half but x_t has dtype Float"),
+            (op, _step_args(x, x.transpose(2, 3)), "eps must be contiguous"),
+            (op, _step_args(x, x, eps_uncond=x[:1]), "eps_uncond has shape [1, 1, 4, 4]"),
+            (op, _step_args(x.double(), x.double()), "supported are float32, float16 and bfloat16"),
+            (op, _step_args(x, x, sigma=0.1), "noise is required when sigma > 0"),
+            (op, _step_args(x, x, noise=x, sigma=-0.1), "sigma must be >= 0"),
+            (op, _step_args(x, x, sigma=0.1, seeds=torch.arange(3), stream=stream), "one seed per sample"),
+            (op, _step_args(x, x, sigma=0.1, seeds=seeds), "noise_seeds and noise_stream go together"),
+            (op, _step_args(x, x, noise=x, sigma=0.1), "the CUDA kernel got a tensor on cpu"),
+        ]
+    calls += [
+        ("philox_normal", (seeds.view(2, 1), stream, [4]), "seeds must be a 1-d tensor [N], got shape [2, 1]"),
+        ("philox_normal", (seeds.int(), stream, [4]), "seeds must be int64, got Int"),
+        ("philox_normal", (seeds, torch.arange(2), [4]), "stream must be a tensor of one element"),
+        ("philox_normal", (seeds, stream, [4]), "the CUDA kernel got seeds on cpu"),
+    ]
+    return calls
+
+
+def check_input_errors(torch) -> int:
+    """Every malformed call of malformed_calls() raises a RuntimeError that says what it must say."""
+    cuda_key = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    calls = malformed_calls(torch)
+    for op, call_args, expected in calls:
+        overload = getattr(getattr(torch.ops, build.OP_NAMESPACE), op).default
+        try:
+            overload.redispatch(cuda_key, *call_args)
+        except RuntimeError as err:
+            if expected not in str(err):
+                raise CheckFailed(f"the CUDA kernel of {op} raised {str(err).splitlines()[0]!r}; "
+                                  f"expected it to say {expected!r}") from None
+        else:
+            raise CheckFailed(f"the CUDA kernel of {op} accepted a call that should fail with {expected!r}")
+    return len(calls)
+
+
 def check(args: argparse.Namespace) -> str:
     try:
         archs = build.parse_arch_list(args.archs)
@@ -141,8 +194,10 @@ def check(args: argparse.Namespace) -> str:
         if listed != {entry for entry in found if entry.startswith("sm_")}:
             raise CheckFailed(f"cuobjdump lists cubins {sorted(listed)}, the fatbin headers {sorted(found)}")
         cross_check = f"cuobjdump agrees ({cuobjdump})"
+    rejected = check_input_errors(torch)
     return (f"ok: {library} built and linked in {seconds:.0f} s with CUDA_HOME={cuda_home}; "
-            f"embedded {sorted(found)}; {cross_check}; CUDA kernels registered for {', '.join(OPS)}")
+            f"embedded {sorted(found)}; {cross_check}; CUDA kernels registered for {', '.join(OPS)}; "
+            f"their input checks rejected {rejected} malformed calls")
 
 
 def main(argv=None) -> int:

@@ -238,6 +238,20 @@ def test_op_rejects_bad_tensors(device):
         op(*_op_args(x, x, noise=x, sigma=-0.1))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op_name", ["ddpm_step", "ddim_step"])
+def test_op_takes_zero_dim_tensors(device, op_name):
+    """A 0-d x_t is one element: the op's formula on it, against float64 (no batch dimension needed)."""
+    x, eps, noise = (torch.tensor(v, device=device) for v in (0.75, -0.5, 1.25))
+    coefs = (2.0, 1.5, 0.25, 0.5, 0.125)   # x0 = 2·x − 1.5·ε; out = 0.25·x0 + 0.5·(x or ε) + 0.125·z
+    x_prev, x0 = getattr(torch.ops.diffusion_kernels, op_name)(x, eps, None, noise, 1.0, *coefs, False, True)
+    x0_want = 2.0 * 0.75 - 1.5 * -0.5
+    rest = 0.75 if op_name == "ddpm_step" else -0.5
+    assert x_prev.shape == x0.shape == ()
+    assert x0.item() == pytest.approx(x0_want, abs=1e-6)
+    assert x_prev.item() == pytest.approx(0.25 * x0_want + 0.5 * rest + 0.125 * 1.25, abs=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=GPU_REASON)
 def test_op_rejects_mixed_devices_cuda():
     x = torch.randn(2, 1, 4, 4, device="cuda")

@@ -189,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor> step_cuda(const char* op, const at::Tensor& x
         return_x0 ? x0_pred.mutable_data_ptr<scalar_t>() : nullptr,
         philox_noise ? noise_seeds->const_data_ptr<int64_t>() : nullptr,
         philox_noise ? noise_stream->const_data_ptr<int64_t>() : nullptr,
-        n / x_t.size(0)};
+        philox_noise ? n / x_t.size(0) : 0};  // per-sample size: only the in-kernel noise uses it
     dispatch_bool(eps_uncond.has_value(), [&](auto guided) {
       dispatch_bool(clip_x0, [&](auto clip) {
         launch<scalar_t, MODE, decltype(guided)::value, decltype(clip)::value>(p, coefs, n);
