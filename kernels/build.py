@@ -237,10 +237,41 @@ class BuildFailed(RuntimeError):
     """The JIT build could not run or did not succeed; the message says what is missing."""
 
 
+def jit_build_directory() -> Path:
+    """The JIT build's folder: one per Python and torch version under torch's extensions root
+    (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), created if absent.
+
+    torch's own default folder is named by Python and CUDA version only, so two environments with
+    different torch versions would share it: one would import a module built against the other's
+    headers, and torch before 2.14 waits forever on the lock file that newer versions leave behind.
+    """
+    import torch
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    folder = Path(root) / f"{JIT_NAME}-py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def lock_notice(build_directory: Path) -> str | None:
+    """A line for the user when this torch would wait on the build folder's lock file, else None.
+
+    torch before 2.14 (FileBaton) waits while the file `lock` exists, and a build that was killed
+    leaves it behind; newer torch holds an OS lock the kernel releases, so a left file is harmless."""
+    from torch.utils import cpp_extension
+
+    lock = build_directory / "lock"
+    if getattr(cpp_extension, "FileBaton", None) is None or not lock.exists():
+        return None
+    return (f"kernels: waiting for another build of the sampling-step extension to finish (lock file "
+            f"{lock}); if none is running, an earlier build was interrupted: delete that file")
+
+
 def jit_load(verbose: bool = False):
-    """Builds (once; torch caches it under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)
-    and imports the extension. CUDA sources join when a GPU and a toolkit are present; without the
-    toolkit the module is CPU-only and CUDA inputs get a clear error from the wrapper."""
+    """Builds (once, into jit_build_directory()) and imports the extension. CUDA sources join when a
+    GPU and a toolkit are present; without the toolkit the module is CPU-only and CUDA inputs get a
+    clear error from the wrapper."""
     import torch
 
     cuda_home = find_cuda_home() if torch.cuda.is_available() and torch.version.cuda else None
@@ -254,6 +285,10 @@ def jit_load(verbose: bool = False):
         archs = cuda_archs([torch.cuda.get_device_capability(i)
                             for i in range(torch.cuda.device_count())])
     try:
-        return load(with_cuda, archs, verbose=verbose)
+        build_directory = jit_build_directory()
+        notice = lock_notice(build_directory)
+        if notice:
+            print(notice, file=sys.stderr, flush=True)
+        return load(with_cuda, archs, build_directory=str(build_directory), verbose=verbose)
     except (RuntimeError, OSError, ImportError) as err:
         raise BuildFailed(f"building the sampling-step extension failed: {err}") from err

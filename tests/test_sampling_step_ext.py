@@ -11,6 +11,8 @@ both layers are tested. Sizes stay tiny except one case past the CPU grain size 
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -330,6 +332,35 @@ def test_failed_build_names_what_is_missing(monkeypatch, tmp_path):
     from shared.errors import USER_ERRORS
 
     assert kernels.FusedKernelsUnavailable in USER_ERRORS
+
+
+def test_jit_build_directory_is_per_torch_version(monkeypatch, tmp_path):
+    """Two torch versions never share a JIT build (a module built against other headers, or an old
+    torch's wait on a newer one's lock file); TORCH_EXTENSIONS_DIR still chooses the root."""
+    from kernels import build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    here = build.jit_build_directory()
+    monkeypatch.setattr(torch, "__version__", "1.99.0+other")
+    other = build.jit_build_directory()
+    assert here.parent == other.parent == tmp_path and here.is_dir() and other.is_dir()
+    assert here != other and other.name.endswith("-torch1.99.0+other")
+    assert f"py{sys.version_info.major}{sys.version_info.minor}" in here.name
+
+
+def test_lock_notice_only_where_torch_would_wait(monkeypatch, tmp_path):
+    """A left lock file is named (and how to clear it) only for a torch whose FileBaton waits on it."""
+    from torch.utils import cpp_extension
+
+    from kernels import build
+
+    assert build.lock_notice(tmp_path) is None   # no lock file
+    (tmp_path / "lock").touch()
+    monkeypatch.setattr(cpp_extension, "FileBaton", object, raising=False)
+    notice = build.lock_notice(tmp_path)
+    assert notice is not None and str(tmp_path / "lock") in notice and "delete that file" in notice
+    monkeypatch.delattr(cpp_extension, "FileBaton")
+    assert build.lock_notice(tmp_path) is None   # the OS-lock torch: a left file blocks nothing
 
 
 @pytest.mark.parametrize("text, archs, flags", [

@@ -15,7 +15,8 @@ Layers and their errors:
   through `.contiguous()`, so non-contiguous inputs work here at the cost of a copy;
 - loading: the module built by setup.py (kernels.sampling_step._C) is imported; if it is absent, or
   older than its sources (an edit without a rebuild), it is built once with
-  torch.utils.cpp_extension.load and cached (TORCH_EXTENSIONS_DIR); if that fails,
+  torch.utils.cpp_extension.load and cached, one folder per Python and torch version
+  (kernels.build.jit_build_directory, under TORCH_EXTENSIONS_DIR); if that fails,
   `FusedKernelsUnavailable` names what is missing. There is no silent fallback to the eager step.
 
 Unlike the eager updates, which drop the σ·z term when noise is None, a missing noise where σ > 0 is an
