@@ -179,11 +179,14 @@ def describe_config_mismatch(found: dict, expected: dict) -> str:
     return "; ".join(parts)
 
 
+# Every UNetConfig field at its default, tuples as lists (as stored model configs hold them).
+_CONFIG_DEFAULTS = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields(UNetConfig)}
+
+
 def with_defaults(model_config: dict) -> dict:
     """A stored model config with every UNetConfig field it lacks at its default: a checkpoint written
     before a field existed was built the way the field's default builds it."""
-    defaults = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields(UNetConfig)}
-    return defaults | dict(model_config)
+    return _CONFIG_DEFAULTS | dict(model_config)
 
 
 def check_same_model(ckpt: dict, model_config: dict, preset: str | None, path: str | os.PathLike) -> None:

@@ -125,8 +125,9 @@ def snapshots(run_dir: str | Path) -> list[tuple[int, dict]]:
         raise UserError(f"no EMA snapshots (ema-<step>.pt) in {str(run_dir)!r}: train with --keep-snapshots K")
     loaded = [(snapshot_step(p), load_checkpoint(p)) for p in files]
     first = loaded[0][1]
+    network = with_defaults(first["model_config"])
     for step, ckpt in loaded:
-        if ckpt["format"] != EMA_FORMAT or with_defaults(ckpt["model_config"]) != with_defaults(first["model_config"]):
+        if ckpt["format"] != EMA_FORMAT or with_defaults(ckpt["model_config"]) != network:
             raise UserError(f"{SNAPSHOT_PREFIX}{step:07d}.pt is not an EMA snapshot of the same network")
         if _ema_options(ckpt) != _ema_options(first):
             raise UserError(f"the snapshots were written with different EMA options: {_ema_options(ckpt)} vs "
